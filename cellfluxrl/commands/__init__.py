@@ -1,0 +1,1 @@
+"""Thin click commands: parse options, build a config, call one library function."""

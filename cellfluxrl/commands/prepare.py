@@ -1,0 +1,88 @@
+"""``cellfluxrl prepare``: build a dataset (synthetic or BBBC021), then fit its evaluators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _evaluator_options(f):
+    f = click.option("--segmenter", type=click.Choice(["classical", "cellpose"]), default="classical",
+                     show_default=True, help="Segmentation backend for the reference statistics.")(f)
+    f = click.option("--cellpose-model", default=None,
+                     help="Cellpose model name (cached weights) or local path, for --segmenter cellpose.")(f)
+    f = click.option("--no-evaluators", is_flag=True,
+                     help="Skip fitting reference statistics and the MoA classifier.")(f)
+    return f
+
+
+def _finish(out: Path, segmenter: str, cellpose_model: str | None, no_evaluators: bool, seed: int) -> None:
+    """Fit the evaluators on the new dataset (unless skipped) and print its summary."""
+    from cellfluxrl.data.layout import load_dataset
+
+    evaluators = None
+    if not no_evaluators:
+        from cellfluxrl.evaluators import fit_evaluators
+
+        evaluators = fit_evaluators(out, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed)
+    click.echo(summarize(load_dataset(out), evaluators))
+
+
+def summarize(dataset, evaluators: dict | None = None) -> str:
+    """A short human-readable summary of a dataset (and of its fitted evaluators)."""
+    meta, table = dataset.meta, dataset.table
+    lines = [f"dataset {dataset.root} ({meta['source']}): {len(dataset)} images "
+             f"{meta['image_size']}x{meta['image_size']}x{len(meta['channels'])} ({', '.join(meta['channels'])})"]
+    for split, counts in meta["counts"].items():
+        lines.append(f"  {split:5s}: {counts['treated']} treated, {counts['control']} controls")
+    n_ood = int(dataset.conditions["ood"].sum())
+    lines.append(f"  {len(set(table['batch']))} plates, {len(dataset.conditions['compound'])} conditions "
+                 f"({n_ood} OOD), {len(set(table['moa'])) - 1} MoAs + DMSO, embedding dim {meta['embedding_dim']}")
+    for key, value in (evaluators or {}).items():
+        lines.append(f"  {key}: {value}")
+    return "\n".join(lines)
+
+
+@click.group()
+def prepare() -> None:
+    """Build a dataset in the cellfluxrl layout (see data/README.md)."""
+
+
+@prepare.command("synthetic")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--n-images", type=click.IntRange(min=100), default=20000, show_default=True,
+              help="Number of crops (treated + controls).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Crop size (px).")
+@click.option("--plates", type=click.IntRange(min=2), default=6, show_default=True, help="Number of plates.")
+@_evaluator_options
+def prepare_synthetic_command(out, n_images, seed, size, plates, segmenter, cellpose_model, no_evaluators):
+    """The embedded default: a BBBC021-like cell-painting simulator with ground-truth masks."""
+    from cellfluxrl.data.synthetic import prepare_synthetic
+
+    prepare_synthetic(out, n_images=n_images, seed=seed, size=size, n_plates=plates, progress=True)
+    _finish(out, segmenter, cellpose_model, no_evaluators, seed)
+
+
+@prepare.command("bbbc021")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--impa", type=click.Path(path_type=Path), default=None,
+              help="Folder in the IMPA/CellFlux layout (metadata/bbbc021_df_all.csv + per-cell .npy).")
+@click.option("--raw", type=click.Path(path_type=Path), default=None,
+              help="Folder in the Broad BBBC021 v1 layout (three CSVs + per-channel TIFFs).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_evaluator_options
+def prepare_bbbc021_command(out, impa, raw, seed, segmenter, cellpose_model, no_evaluators):
+    """Real BBBC021, from the IMPA/CellFlux crops (--impa) or the raw Broad images (--raw)."""
+    from cellfluxrl.errors import CellfluxError
+
+    if (impa is None) == (raw is None):
+        raise CellfluxError("give exactly one of --impa DIR or --raw DIR")
+    from cellfluxrl.data import bbbc021
+
+    if impa is not None:
+        bbbc021.prepare_impa(impa, out, progress=True)
+    else:
+        bbbc021.prepare_raw(raw, out, seed=seed, progress=True)
+    _finish(out, segmenter, cellpose_model, no_evaluators, seed)

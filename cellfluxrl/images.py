@@ -1,0 +1,52 @@
+"""The one owner of the image conventions.
+
+On disk: uint8 ``(N, H, W, C)``, channel order (actin, tubulin, DNA) for BBBC021 (= RGB as CellFlux
+shows them). In memory: float32 ``(B, C, H, W)`` in ``[-1, 1]``.
+
+Forward (as CellFlux's loader): uniform dequantisation ``(x + U[0, 1)) / 255`` then ``2 x - 1``.
+Backward (as CellFlux's evaluation): ``floor(clamp(x / 2 + 1/2, 0, 1) * 255)``; values of exactly
+1.0 map to 255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CHANNELS_BBBC021 = ("actin", "tubulin", "dna")
+DNA_CHANNEL = 2  # index of the DNA (DAPI) channel in CHANNELS_BBBC021
+
+
+def to_model(images_uint8: np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
+             dequantize: bool = True) -> torch.Tensor:
+    """uint8 ``(B, H, W, C)`` (or ``(H, W, C)``) -> float32 ``(B, C, H, W)`` in ``[-1, 1]``.
+
+    Args:
+        images_uint8: uint8 images, channels last.
+        generator: source of the dequantisation noise (``None``: torch's default generator).
+        dequantize: add ``U[0, 1)`` before dividing by 255 (training); ``False`` maps pixel ``k`` to
+            ``k / 255 * 2 - 1`` exactly (deterministic, used by rewards and evaluation).
+    """
+    x = torch.as_tensor(np.asarray(images_uint8))
+    if x.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[None]
+    x = x.permute(0, 3, 1, 2).to(torch.float32)
+    if dequantize:
+        x = x + torch.rand(x.shape, generator=generator, dtype=torch.float32)
+    return (x / 255.0) * 2.0 - 1.0
+
+
+def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """float ``(B, C, H, W)`` in ``[-1, 1]`` -> uint8 numpy ``(B, H, W, C)`` (clamped, floored)."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float32)
+    u = torch.clamp(x * 0.5 + 0.5, 0.0, 1.0)
+    u = torch.clamp(torch.floor(u * 255.0), 0, 255).to(torch.uint8)
+    return u.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def to_unit(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """float ``(B, C, H, W)`` in ``[-1, 1]`` -> float32 numpy ``(B, C, H, W)`` in ``[0, 1]`` (clamped)."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float32)
+    return torch.clamp(x * 0.5 + 0.5, 0.0, 1.0).numpy()
