@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="cellfluxrl", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # usage errors: click's own one-line format
+    except click.ClickException as exc:  # usage errors (bad option, unknown command): one line too
         if debug:
             raise
-        exc.show()
+        where = f" (see 'cellfluxrl {exc.ctx.command_path.split(' ', 1)[1]} --help')" if getattr(exc, "ctx", None) and " " in exc.ctx.command_path else ""
+        click.echo(f"error: {' '.join(exc.format_message().split())}{where}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)

@@ -27,7 +27,10 @@ def to_model(images_uint8: np.ndarray | torch.Tensor, generator: torch.Generator
         dequantize: add ``U[0, 1)`` before dividing by 255 (training); ``False`` maps pixel ``k`` to
             ``k / 255 * 2 - 1`` exactly (deterministic, used by rewards and evaluation).
     """
-    x = torch.as_tensor(np.asarray(images_uint8))
+    array = images_uint8 if isinstance(images_uint8, torch.Tensor) else np.asarray(images_uint8)
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        array = array.copy()  # read-only memmap rows: torch cannot wrap them without a copy
+    x = torch.as_tensor(array)
     if x.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {x.dtype}")
     if x.ndim == 3:

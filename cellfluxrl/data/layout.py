@@ -315,7 +315,7 @@ def load_dataset(root: str | os.PathLike) -> Dataset:
     for column, allowed in (("split", SPLITS), ("state", STATES)):
         bad = np.flatnonzero(~np.isin(table[column], allowed))
         if bad.size:
-            _fail(root / "metadata.csv", f"row {bad[0] + 2}: {column} {table[column][bad[0]]!r} is not one of {allowed}")
+            _fail(root / "metadata.csv", f"row {bad[0] + 2}: {column} {str(table[column][bad[0]])!r} is not one of {allowed}")
     try:
         table["dose"] = table["dose"].astype(np.float64)
     except ValueError:
@@ -340,7 +340,7 @@ def load_dataset(root: str | os.PathLike) -> Dataset:
     for i in treated:
         j = lookup.get(table["compound"][i])
         if j is None:
-            _fail(root / "metadata.csv", f"row {i + 2}: compound {table['compound'][i]!r} has no row in conditions.csv")
+            _fail(root / "metadata.csv", f"row {i + 2}: compound {str(table['compound'][i])!r} has no row in conditions.csv")
         condition[i] = j
 
     nuclei = cells = None

@@ -27,7 +27,7 @@ def check_controls(dataset: Dataset, split: str, targets: np.ndarray) -> dict[st
     controls = dataset.controls_by_batch(split)
     for batch in np.unique(dataset.table["batch"][targets]):
         if batch not in controls:
-            raise CellfluxError(f"{dataset.root}: plate {batch!r} has no DMSO controls in split {split!r}")
+            raise CellfluxError(f"{dataset.root}: plate {str(batch)!r} has no DMSO controls in split {split!r}")
     return controls
 
 
