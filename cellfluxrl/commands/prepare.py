@@ -86,3 +86,8 @@ def prepare_bbbc021_command(out, impa, raw, seed, segmenter, cellpose_model, no_
     else:
         bbbc021.prepare_raw(raw, out, seed=seed, progress=True)
     _finish(out, segmenter, cellpose_model, no_evaluators, seed)
+
+
+from cellfluxrl.commands.cellpose_train import cellpose_model as _cellpose_model  # noqa: E402 (imports only click)
+
+prepare.add_command(_cellpose_model)

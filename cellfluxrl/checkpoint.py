@@ -1,0 +1,184 @@
+"""Run directories and checkpoints (plain state dicts + plain Python types, ``weights_only`` safe).
+
+A run directory::
+
+    RUN/
+      config.json     the resolved run config (see below), written when the run starts
+      checkpoint.pt   the latest checkpoint, replaced atomically (temp file + os.replace)
+      stats.jsonl     one JSON object per logged step
+
+``checkpoint.pt`` is a dict with at least ``kind`` (``"pretrain"`` or ``"posttrain"``), ``step``
+(int), ``config`` (the run config dict), ``model`` and ``ema`` (:class:`VelocityUNet` state dicts).
+Pretraining adds ``optimizer`` and ``rng`` (generator and dropout RNG states) for an exact resume.
+
+The run config dict holds ``dataset`` (absolute path of the dataset folder), ``preset`` (name or
+``"custom"``), ``unet`` (the :class:`UNetConfig` as a dict) and ``condition_dim`` (int), which is
+all :func:`load_run` needs to rebuild the network, plus the training settings of its kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cellfluxrl.errors import CellfluxError
+from cellfluxrl.unet import VelocityUNet, build_unet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME = "checkpoint.pt", "config.json", "stats.jsonl"
+KINDS = ("pretrain", "posttrain")
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` with ``torch.save`` to a temp file in the same folder, then rename over ``path``.
+
+    A kill at any moment leaves either the old or the new checkpoint, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, kinds: tuple[str, ...] = KINDS) -> dict:
+    """Load a cellfluxrl checkpoint on CPU with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CellfluxError: missing file, unreadable/not a checkpoint, or a ``kind`` not in ``kinds``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CellfluxError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, foreign objects
+        raise CellfluxError(f"{path}: not a readable cellfluxrl checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(state, dict) or "kind" not in state or "model" not in state:
+        raise CellfluxError(f"{path}: not a cellfluxrl checkpoint (no 'kind'/'model' entries)")
+    if state["kind"] not in kinds:
+        raise CellfluxError(f"{path}: checkpoint kind {state['kind']!r}, expected {' or '.join(kinds)}")
+    return state
+
+
+def load_state_strict(net: nn.Module, state: dict, path: str | os.PathLike, what: str = "model") -> None:
+    """``net.load_state_dict(state)`` with a one-line error naming the file and the first bad key.
+
+    Raises:
+        CellfluxError: a missing or unexpected key, or a shape mismatch.
+    """
+    own = net.state_dict()
+    for key in own:
+        if key not in state:
+            raise CellfluxError(f"{path}: incompatible {what} weights: missing key {key!r}")
+        if tuple(state[key].shape) != tuple(own[key].shape):
+            raise CellfluxError(f"{path}: incompatible {what} weights: {key!r} has shape "
+                                f"{tuple(state[key].shape)}, expected {tuple(own[key].shape)}")
+    for key in state:
+        if key not in own:
+            raise CellfluxError(f"{path}: incompatible {what} weights: unexpected key {key!r}")
+    net.load_state_dict(state)
+
+
+def build_net(config: dict, path: str | os.PathLike = "config") -> VelocityUNet:
+    """A fresh network from a run config dict (``unet`` and ``condition_dim`` entries)."""
+    try:
+        return build_unet(dict(config["unet"]), int(config["condition_dim"]))
+    except KeyError as exc:
+        raise CellfluxError(f"{path}: run config lacks {exc.args[0]!r}") from exc
+
+
+@dataclass
+class LoadedRun:
+    """A run ready for sampling.
+
+    Attributes:
+        net: the :class:`VelocityUNet` in eval mode on the requested device.
+        config: the run config dict stored in the checkpoint.
+        dataset_dir: the dataset the run was trained on.
+        step: optimizer steps done.
+        kind: ``"pretrain"`` or ``"posttrain"``.
+        run_dir: the run folder.
+        weights: ``"ema"`` or ``"model"``.
+    """
+
+    net: VelocityUNet
+    config: dict
+    dataset_dir: Path
+    step: int
+    kind: str
+    run_dir: Path
+    weights: str = "ema"
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema") -> LoadedRun:
+    """Load the latest checkpoint of a pretrain or posttrain run.
+
+    Args:
+        run_dir: the run folder (holding ``checkpoint.pt``).
+        device: where to put the network.
+        weights: ``"ema"`` (default, as CellFlux evaluates) or ``"model"`` (raw weights).
+
+    Raises:
+        CellfluxError: missing run/checkpoint, foreign file, incompatible weights.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CellfluxError(f"run folder {run_dir} does not exist")
+    if weights not in ("ema", "model"):
+        raise CellfluxError(f"weights must be 'ema' or 'model', got {weights!r}")
+    path = run_dir / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CellfluxError(f"{path}: checkpoint has no run config")
+    net = build_net(config, path)
+    key = weights if weights in state else "model"
+    load_state_strict(net, state[key], path, key)
+    net.eval().to(device)
+    dataset = config.get("dataset")
+    return LoadedRun(net=net, config=config, dataset_dir=Path(dataset) if dataset else Path(),
+                     step=int(state.get("step", 0)), kind=str(state["kind"]), run_dir=run_dir, weights=key)
+
+
+def load_cellflux_weights(path: str | os.PathLike, net: VelocityUNet) -> None:
+    """Initialise ``net`` from a CellFlux (guided-diffusion ADM UNet) checkpoint or state dict.
+
+    Accepts a bare state dict or a dict with a ``model`` entry (CellFlux's ``checkpoint-*.pth``;
+    ``argparse.Namespace`` entries are allowed in the safe loader), strips ``module.`` /
+    ``_orig_mod.`` / ``model.`` prefixes and maps the names (:func:`cellfluxrl.unet.map_cellflux_state_dict`).
+
+    Raises:
+        CellfluxError: missing/unreadable file, unknown names, missing keys or shape mismatches.
+    """
+    from cellfluxrl.unet import map_cellflux_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise CellfluxError(f"--init-from checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CellfluxError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CellfluxError(f"{path}: no UNet state dict found")
+    mapped = map_cellflux_state_dict(state)
+    load_state_strict(net, mapped, path, "CellFlux")
+    log.info("initialised from CellFlux weights %s (%d tensors)", path, len(mapped))

@@ -1,0 +1,36 @@
+"""``cellfluxrl prepare cellpose-model``: train small Cellpose models offline, from scratch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("cellpose-model")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["nuclei", "cyto", "both"]), default="both", show_default=True,
+              help="Which model(s) to train: nucleus (DNA) and/or whole-cell (actin + tubulin, DNA).")
+@click.option("--n-images", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Training crops, drawn at random from the train split.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Passes over those crops.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--gpu/--cpu", default=None, help="Train on CUDA (default: when available).")
+def cellpose_model(dataset, out, target, n_images, epochs, seed, batch_size, gpu):
+    """Train Cellpose 3 model(s) from scratch on DATASET's ground-truth masks into folder OUT.
+
+    No download is involved: the networks start from random weights. DATASET must carry masks
+    (a synthetic dataset). Use the results with
+    `make_segmenter("cellpose", nuclei_model=OUT/cellpose_nuclei, cyto_model=OUT/cellpose_cyto)`.
+    On a 2-core CPU, 256 crops x 100 epochs take roughly 5-8 hours per model (96 crops x 15 epochs:
+    27 min, nucleus AP@0.5 0.92 on synthetic crops); a GPU takes minutes.
+    """
+    from cellfluxrl.segment_cellpose import train_cellpose
+
+    targets = ("nuclei", "cyto") if target == "both" else (target,)
+    for t in targets:
+        path = train_cellpose(dataset, out, target=t, n_images=n_images, n_epochs=epochs, seed=seed,
+                              batch_size=batch_size, gpu=gpu)
+        click.echo(f"{t}: {path}")

@@ -1,0 +1,195 @@
+"""``cellfluxrl demo``: the main job, end to end on the embedded synthetic data.
+
+prepare synthetic -> pretrain (tiny UNet) -> posttrain (DiffusionNFT) -> evaluate (CellFlux,
+CellFluxRL, CellFluxRL + best-of-4, real), then print the table. Every stage writes into
+``--out`` and is skipped when it is already finished, so an interrupted demo resumes where it
+stopped (pretrain and posttrain resume from their last checkpoint)::
+
+    OUT/demo.json   the resolved demo settings (a re-run with different settings is refused)
+    OUT/data/       the synthetic dataset and its evaluators
+    OUT/base/       the pretrained CellFlux run
+    OUT/rl/         the CellFluxRL run
+    OUT/eval/       report.json, report.md, fig5_best_of_n.png, fig4_grid.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo stages (``default``: budgeted for 30 minutes on 2 CPU cores; ``quick``: tests).
+
+    The default uses 48x48 crops (a quarter of BBBC021's pixels) so that a tiny UNet gets a few
+    hundred steps on 2 cores; ``--size 96`` reproduces BBBC021's geometry at about 4x the cost.
+    """
+
+    n_images: int = 3000  # synthetic crops (treated + controls)
+    size: int = 48  # crop side (px); a multiple of 16
+    plates: int = 4  # plates (batches)
+    classifier_epochs: int | None = 6  # MoA classifier epochs (None: the evaluators' default)
+    pretrain_steps: int = 500  # flow-matching steps of the tiny UNet
+    pretrain_batch: int = 16  # images per pretraining step
+    posttrain_steps: int = 30  # DiffusionNFT iterations
+    posttrain_lr: float = 1e-4  # larger than the paper's 2e-5: the demo has 30 steps, not 1200
+    group_size: int = 4  # rollouts per (x_0, c) group
+    groups_per_step: int = 4  # groups per iteration
+    rollout_steps: int = 6  # Heun steps of the rollouts
+    eval_pairs: int = 64  # test pairs evaluated
+    eval_steps: int = 5  # Heun steps at evaluation
+    best_of: tuple[int, ...] = (1, 2, 4)  # best-of-N curve (the table's TTS column uses the largest)
+    seed: int = 0  # seed of every stage
+
+
+DEMO_PRESETS = {
+    "default": DemoConfig(),
+    "quick": DemoConfig(n_images=300, size=48, plates=2, classifier_epochs=2, pretrain_steps=2, pretrain_batch=4,
+                        posttrain_steps=1, group_size=2, groups_per_step=2, rollout_steps=2, eval_pairs=6,
+                        eval_steps=1, best_of=(1, 2)),
+}
+
+
+def _settings_file(out: Path, cfg: DemoConfig) -> None:
+    """Record the settings on the first run; refuse a re-run of OUT with different ones."""
+    from cellfluxrl.errors import CellfluxError
+
+    path, current = out / "demo.json", json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != current:
+            diff = sorted(k for k in current if stored.get(k) != current[k])
+            raise CellfluxError(f"{path}: this demo folder was made with other settings ({', '.join(diff)}); "
+                                f"use a new --out or the same options")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2) + "\n")
+
+
+def stage_prepare(out: Path, cfg: DemoConfig) -> Path:
+    """The synthetic dataset with its evaluators (skipped when both exist)."""
+    from cellfluxrl.data.synthetic import prepare_synthetic
+    from cellfluxrl.evaluators import CLASSIFIER_FILE, REFERENCE_FILE, fit_evaluators
+
+    data = out / "data"
+    if not (data / "meta.json").is_file():
+        prepare_synthetic(data, n_images=cfg.n_images, seed=cfg.seed, size=cfg.size, n_plates=cfg.plates, progress=True)
+    if not ((data / "evaluators" / REFERENCE_FILE).is_file() and (data / "evaluators" / CLASSIFIER_FILE).is_file()):
+        fit_evaluators(data, seed=cfg.seed, classifier_epochs=cfg.classifier_epochs, progress=True)
+    return data
+
+
+def stage_pretrain(data: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
+    """Pretrain (or resume) the tiny CellFlux model; a finished run returns at once."""
+    from tqdm import tqdm
+
+    from cellfluxrl.config import PretrainConfig
+    from cellfluxrl.distributed import init_distributed
+    from cellfluxrl.pretrain import train
+
+    run = out / "base"
+    pcfg = PretrainConfig(preset="tiny", steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, seed=cfg.seed,
+                          ckpt_every=max(1, min(100, cfg.pretrain_steps)))
+    with tqdm(total=pcfg.steps, desc="pretrain", unit="step") as bar:
+        def on_step(stats: dict) -> None:
+            bar.n = stats["step"]
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            bar.refresh()
+
+        train(data, run, pcfg, dist=init_distributed(device), on_step=on_step)
+    return run
+
+
+def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
+    """Post-train (or resume) CellFluxRL from the base run with the paper's reward weights."""
+    from tqdm import tqdm
+
+    from cellfluxrl.posttrain import PosttrainConfig, posttrain
+
+    run = out / "rl"
+    pcfg = PosttrainConfig(steps=cfg.posttrain_steps, group_size=cfg.group_size, groups_per_step=cfg.groups_per_step,
+                           rollout_steps=cfg.rollout_steps, rollout_batch=cfg.group_size * cfg.groups_per_step,
+                           train_batch=16, lr=cfg.posttrain_lr, save_every=max(1, min(10, cfg.posttrain_steps)),
+                           grid_every=0, seed=cfg.seed)
+    with tqdm(total=pcfg.steps, desc="posttrain", unit="step") as bar:
+        def on_step(stats: dict) -> None:
+            bar.n = stats["step"]
+            bar.set_postfix(reward=f"{stats['reward']:.3f}")
+            bar.refresh()
+
+        posttrain(base, run, pcfg, device=device, on_step=on_step)
+    return run
+
+
+def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig, device: str) -> dict:
+    """Evaluate base and RL runs on the same pairs; returns the report (read back if already written)."""
+    from tqdm import tqdm
+
+    from cellfluxrl.evaluate import evaluate
+
+    done = out / "eval" / "report.json"
+    if done.is_file():  # written last and atomically, after the figures
+        return json.loads(done.read_text())
+
+    with tqdm(total=None, desc="evaluate", unit="pair") as bar:
+        def on_progress(stage: str, done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return evaluate(data, [base, rl], names=["CellFlux", "CellFluxRL"], n=cfg.eval_pairs, best_of=cfg.best_of,
+                        seed=cfg.seed, batch_size=16, steps=cfg.eval_steps, device=device, out=out / "eval",
+                        on_progress=on_progress)
+
+
+def demo_columns(report: dict) -> list[str]:
+    """The printed columns: base, RL, RL + best-of-N (largest N), real."""
+    k = max(report["settings"]["best_of"])
+    wanted = ["CellFlux", "CellFluxRL", f"CellFluxRL+best-of-{k}", "real"]
+    return [c for c in wanted if c in report["columns"]]
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Folder for the dataset, both runs and the evaluation (re-run to resume).")
+@click.option("--quick", is_flag=True, help="Tiny sizes (about a minute): a smoke test, not a result.")
+@click.option("--size", type=click.IntRange(min=32), default=None, help="Crop size in px, a multiple of 16 [48].")
+@click.option("--pretrain-steps", type=click.IntRange(min=1), default=None, help="Pretraining steps [500].")
+@click.option("--posttrain-steps", type=click.IntRange(min=1), default=None, help="DiffusionNFT steps [30].")
+@click.option("--eval-pairs", type=click.IntRange(min=2), default=None, help="Evaluated test pairs [64].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, device):
+    """The main job: prepare synthetic -> pretrain -> posttrain -> evaluate, then print the table.
+
+    \b
+    Example:
+      cellfluxrl demo                       # budgeted for 30 minutes on 2 CPU cores
+      cellfluxrl demo --size 96 --device cuda --out runs/demo96
+      cellfluxrl demo --quick --out /tmp/demo-quick
+    """
+    from cellfluxrl.commands.evaluate import resolve_device
+    from cellfluxrl.evaluate import markdown_table
+
+    cfg, device, began = DEMO_PRESETS["quick" if quick else "default"], resolve_device(device), time.perf_counter()
+    overrides = {"size": size, "pretrain_steps": pretrain_steps, "posttrain_steps": posttrain_steps,
+                 "eval_pairs": eval_pairs}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    _settings_file(out, cfg)
+    timings = {}
+    for name, stage in (("prepare", lambda: stage_prepare(out, cfg)),
+                        ("pretrain", lambda: stage_pretrain(out / "data", out, cfg, device)),
+                        ("posttrain", lambda: stage_posttrain(out / "base", out, cfg, device)),
+                        ("evaluate", lambda: stage_evaluate(out / "data", out / "base", out / "rl", out, cfg, device))):
+        t0 = time.perf_counter()
+        click.echo(f"== {name}", err=True)
+        result = stage()
+        timings[name] = time.perf_counter() - t0
+    click.echo(markdown_table(result, columns=demo_columns(result)))
+    click.echo(f"\n{result['distance']['note']}")
+    click.echo(f"stages: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; "
+               f"total {time.perf_counter() - began:.0f} s; report {out / 'eval' / 'report.md'}")

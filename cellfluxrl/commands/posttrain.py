@@ -1,0 +1,89 @@
+"""``cellfluxrl posttrain BASE_RUN OUT_RUN``: DiffusionNFT post-training on the biological rewards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cellfluxrl.rewards.weights import weights_option
+
+POS_INT, POS_FLOAT = click.IntRange(min=1), click.FloatRange(min=0, min_open=True)
+NONNEG_FLOAT = click.FloatRange(min=0)
+
+
+def _options(f):
+    """The PosttrainConfig fields as options (defaults shown are the config's; None = keep)."""
+    specs = [
+        ("--steps", POS_INT, "RL iterations = optimizer steps [1200]."),
+        ("--group-size", click.IntRange(min=2), "Rollouts m per fixed (x_0, c) group [8]."),
+        ("--groups-per-step", POS_INT, "Groups per iteration over all ranks [16]."),
+        ("--rollout-steps", POS_INT, "Heun steps of the rollout sampler [10]."),
+        ("--rollout-grid", click.Choice(["edm", "uniform"]), "Rollout time grid [edm]."),
+        ("--rollout-batch", POS_INT, "Rollouts per sampler call / reward job [64]."),
+        ("--sigma", NONNEG_FLOAT, "Noise std injected into the control [1.0]."),
+        ("--cfg-scale", NONNEG_FLOAT, "CFG weight in rollouts [0 = CFG-free, as DiffusionNFT]."),
+        ("--train-source", click.Choice(["fresh", "rollout"]),
+         "Source x_0 of the forward process: control + fresh noise, or the rollout's own [fresh]."),
+        ("--t-sampling", click.Choice(["grid", "uniform"]), "Training times: the rollout grid's, or U[0,1) [grid]."),
+        ("--train-timesteps", POS_INT, "Training times per rollout per step [0.99 x rollout steps]."),
+        ("--train-batch", POS_INT, "(rollout, t) items per micro-batch [32]."),
+        ("--nft-beta", POS_FLOAT, "DiffusionNFT guidance strength beta of the implicit policies [1.0]."),
+        ("--kl-weight", NONNEG_FLOAT, "Weight of ||v_theta - v_ref||^2 to the frozen base [1.0]."),
+        ("--adv-clip", POS_FLOAT, "Advantage clip C [5]."),
+        ("--lr", POS_FLOAT, "AdamW learning rate [2e-5]."),
+        ("--grad-clip", NONNEG_FLOAT, "Max gradient norm, 0 = off [1.0]."),
+        ("--old-rate", NONNEG_FLOAT, "Old-policy decay growth: eta_i = min(rate i, old-max) [0.001]."),
+        ("--max-minutes", NONNEG_FLOAT, "Stop (with a checkpoint) once this wall time has passed, 0 = no limit [0]."),
+        ("--save-every", POS_INT, "Checkpoint period in steps [10]."),
+        ("--grid-every", click.IntRange(min=0), "Sample-grid period in steps, 0 = never [50]."),
+        ("--seed", int, "Seed of pairs, source noise and t draws [0]."),
+    ]
+    for name, kind, text in reversed(specs):
+        f = click.option(name, type=kind, default=None, help=text)(f)
+    f = click.option("--adaptive/--no-adaptive", default=None, help="DiffusionNFT's adaptive loss weighting [off].")(f)
+    return f
+
+
+@click.command("posttrain")
+@click.argument("base_run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("out_run", type=click.Path(path_type=Path))
+@weights_option
+@_options
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="TOML file of posttrain settings (options given here win).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")
+def posttrain(base_run, out_run, weights, config_file, device, dry_run, **options):
+    """Post-train BASE_RUN with DiffusionNFT on the weighted rewards into OUT_RUN (re-run to resume).
+
+    \b
+    Example (CPU, tiny model):
+      cellfluxrl posttrain runs/base runs/rl --steps 100 --groups-per-step 4 --rollout-steps 6
+    """
+    from cellfluxrl.config import config_to_dict, load_toml_overrides, replace_validated
+    from cellfluxrl.distributed import is_main
+    from cellfluxrl.posttrain import PosttrainConfig, posttrain as run
+
+    cfg = PosttrainConfig()
+    if config_file is not None:
+        cfg = replace_validated(cfg, **load_toml_overrides(config_file, PosttrainConfig))
+    cfg = replace_validated(cfg, weights=weights, **options)
+    if dry_run:
+        click.echo(json.dumps(config_to_dict(cfg), indent=2))
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, desc="posttrain", unit="step", disable=not is_main())
+
+    def on_step(stats: dict) -> None:
+        bar.n = stats["step"]
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2e}", img_s=f"{stats['images_per_s']:.1f}",
+                        wait=f"{stats['reward_wait_share']:.0%}", refresh=False)
+        bar.refresh()
+
+    run(base_run, out_run, cfg, device=device, on_step=on_step)
+    bar.close()
+    if is_main():
+        click.echo(f"posttrain run written to {out_run} (stats.jsonl, checkpoint.pt, samples/)")

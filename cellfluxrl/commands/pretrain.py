@@ -1,0 +1,87 @@
+"""``cellfluxrl pretrain DATASET RUN``: CellFlux flow-matching pretraining (resumable, DDP-ready)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+
+def resolve_config(config_file: Path | None, **options):
+    """Defaults -> TOML file (``[unet]`` table allowed) -> CLI options; returns ``(PretrainConfig, UNetConfig)``."""
+    from cellfluxrl.config import PretrainConfig, load_toml_overrides, replace_validated
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.unet import PRESETS, UNetConfig
+
+    cfg, unet_over = PretrainConfig(), {}
+    if config_file is not None:
+        over = load_toml_overrides(config_file, PretrainConfig, tables={"unet": UNetConfig})
+        unet_over = over.pop("unet", {})
+        cfg = replace_validated(cfg, **over)
+    cfg = replace_validated(cfg, **options)
+    if cfg.preset not in PRESETS:
+        raise CellfluxError(f"unknown UNet preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    return cfg, dataclasses.replace(PRESETS[cfg.preset], **unet_over)
+
+
+@click.command("pretrain")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(["paper", "tiny"]), default=None,
+              help="UNet preset: paper (CellFlux, 56.2M) or tiny (CPU). [default: paper]")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps in total. [default: 100000]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per process per micro-batch. [default: 32]")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimizer step. [default: 1]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="AdamW learning rate. [default: 1e-4]")
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=None, metavar="STEPS",
+              help="Write checkpoint.pt every STEPS steps (and at the end). [default: 1000]")
+@click.option("--log-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="stats.jsonl interval. [default: 10]")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers. [default: 0]")
+@click.option("--seed", type=int, default=None, help="Seed of data order, pairing, noise and dropout. [default: 0]")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
+              help="TOML overrides (PretrainConfig keys; a [unet] table overrides the preset).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the network. [default: on for CUDA, off for CPU]")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None, metavar="CKPT",
+              help="Initialise a new run from a CellFlux checkpoint (ADM UNet names).")
+def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every, log_every, num_workers, seed,
+             config_file, device, compile_, init_from):
+    """Pretrain the CellFlux base model on DATASET into RUN.
+
+    Re-running the same command on a RUN that has a checkpoint resumes it exactly. Several
+    processes: torchrun --no-python --nproc_per_node N cellfluxrl pretrain DATASET RUN ...
+
+    \b
+    Example:
+      cellfluxrl pretrain data/synth runs/base --preset tiny --steps 2000 --batch-size 16
+    """
+    from tqdm import tqdm
+
+    from cellfluxrl.distributed import cleanup, init_distributed
+    from cellfluxrl.pretrain import train
+
+    cfg, unet = resolve_config(config_file, preset=preset, steps=steps, batch_size=batch_size,
+                               grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every, log_every=log_every,
+                               num_workers=num_workers, seed=seed)
+    dist = init_distributed(device)
+    bars: list = []
+    try:
+        def on_step(stats: dict) -> None:
+            if not bars:  # created on the first step, so errors before training print no bar
+                bars.append(tqdm(total=cfg.steps, initial=stats["step"] - 1, desc="pretrain", unit="step",
+                                 dynamic_ncols=True))
+            bars[0].update(1)
+            bars[0].set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.1f}")
+
+        result = train(dataset, run, cfg, unet=unet, dist=dist, compile=compile_, init_from=init_from,
+                       on_step=on_step if dist.is_main else None)
+    finally:
+        for bar in bars:
+            bar.close()
+        cleanup()
+    if dist.is_main:
+        what = "already complete" if result.step == result.resumed_from else f"trained to step {result.step}"
+        resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+        click.echo(f"{run}: {what}{resumed}; checkpoint {Path(run) / 'checkpoint.pt'}")

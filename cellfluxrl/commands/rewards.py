@@ -1,0 +1,77 @@
+"""``cellfluxrl rewards``: list the installed rewards (and ``rewards fit DATASET`` to refit evaluators)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns separated by two spaces."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+@click.group(invoke_without_command=True)
+@click.option("--check", is_flag=True, help="Import every reward's entry point and report failures, one line each.")
+@click.pass_context
+def rewards(ctx: click.Context, check: bool) -> None:
+    """List the installed rewards: name, entry point, package==version, origin, default weight.
+
+    Rewards come from the entry-point group `cellfluxrl.rewards` (the seven built-ins are declared
+    by cellfluxrl itself, plugins by their own packages). Use the names with --weights, e.g.
+    --weights moa=5,actin_tubulin=1.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, available_rewards
+    from cellfluxrl.rewards.registry import load_factory
+
+    infos = available_rewards()
+    rows = [("name", "entry point", "package", "origin", "default weight")]
+    for name, info in infos.items():
+        weight = f"{DEFAULT_WEIGHTS[name]:g}" if name in DEFAULT_WEIGHTS else "0 (name it in --weights)"
+        rows.append((name, info.value, f"{info.package}=={info.version}", "built-in" if info.builtin else "plugin",
+                     weight))
+    click.echo("\n".join(_table(rows)))
+    if not check:
+        return
+    failures = 0
+    for name, info in infos.items():
+        try:
+            load_factory(info)
+        except CellfluxError as exc:
+            failures += 1
+            click.echo(f"FAIL {exc}")
+    click.echo(f"checked {len(infos)} rewards: {len(infos) - failures} import, {failures} fail")
+    if failures:
+        raise CellfluxError(f"{failures} reward(s) failed to import (see above)")
+
+
+@rewards.command("fit")
+@click.argument("dataset", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--segmenter", type=click.Choice(["classical", "cellpose"]), default="classical", show_default=True,
+              help="Segmentation backend for the reference statistics.")
+@click.option("--cellpose-model", default=None, help="Cellpose model name (cached weights) or local path.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the MoA classifier training.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="MoA classifier epochs [default: about 300 optimizer steps].")
+@click.option("--device", default=None, help="Torch device for the classifier [default: cuda if available, else cpu].")
+def fit(dataset: Path, segmenter: str, cellpose_model: str | None, seed: int, epochs: int | None,
+        device: str | None) -> None:
+    """(Re)fit DATASET/evaluators: per-MoA reference statistics and the MoA classifier.
+
+    `prepare` does this already; use it after changing the segmenter, or on a dataset prepared
+    with --no-evaluators.
+    """
+    import torch
+
+    from cellfluxrl.evaluators import fit_evaluators
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = fit_evaluators(dataset, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed, progress=True,
+                             classifier_epochs=epochs, device=device)
+    for key, value in summary.items():
+        click.echo(f"{key}: {value}")

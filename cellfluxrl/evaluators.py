@@ -1,0 +1,321 @@
+"""The evaluators stored with a dataset: per-MoA reference statistics and the MoA classifier.
+
+``prepare`` calls :func:`fit_evaluators` after writing a dataset (``cellfluxrl rewards fit DATASET``
+refits them on an existing one). Both are fitted on *real* images of the ``train`` split,
+in-distribution compounds only (CellFlux's OOD compounds are held out)::
+
+    DATASET/evaluators/
+      reference_stats.json   per MoA (the 12 MoAs and DMSO): n, mean and std of the six
+                             morphology statistics (cellfluxrl.morphology.measure) of the segmented
+                             train images, plus the segmenter name, options and settings
+      moa_classifier.pt      the MoA CNN: {"format", "state_dict", "config", "info"} (weights_only)
+      classifier.json        train/test accuracy, per-class test accuracy, epochs, seconds
+
+The rewards compare a generated image's statistic with the reference of its MoA (Eqs. 5-6), so
+the reference must be measured with the same segmenter and settings; :class:`Evaluators` records
+them and :meth:`Evaluators.check_segmenter` refuses a different one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellfluxrl.data.compounds import CONTROL, MOAS
+from cellfluxrl.errors import CellfluxError
+
+STATS = ("nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count")
+REFERENCE_FILE = "reference_stats.json"
+CLASSIFIER_FILE = "moa_classifier.pt"
+CLASSIFIER_REPORT = "classifier.json"
+REFERENCE_FORMAT = "cellfluxrl-reference-stats/1"
+POOLED = "all treated"  # fallback reference for an MoA without train images
+SEGMENT_BATCH = 512
+FIT_HINT = "run `cellfluxrl prepare ...` (which fits them) or `cellfluxrl rewards fit DATASET`"
+
+logger = logging.getLogger(__name__)
+
+
+def moa_labels() -> tuple[str, ...]:
+    """Row order of the reference arrays: DMSO first, then the 12 MoAs (row = moa_index + 1)."""
+    return (CONTROL, *MOAS)
+
+
+def moa_index(moa) -> np.ndarray:
+    """MoA names -> int64 index in :data:`MOAS` (-1 for DMSO); CellfluxError on an unknown name."""
+    lookup = {name: i for i, name in enumerate(MOAS)}
+    lookup[CONTROL] = -1
+    names = [str(name) for name in np.asarray(moa).astype(str).reshape(-1)]
+    out = np.empty(len(names), dtype=np.int64)
+    for i, name in enumerate(names):
+        if name not in lookup:
+            raise CellfluxError(f"unknown MoA {name!r} (image {i}); expected DMSO or one of: {', '.join(MOAS)}")
+        out[i] = lookup[name]
+    return out
+
+
+def segmenter_options(name: str, cellpose_model: str | None = None) -> dict[str, Any]:
+    """The ``make_segmenter`` options of a backend chosen on the command line."""
+    if name == "cellpose" and cellpose_model is not None:
+        return {"model": cellpose_model}
+    return {}
+
+
+def build_segmenter(name: str, options: dict[str, Any] | None = None):
+    """``cellfluxrl.segment.make_segmenter(name, **options)``."""
+    from cellfluxrl.segment import make_segmenter
+
+    return make_segmenter(name, **(options or {}))
+
+
+@dataclass
+class Evaluators:
+    """The evaluators of one dataset, loaded by :func:`load_evaluators`.
+
+    Attributes:
+        root: the ``DATASET/evaluators`` folder.
+        reference: the parsed reference_stats.json.
+        classifier_path: path of moa_classifier.pt (loaded lazily by :meth:`moa_classifier`).
+        classifier_report: the parsed classifier.json (``{}`` when absent).
+    """
+
+    root: Path
+    reference: dict
+    classifier_path: Path
+    classifier_report: dict = field(default_factory=dict)
+    _classifiers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def segmenter_name(self) -> str:
+        return self.reference["segmenter"]["name"]
+
+    @property
+    def segmenter_settings(self) -> dict:
+        return self.reference["segmenter"]["settings"]
+
+    def make_segmenter(self, name: str | None = None, cellpose_model: str | None = None):
+        """Build the segmenter the reference was measured with, or check that a given one matches.
+
+        Args:
+            name: ``None`` (rebuild the stored one) or a backend name to use instead.
+            cellpose_model: Cellpose model name or path, with ``name="cellpose"``.
+
+        Raises:
+            CellfluxError: the resulting settings differ from the stored ones (naming both).
+        """
+        stored = self.reference["segmenter"]
+        if name is None:
+            segmenter = build_segmenter(stored["name"], stored.get("options", {}))
+        else:
+            segmenter = build_segmenter(name, segmenter_options(name, cellpose_model))
+        self.check_segmenter(segmenter.settings)
+        return segmenter
+
+    def check_segmenter(self, settings: dict) -> None:
+        """CellfluxError unless ``settings`` equal the stored segmenter settings."""
+        stored = self.segmenter_settings
+        if _jsonable(settings) != stored:
+            raise CellfluxError(f"{self.root / REFERENCE_FILE}: reference statistics were measured with segmenter "
+                                f"{json.dumps(stored, sort_keys=True)} but the current one is "
+                                f"{json.dumps(_jsonable(settings), sort_keys=True)}; use the same segmenter or "
+                                f"refit with `cellfluxrl rewards fit DATASET --segmenter ...`")
+
+    def reference_arrays(self, stat: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-MoA mean and std of one statistic, float64 ``(13,)`` each, row = moa_index + 1.
+
+        An MoA absent from the train split gets the pooled treated reference (logged once).
+        """
+        if stat not in STATS:
+            raise CellfluxError(f"unknown statistic {stat!r}; expected one of {', '.join(STATS)}")
+        mu, sigma = np.zeros(len(MOAS) + 1), np.zeros(len(MOAS) + 1)
+        for row, name in enumerate(moa_labels()):
+            entry = self.reference["moas"].get(name)
+            if entry is None:
+                entry = self.reference["moas"].get(POOLED)
+                if entry is None:
+                    raise CellfluxError(f"{self.root / REFERENCE_FILE}: no reference statistics for {name!r}")
+                logger.warning("no train images of %r in the reference; using the pooled treated statistics", name)
+            mu[row], sigma[row] = entry["mean"][stat], entry["std"][stat]
+        return mu, sigma
+
+    def moa_classifier(self, device: str = "cpu"):
+        """The MoA classifier on ``device`` (loaded once per device, eval mode)."""
+        if device not in self._classifiers:
+            from cellfluxrl.moa_classifier import load_moa_classifier
+
+            if not self.classifier_path.is_file():
+                raise CellfluxError(f"{self.classifier_path}: MoA classifier missing; {FIT_HINT}")
+            self._classifiers[device] = load_moa_classifier(self.classifier_path, device)
+        return self._classifiers[device]
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON so stored and fresh settings compare equal (tuples -> lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write JSON atomically (temp file + os.replace)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_evaluators(dataset_dir: str | os.PathLike) -> Evaluators:
+    """Open ``DATASET/evaluators`` (the classifier itself is loaded on first use).
+
+    Raises:
+        CellfluxError: the folder or reference_stats.json is missing or unreadable (saying how to
+            fit them).
+    """
+    root = Path(dataset_dir) / "evaluators"
+    path = root / REFERENCE_FILE
+    if not path.is_file():
+        raise CellfluxError(f"{path}: missing (the dataset has no fitted evaluators); {FIT_HINT}")
+    try:
+        reference = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CellfluxError(f"{path}: not valid JSON ({exc}); {FIT_HINT}") from None
+    if reference.get("format") != REFERENCE_FORMAT:
+        raise CellfluxError(f"{path}: format {reference.get('format')!r}, expected {REFERENCE_FORMAT!r}; {FIT_HINT}")
+    report_path = root / CLASSIFIER_REPORT
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    return Evaluators(root, reference, root / CLASSIFIER_FILE, report)
+
+
+def measure_images(images_uint8: np.ndarray, segmenter, batch_size: int = SEGMENT_BATCH,
+                   progress: bool = False, desc: str = "segment") -> dict[str, np.ndarray]:
+    """Segment uint8 ``(N, H, W, C)`` images and measure them: dict of float64 ``(N,)`` per stat."""
+    from cellfluxrl.images import to_model
+    from cellfluxrl.morphology import measure
+
+    n = images_uint8.shape[0]
+    out = {k: np.zeros(n, dtype=np.float64) for k in STATS}
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    for start in starts:
+        x = to_model(np.asarray(images_uint8[start:start + batch_size]), dequantize=False).numpy()
+        nuclei, cells = segmenter.segment(x)
+        stats = measure(nuclei, cells)
+        for k in STATS:
+            out[k][start:start + batch_size] = stats[k]
+    return out
+
+
+def reference_statistics(stats: dict[str, np.ndarray], moa: np.ndarray) -> dict[str, dict]:
+    """Per-MoA ``{"n", "mean": {stat: x}, "std": {stat: x}}`` (population std), plus the pooled treated."""
+    moa = np.asarray(moa).astype(str)
+    groups = {name: moa == name for name in moa_labels() if np.any(moa == name)}
+    groups[POOLED] = moa != CONTROL
+    out = {}
+    for name, keep in groups.items():
+        if not np.any(keep):
+            continue
+        out[name] = {"n": int(keep.sum()),
+                     "mean": {k: float(stats[k][keep].mean()) for k in STATS},
+                     "std": {k: float(stats[k][keep].std()) for k in STATS}}
+    return out
+
+
+def _treated_in_distribution(dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and MoA class labels of the treated, in-distribution images of a split."""
+    idx = dataset.select(split=split, state="treated", include_ood=False)
+    return idx, moa_index(dataset.table["moa"][idx])
+
+
+def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | None = None,
+                  progress: bool = False) -> dict:
+    """Measure the train split and write ``evaluators/reference_stats.json``; returns its content.
+
+    Args:
+        dataset: a loaded :class:`~cellfluxrl.data.layout.Dataset`.
+        segmenter: segmentation backend (``"classical"`` or ``"cellpose"``).
+        cellpose_model: Cellpose model name or local path (``segmenter="cellpose"``).
+        progress: draw a tqdm bar.
+    """
+    options = segmenter_options(segmenter, cellpose_model)
+    seg = build_segmenter(segmenter, options)
+    idx = dataset.select(split="train", include_ood=False)  # controls + in-distribution treated
+    if idx.size == 0:
+        raise CellfluxError(f"{dataset.root}: the train split is empty; cannot fit reference statistics")
+    start = time.perf_counter()
+    stats = measure_images(dataset.images[idx], seg, progress=progress, desc="reference statistics")
+    reference = {"format": REFERENCE_FORMAT, "split": "train", "n_images": int(idx.size),
+                 "excluded": "OOD compounds", "stats": list(STATS),
+                 "segmenter": {"name": segmenter, "options": options, "settings": _jsonable(seg.settings)},
+                 "seconds": round(time.perf_counter() - start, 2),
+                 "moas": reference_statistics(stats, dataset.table["moa"][idx])}
+    dataset.evaluators_dir.mkdir(exist_ok=True)
+    _write_json(dataset.evaluators_dir / REFERENCE_FILE, reference)
+    return reference
+
+
+def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: str = "cpu",
+                   progress: bool = False) -> dict:
+    """Train the MoA classifier on treated train images, test it on treated test images (both
+    in-distribution compounds only); write ``moa_classifier.pt`` and ``classifier.json``.
+
+    Returns:
+        The report written to classifier.json (accuracies, epochs, seconds, ...).
+    """
+    from cellfluxrl.moa_classifier import accuracy_report, save_moa_classifier, train_moa_classifier
+
+    train_idx, train_labels = _treated_in_distribution(dataset, "train")
+    test_idx, test_labels = _treated_in_distribution(dataset, "test")
+    model, info = train_moa_classifier(np.asarray(dataset.images[train_idx]), train_labels, epochs=epochs,
+                                       seed=seed, device=device, progress=progress)
+    test = accuracy_report(model, np.asarray(dataset.images[test_idx]), test_labels)
+    report = {**info, "n_train": int(train_idx.size), "n_classes": int(len(np.unique(train_labels))),
+              "n_test": test["n"], "test_accuracy": test["accuracy"],
+              "per_class_test_accuracy": test["per_class"], "classes": list(MOAS)}
+    dataset.evaluators_dir.mkdir(exist_ok=True)
+    save_moa_classifier(model, dataset.evaluators_dir / CLASSIFIER_FILE, info=report)
+    _write_json(dataset.evaluators_dir / CLASSIFIER_REPORT, report)
+    return report
+
+
+def fit_evaluators(dataset_dir: str | os.PathLike, segmenter: str = "classical", cellpose_model: str | None = None,
+                   seed: int = 0, progress: bool = True, classifier_epochs: int | None = None,
+                   device: str = "cpu") -> dict[str, str]:
+    """Fit the reference statistics and the MoA classifier of a dataset; write ``DATASET/evaluators``.
+
+    Args:
+        dataset_dir: a dataset folder (see data/README.md).
+        segmenter: segmentation backend for the reference statistics (``"classical"`` or ``"cellpose"``).
+        cellpose_model: Cellpose model name or local path (``segmenter="cellpose"``).
+        seed: seed of the classifier's initialisation, shuffling and augmentation.
+        progress: draw tqdm bars (commands only).
+        classifier_epochs: passes over the training images (``None``: about 300 optimizer steps,
+            see :func:`cellfluxrl.moa_classifier.default_epochs`).
+        device: torch device for the classifier (``"cuda"`` when available is faster).
+
+    Returns:
+        A short summary, e.g. ``{"reference stats": "13 MoAs on 9,876 train images (classical)",
+        "MoA classifier": "test accuracy 0.950 on 2,345 images (12 classes, 4 epochs, 41 s)"}``.
+
+    Raises:
+        CellfluxError: unreadable dataset, no train images, fewer than two MoAs to classify.
+    """
+    from cellfluxrl.data.layout import load_dataset
+
+    dataset = load_dataset(dataset_dir)
+    reference = fit_reference(dataset, segmenter, cellpose_model, progress=progress)
+    report = fit_classifier(dataset, seed=seed, epochs=classifier_epochs, device=device, progress=progress)
+    logger.info("fitted evaluators of %s: %s", dataset.root, report)
+    n_moas = len([m for m in reference["moas"] if m != POOLED])
+    accuracy = f"{report['test_accuracy']:.3f}" if report["n_test"] else "n/a (no test images)"
+    return {"reference stats": f"{n_moas} MoAs on {reference['n_images']:,} train images ({segmenter})",
+            "MoA classifier": f"test accuracy {accuracy} on {report['n_test']:,} images ({report['n_classes']} "
+                              f"classes, {report['epochs']} epochs, {report['seconds']:.0f} s)"}

@@ -1,0 +1,287 @@
+"""The MoA classifier behind the MoA reward (paper Eq. 3) and the offline image features.
+
+CellFlux scores generated images with a classifier fitted on *real treated training* images (an
+Inception-v3 feature extractor plus an MLP head). Offline, with no pretrained weights, we train a
+compact CNN from scratch instead, fast enough to run inside ``prepare`` on a CPU:
+
+    patchify stem (4x4, stride 4 for 96 px crops) -> 3 stages of [conv3x3-BN-ReLU] x 2 (max-pool between)
+    -> global average pooling (the features, F = widths[-1]) -> linear (12 MoA logits)
+
+Input: float32 ``(B, 3, H, W)`` in ``[-1, 1]`` with ``H = W`` a multiple of 16 (96 for BBBC021; 48
+works for tests, with a stride-2 stem so the first feature map is 24x24 in both cases). Classes:
+:data:`cellfluxrl.data.compounds.MOAS` in that order (DMSO is not a class: CellFluxRL scores
+treated targets). Checkpoints are ``{"state_dict", "config", "info"}``
+with plain Python types only, loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cellfluxrl.data.compounds import MOAS
+from cellfluxrl.errors import CellfluxError
+
+FORMAT = "cellfluxrl-moa-classifier/1"
+DEFAULT_WIDTHS = (24, 48, 96)
+
+logger = logging.getLogger(__name__)
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class MoAClassifier(nn.Module):
+    """Compact CNN: float ``(B, 3, H, W)`` in ``[-1, 1]`` -> MoA logits ``(B, n_classes)``.
+
+    Args:
+        n_classes: number of MoA classes (12, the order of ``classes``).
+        in_channels: image channels (3: actin, tubulin, DNA).
+        widths: channels of the three stages; the feature dimension F is ``widths[-1]``.
+        classes: class names, stored in the checkpoint (default :data:`MOAS`).
+    """
+
+    def __init__(self, n_classes: int = len(MOAS), in_channels: int = 3, widths: tuple[int, ...] = DEFAULT_WIDTHS,
+                 classes: tuple[str, ...] = MOAS, stem_stride: int = 4):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        self.config = {"n_classes": int(n_classes), "in_channels": int(in_channels), "widths": list(widths),
+                       "classes": list(classes), "stem_stride": int(stem_stride)}
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], stem_stride, stride=stem_stride, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        stages, c_in = [], widths[0]
+        for i, c_out in enumerate(widths):
+            stages.append(nn.Sequential(*([nn.MaxPool2d(2)] if i else []), _conv_block(c_in, c_out),
+                                        _conv_block(c_out, c_out)))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(widths[-1], n_classes)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.config["classes"])
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features: float ``(B, 3, H, W)`` in [-1, 1] -> float ``(B, F)`` (after GAP)."""
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, n_classes)``."""
+        return self.head(self.embed(x))
+
+    @torch.no_grad()
+    def predict_proba(self, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Class probabilities, float64 numpy ``(B, n_classes)``, rows summing to 1 (eval mode)."""
+        fn = lambda x: torch.softmax(self(x).float(), dim=1)  # noqa: E731
+        return _batched(self, images, batch_size, fn, self.config["n_classes"]).astype(np.float64)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor | np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Penultimate (GAP) features, float32 numpy ``(B, F)``: the offline substitute for Inception."""
+        return _batched(self, images, batch_size, lambda x: self.embed(x).float(), self.config["widths"][-1])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batched(model: nn.Module, images, batch_size: int, fn, out_dim: int) -> np.ndarray:
+    """Apply ``fn`` to float ``(B, C, H, W)`` images in chunks on the model's device (eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    x_all = torch.as_tensor(images)
+    outs = []
+    for start in range(0, x_all.shape[0], batch_size):
+        x = x_all[start:start + batch_size].to(device, torch.float32).contiguous(memory_format=torch.channels_last)
+        outs.append(fn(x).cpu())
+    model.train(was_training)
+    if not outs:
+        return np.zeros((0, out_dim), dtype=np.float32)
+    return torch.cat(outs).numpy()
+
+
+def predict_proba(model: MoAClassifier, images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Module-level alias of :meth:`MoAClassifier.predict_proba`: float64 ``(B, 12)``."""
+    return model.predict_proba(images)
+
+
+def features(model: MoAClassifier, images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Module-level alias of :meth:`MoAClassifier.features`: float32 ``(B, F)``."""
+    return model.features(images)
+
+
+def stem_stride(size: int) -> int:
+    """Patchify stride giving a 24x24 first feature map: 4 for 96 px crops, 2 for 48 px."""
+    return int(min(4, max(1, size // 24)))
+
+
+def default_epochs(n_train: int, batch_size: int = 128, target_steps: int = 300) -> int:
+    """Epochs giving about ``target_steps`` optimizer steps, clamped to [3, 30]."""
+    steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+    return int(min(30, max(3, math.ceil(target_steps / steps_per_epoch))))
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flips and 90-degree rotations (cells have no orientation), per batch."""
+    k = int(torch.randint(0, 4, (), generator=generator))
+    x = torch.rot90(x, k, dims=(2, 3)) if k else x
+    return torch.flip(x, dims=(3,)) if bool(torch.randint(0, 2, (), generator=generator)) else x
+
+
+def _to_float(images_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``(B, H, W, C)`` -> float32 ``(B, C, H, W)`` in [-1, 1], channels_last, on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
+    x = x.permute(0, 3, 1, 2).to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def accuracy_report(model: MoAClassifier, images_uint8: np.ndarray, labels: np.ndarray,
+                    batch_size: int = 512) -> dict:
+    """Top-1 accuracy and per-class accuracy on uint8 ``(N, H, W, C)`` images with int labels."""
+    device = _device_of(model)
+    preds = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            x = _to_float(images_uint8[start:start + batch_size], device)
+            preds.append(model(x).argmax(dim=1).cpu().numpy())
+    pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    labels = np.asarray(labels)
+    per_class = {model.classes[c]: float(np.mean(pred[labels == c] == c))
+                 for c in range(len(model.classes)) if np.any(labels == c)}
+    return {"accuracy": float(np.mean(pred == labels)) if labels.size else float("nan"),
+            "n": int(labels.size), "per_class": per_class}
+
+
+def train_moa_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int | None = None,
+                         batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 0.05,
+                         widths: tuple[int, ...] = DEFAULT_WIDTHS, seed: int = 0, device: str = "cpu",
+                         progress: bool = False) -> tuple[MoAClassifier, dict]:
+    """Fit a :class:`MoAClassifier` on real treated images.
+
+    AdamW with a one-cycle (warm-up then cosine) learning rate, cross-entropy, random flips and
+    90-degree rotations, batch 128; seeded (initialisation, shuffling and augmentation depend only
+    on ``seed``; global RNG state is left untouched).
+
+    Args:
+        images: uint8 ``(N, H, W, 3)`` training crops (H = W, a multiple of 16).
+        labels: int64 ``(N,)`` class index in :data:`MOAS`.
+        epochs: passes over the data (``None``: :func:`default_epochs`, about 300 steps).
+        batch_size, lr, weight_decay: optimiser settings.
+        widths: the CNN stage widths.
+        seed: seed of all randomness.
+        device: ``"cpu"`` or ``"cuda[:k]"``.
+        progress: draw a tqdm bar (commands only).
+
+    Returns:
+        ``(model, info)``: the model in eval mode and a dict with ``epochs``, ``steps``,
+        ``train_accuracy`` (last epoch, running), ``seconds``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if images.ndim != 4 or images.shape[0] != n or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 (N, H, W, C) images and N labels, got {images.dtype} {images.shape}, {n}")
+    if images.shape[1] % 16 or images.shape[1] != images.shape[2]:
+        raise CellfluxError(f"MoA classifier needs square crops with a side that is a multiple of 16, "
+                            f"got {images.shape[1:3]}")
+    if n < 2 or len(np.unique(labels)) < 2:
+        raise CellfluxError(f"MoA classifier needs treated training images of at least 2 MoAs, got {n} images")
+    epochs = default_epochs(n, batch_size) if epochs is None else int(epochs)
+    device_t = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MoAClassifier(widths=widths, stem_stride=stem_stride(images.shape[1]))
+    model = model.to(device_t).to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(seed + 1)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.15)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="MoA classifier", unit="step", leave=False)
+    start, correct, seen = time.perf_counter(), 0, 0
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator).numpy()
+        correct, seen = 0, 0
+        for step in range(steps_per_epoch):
+            # Draw a batch (sorted indices read a memmap faster), augment, step.
+            idx = np.sort(order[step * batch_size:(step + 1) * batch_size])
+            x = _augment(_to_float(images[idx], device_t), generator)
+            y = torch.from_numpy(labels[idx]).to(device_t)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+        logger.info("MoA classifier epoch %d/%d: train accuracy %.3f", epoch + 1, epochs, correct / max(seen, 1))
+    if bar is not None:
+        bar.close()
+    model.eval()
+    info = {"epochs": epochs, "steps": total, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "train_accuracy": correct / max(seen, 1), "seconds": time.perf_counter() - start}
+    return model, info
+
+
+def save_moa_classifier(model: MoAClassifier, path: str | os.PathLike, info: dict | None = None) -> Path:
+    """Write ``{"format", "state_dict", "config", "info"}`` atomically (temp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "state_dict": state, "config": dict(model.config), "info": dict(info or {})}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_moa_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> MoAClassifier:
+    """Load a classifier written by :func:`save_moa_classifier` (``weights_only=True``), eval mode.
+
+    Raises:
+        CellfluxError: missing, corrupt or incompatible checkpoint (naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CellfluxError(f"{path}: MoA classifier checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CellfluxError(f"{path}: not a loadable MoA classifier checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CellfluxError(f"{path}: not a cellfluxrl MoA classifier (format {FORMAT} expected)")
+    config = payload["config"]
+    model = MoAClassifier(n_classes=config["n_classes"], in_channels=config["in_channels"],
+                          widths=tuple(config["widths"]), classes=tuple(config["classes"]),
+                          stem_stride=int(config.get("stem_stride", 4)))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CellfluxError(f"{path}: weights do not fit the stored config ({detail})") from exc
+    return model.to(device).to(memory_format=torch.channels_last).eval()

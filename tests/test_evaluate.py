@@ -1,0 +1,198 @@
+"""evaluate: paired columns, real-vs-degraded rewards, nested best-of-N, report files and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cellfluxrl.errors import CellfluxError
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    from cellfluxrl.data.synthetic import prepare_synthetic
+    from cellfluxrl.evaluators import fit_evaluators
+
+    root = tmp_path_factory.mktemp("eval") / "data"
+    prepare_synthetic(root, n_images=300, seed=0, size=48, n_plates=2, progress=False)
+    fit_evaluators(root, seed=0, classifier_epochs=2, progress=False)
+    return root
+
+
+def _make_run(dataset_dir, run_dir, seed: int):
+    """A run folder holding a randomly initialised (untrained) small velocity network."""
+    from cellfluxrl.checkpoint import save_checkpoint
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.unet import UNetConfig, build_unet
+
+    torch.manual_seed(seed)
+    unet = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+    dim = int(load_dataset(dataset_dir).embeddings.shape[1])
+    net = build_unet(unet.to_dict(), dim)
+    config = {"kind": "pretrain", "dataset": str(dataset_dir), "preset": "custom", "unet": unet.to_dict(),
+              "condition_dim": dim}
+    state = net.state_dict()
+    save_checkpoint(run_dir / "checkpoint.pt", {"kind": "pretrain", "step": 0, "config": config, "model": state,
+                                                "ema": state})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def image_results(dataset_dir):
+    """Real targets against two degraded image 'runs' (noised, pixel-shuffled), 3 candidates each."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, real_images
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+
+    dataset = load_dataset(dataset_dir)
+    pairs = Pairs.from_dataset(dataset, 24, seed=0)
+    suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
+    classifier = suite.evaluators.moa_classifier("cpu")
+
+    def noised(pos, k):
+        g = torch.Generator().manual_seed(100 * k + int(pos[0]))
+        x = real_images(dataset, pairs, pos)
+        return (x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+    def shuffled(pos, k):
+        x = real_images(dataset, pairs, pos)
+        b, c, h, w = x.shape
+        perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(k))
+        return x.reshape(b, c, h * w)[:, :, perm].reshape(b, c, h, w)
+
+    results = evaluate_sources(dataset, pairs, {"noised": noised, "shuffled": shuffled}, suite=suite,
+                               weights=dict(DEFAULT_WEIGHTS), features=MoAFeatures(classifier), classifier=classifier,
+                               best_of=(1, 2, 3), batch_size=10, kid_subset_size=10, kid_subsets=5)
+    return results
+
+
+def test_real_column_beats_noised_and_shuffled_on_every_morphology_reward(image_results):
+    from cellfluxrl.evaluate import MORPHOLOGY_REWARDS, build_report
+
+    report = build_report(image_results, {"dataset": "test"})
+    table = report["table"]
+    for name in MORPHOLOGY_REWARDS:
+        real = table["real"][name]["mean"]
+        for column in ("noised", "shuffled"):
+            assert real > table[column][name]["mean"], (name, column, real, table[column][name]["mean"])
+    assert table["real"]["overall"]["mean"] > table["noised"]["overall"]["mean"]
+    # Degraded images are far from the real ones in the substitute feature space; real has no distance.
+    assert table["shuffled"]["FD-MoA_o"]["mean"] > 0 and table["real"]["FD-MoA_o"]["mean"] is None
+
+
+def test_best_of_n_is_nested_and_selects_by_the_overall_reward(image_results):
+    from cellfluxrl.metrics import best_of_n
+
+    total = image_results["scores"]["noised"].total  # (P, 3)
+    assert total.shape == (24, 3) and np.isfinite(total).all()
+    picked = [total[np.arange(24), best_of_n(total, n)] for n in (1, 2, 3)]
+    assert (picked[1] >= picked[0]).all() and (picked[2] >= picked[1]).all()
+    np.testing.assert_array_equal(picked[2], total.max(axis=1))
+    # Different candidates really differ (the noise depends on k), so selection can matter.
+    assert (picked[2] > picked[0]).any()
+
+
+def test_per_condition_distances_cover_every_condition_with_enough_images(image_results):
+    pairs = image_results["pairs"]
+    names, counts = np.unique(pairs.compound, return_counts=True)
+    per = image_results["per_condition_fd"]["noised"]
+    assert set(per) == set(names)
+    for name, count in zip(names, counts):
+        assert (per[name].fd is None) == (count < 2)
+
+
+@pytest.fixture(scope="module")
+def cli_report(dataset_dir, tmp_path_factory):
+    from cellfluxrl.cli import cli
+
+    base = tmp_path_factory.mktemp("runs")
+    run = _make_run(dataset_dir, base / "base", seed=0)
+    out = base / "eval"
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(dataset_dir), str(run), str(run), "--n", "6",
+                                      "--best-of", "1,2", "--steps", "1", "--batch-size", "6", "--kid-subset-size",
+                                      "3", "--kid-subsets", "4", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def test_run_compared_with_itself_gives_identical_rows(cli_report):
+    out, _ = cli_report
+    report = json.loads((out / "report.json").read_text())
+    assert report["columns"] == ["base", "base+best-of-2", "base#2", "base#2+best-of-2", "real"]
+    assert report["table"]["base"] == report["table"]["base#2"]
+    assert report["table"]["base+best-of-2"] == report["table"]["base#2+best-of-2"]
+    assert report["best_of_n"]["base"] == report["best_of_n"]["base#2"]
+    assert report["table"]["base"]["overall"] != report["table"]["real"]["overall"]
+
+
+def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
+    out, output = cli_report
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    assert rows[:9] == ["moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count",
+                        "overall", "moa_accuracy"]
+    assert rows[9:] == ["FD-MoA_o", "FD-MoA_c", "KD-MoA_o", "KD-MoA_c"]  # never called FID without Inception
+    for column in report["columns"]:
+        assert set(rows) <= set(report["table"][column])
+        for row in rows[:9]:
+            assert np.isfinite(report["table"][column][row]["mean"])
+        fd_o, kd_o = report["table"][column]["FD-MoA_o"]["mean"], report["table"][column]["KD-MoA_o"]["mean"]
+        if column == "real":
+            assert all(report["table"][column][row]["mean"] is None for row in rows[9:])
+        else:  # KID is an unbiased estimate and may be slightly negative; the _c rows need >= 2 pairs per condition
+            assert fd_o > 0 and np.isfinite(kd_o)
+    assert report["settings"]["seed"] == 0 and report["settings"]["best_of"] == [1, 2]
+    assert {"cellfluxrl", "torch", "numpy", "python"} <= set(report["versions"])
+    assert report["n_pairs"] == 6
+    markdown = (out / "report.md").read_text()
+    table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    for label in ("MoA", "Nuc-in-Cyto", "Roundness", "NucSize", "CytoSize", "NucCount", "CytoCount", "Overall",
+                  "MoA accuracy", "FD-MoA_o", "KD-MoA_c"):
+        line = next(line for line in table_lines if line.startswith(f"| {label} |"))
+        assert line.count("|") == len(report["columns"]) + 2
+    assert "\n| Overall |" in output  # the command prints the table
+    for name in ("fig5_best_of_n.png", "fig4_grid.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_user_errors_are_one_line(dataset_dir, tmp_path):
+    from cellfluxrl.commands.evaluate import parse_best_of
+    from cellfluxrl.evaluate import evaluate
+
+    assert parse_best_of("4,1,2,4") == (1, 2, 4)
+    with pytest.raises(CellfluxError, match="'x'"):
+        parse_best_of("1,x")
+    with pytest.raises(CellfluxError, match="does not exist"):
+        evaluate(dataset_dir, [tmp_path / "no-such-run"], n=4)
+    with pytest.raises(CellfluxError, match="unknown reward"):
+        evaluate(dataset_dir, [tmp_path], n=4, weights="bogus=1")
+
+
+def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
+    from cellfluxrl.commands.demo import DEMO_PRESETS, _settings_file
+
+    _settings_file(tmp_path, DEMO_PRESETS["quick"])
+    _settings_file(tmp_path, DEMO_PRESETS["quick"])  # same settings: accepted (resume)
+    with pytest.raises(CellfluxError, match="pretrain_steps"):
+        _settings_file(tmp_path, DEMO_PRESETS["default"])
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end_and_resume(tmp_path):
+    from cellfluxrl.cli import cli
+
+    out = tmp_path / "demo"
+    first = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
+    assert first.exit_code == 0, first.output
+    header = next(line for line in first.stdout.splitlines() if line.startswith("| Metric |"))
+    assert header == "| Metric | CellFlux | CellFluxRL | CellFluxRL+best-of-2 | real |"
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["settings"]["runs"][1]["kind"] == "posttrain"
+    second = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
+    assert second.exit_code == 0, second.output
+    table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 14 and table == [line for line in second.stdout.splitlines() if line.startswith("| ")]

@@ -1,0 +1,144 @@
+"""fit_evaluators: reference statistics and the MoA classifier stored with a dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cellfluxrl.data.compounds import MOAS
+from cellfluxrl.data.layout import load_dataset
+from cellfluxrl.errors import CellfluxError
+from cellfluxrl.evaluators import STATS, fit_evaluators, load_evaluators, moa_index
+from cellfluxrl.moa_classifier import MoAClassifier, load_moa_classifier, save_moa_classifier, train_moa_classifier
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A 1,500-crop synthetic dataset (48x48) with evaluators fitted by fit_evaluators (defaults)."""
+    from cellfluxrl.data.synthetic import prepare_synthetic
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is faster, and robust on a busy machine
+    try:
+        root = prepare_synthetic(tmp_path_factory.mktemp("evaluators") / "ds", n_images=1500, seed=0, size=48,
+                                 n_plates=3, progress=False)
+        summary = fit_evaluators(root, seed=0, progress=False, classifier_epochs=20)
+        yield root, summary
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_summary_and_files(fitted):
+    root, summary = fitted
+    assert set(summary) == {"reference stats", "MoA classifier"}
+    assert summary["reference stats"].startswith("13 MoAs on ") and "(classical)" in summary["reference stats"]
+    assert "test accuracy" in summary["MoA classifier"] and "12 classes" in summary["MoA classifier"]
+    for name in ("reference_stats.json", "moa_classifier.pt", "classifier.json"):
+        assert (root / "evaluators" / name).is_file()
+    assert not [p for p in (root / "evaluators").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_reference_statistics_match_the_train_split(fitted):
+    from cellfluxrl.evaluators import measure_images
+    from cellfluxrl.segment import make_segmenter
+
+    root, _ = fitted
+    dataset = load_dataset(root)
+    reference = json.loads((root / "evaluators" / "reference_stats.json").read_text())
+    assert set(reference["moas"]) == {"DMSO", *MOAS, "all treated"}
+    idx = dataset.select(split="train", include_ood=False)
+    assert reference["n_images"] == idx.size
+    assert sum(reference["moas"][m]["n"] for m in ("DMSO", *MOAS)) == idx.size
+    assert reference["segmenter"]["settings"] == json.loads(json.dumps(make_segmenter("classical").settings))
+    # Recompute one MoA independently.
+    keep = idx[dataset.table["moa"][idx] == "DNA damage"]
+    stats = measure_images(np.asarray(dataset.images[keep]), make_segmenter("classical"))
+    entry = reference["moas"]["DNA damage"]
+    for stat in STATS:
+        assert entry["mean"][stat] == pytest.approx(stats[stat].mean())
+        assert entry["std"][stat] == pytest.approx(stats[stat].std())
+    assert 0.9 < reference["moas"]["DMSO"]["mean"]["nuc_in_cyto"] <= 1.0
+    evaluators = load_evaluators(root)
+    mu, sigma = evaluators.reference_arrays("nuc_size")
+    assert mu.shape == (13,) and mu[0] == reference["moas"]["DMSO"]["mean"]["nuc_size"]
+    assert mu[1 + MOAS.index("DNA damage")] == entry["mean"]["nuc_size"]
+    assert (sigma > 0).all()
+
+
+def test_classifier_accuracy_on_held_out_images(fitted):
+    root, _ = fitted
+    report = json.loads((root / "evaluators" / "classifier.json").read_text())
+    assert report["n_test"] > 100 and report["n_classes"] == 12
+    assert report["test_accuracy"] >= 0.9, report
+    assert set(report["per_class_test_accuracy"]) <= set(MOAS)
+
+
+def test_checkpoint_is_safe_and_reloads(fitted):
+    root, _ = fitted
+    path = root / "evaluators" / "moa_classifier.pt"
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["config"]["classes"] == list(MOAS) and "state_dict" in payload
+    model = load_moa_classifier(path, "cpu")
+    dataset = load_dataset(root)
+    idx = dataset.select(split="test", state="treated", include_ood=False)[:64]
+    from cellfluxrl.images import to_model
+
+    x = to_model(np.asarray(dataset.images[idx]), dequantize=False)
+    proba = model.predict_proba(x)
+    assert proba.shape == (64, 12) and proba.dtype == np.float64
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    assert (proba.argmax(1) == moa_index(dataset.table["moa"][idx])).mean() > 0.8
+    feats = model.features(x)
+    assert feats.shape == (64, model.config["widths"][-1]) and np.isfinite(feats).all()
+    np.testing.assert_allclose(load_evaluators(root).moa_classifier("cpu").predict_proba(x), proba)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CellfluxError, match="not found"):
+        load_moa_classifier(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CellfluxError, match="bad.pt: not a loadable"):
+        load_moa_classifier(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something else"}, other)
+    with pytest.raises(CellfluxError, match="not a cellfluxrl MoA classifier"):
+        load_moa_classifier(other)
+
+
+def test_training_is_seeded_and_leaves_global_rng_alone():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(32) % 3
+    state = torch.random.get_rng_state()
+    a, _ = train_moa_classifier(images, labels, epochs=1, batch_size=16, seed=3)
+    b, _ = train_moa_classifier(images, labels, epochs=1, batch_size=16, seed=3)
+    c, _ = train_moa_classifier(images, labels, epochs=1, batch_size=16, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    wa, wb, wc = (m.head.weight.detach() for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_save_is_atomic_and_roundtrips(tmp_path):
+    model = MoAClassifier(widths=(8, 16, 32))
+    path = save_moa_classifier(model, tmp_path / "m.pt", info={"epochs": 0})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    loaded = load_moa_classifier(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_classifier_needs_two_moas():
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(CellfluxError, match="at least 2 MoAs"):
+        train_moa_classifier(images, np.zeros(4, np.int64))
+    with pytest.raises(CellfluxError, match="multiple of 16"):
+        train_moa_classifier(np.zeros((4, 40, 40, 3), np.uint8), np.arange(4))
+
+
+def test_missing_evaluators(tmp_path):
+    with pytest.raises(CellfluxError, match="run `cellfluxrl prepare"):
+        load_evaluators(tmp_path)

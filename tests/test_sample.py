@@ -1,0 +1,105 @@
+"""Evaluation pairs, best-of-K selection, batch-independent sampling and the `sample` command."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cellfluxrl.checkpoint import load_run
+from cellfluxrl.errors import CellfluxError
+from cellfluxrl.generate import best_of, sample_pairs, test_pairs
+from cellfluxrl.pretrain import train
+from test_pretrain import MICRO, make_toy_dataset, quick_cfg  # shared toy data (tests/ is on sys.path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    ds = make_toy_dataset(root / "ds", n_test=3)
+    train(ds.root, root / "run", quick_cfg(steps=2, lr=1e-2), unet=MICRO)
+    return ds, root / "run"
+
+
+class FakeSuite:
+    """Scores an image by its mean DNA intensity (a stand-in for cellfluxrl.rewards.RewardSuite)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, images, moa):
+        self.calls.append((tuple(images.shape), list(moa)))
+        dna = np.asarray(images[:, 2].mean(dim=(1, 2)), dtype=np.float64)
+        return SimpleNamespace(total=dna, components={"dna": dna * 2})
+
+
+def test_test_pairs_first_rows_in_csv_order_same_plate(trained):
+    ds, _ = trained
+    treated = ds.select(split="test", state="treated")
+    targets, controls = test_pairs(ds, 5, seed=0)
+    assert np.array_equal(targets, treated[:5]) and targets.dtype == np.int64 and controls.dtype == np.int64
+    assert np.all(ds.table["batch"][controls] == ds.table["batch"][targets])
+    assert np.all(ds.table["state"][controls] == "control") and np.all(ds.table["split"][controls] == "test")
+    assert np.array_equal(test_pairs(ds, 5, seed=0)[1], controls)
+    only, _ = test_pairs(ds, 100, seed=0, conditions=["AZ138"])
+    assert len(only) == 6 and set(ds.table["compound"][only]) == {"AZ138"}
+    with pytest.raises(CellfluxError, match="unknown condition 'aspirin'"):
+        test_pairs(ds, 5, seed=0, conditions=["aspirin"])
+
+
+def test_best_of_picks_the_highest_total():
+    totals = np.array([[0.1, 0.9, 0.3], [2.0, -1.0, 2.0], [-5.0, -4.0, -6.0]])
+    assert np.array_equal(best_of(totals), [1, 0, 1])
+    with pytest.raises(ValueError):
+        best_of(np.zeros(3))
+
+
+def test_sampling_is_batch_independent_and_best_of_selects(trained):
+    ds, run = trained
+    net = load_run(run).net
+    targets, controls = test_pairs(ds, 5, seed=0)
+    kw = dict(seed=7, num_steps=3)
+    a = sample_pairs(net, ds, targets, controls, batch_size=2, **kw)
+    b = sample_pairs(net, ds, targets, controls, batch_size=5, **kw)
+    assert np.array_equal(a.generated, b.generated) and np.array_equal(a.seeds, b.seeds)
+    assert a.generated.shape == (5, 16, 16, 3) and a.generated.dtype == np.uint8 and a.rewards is None
+    suite = FakeSuite()
+    best = sample_pairs(net, ds, targets, controls, batch_size=6, best_of_k=3, suite=suite, **kw)
+    assert suite.calls[0][0] == (6, 3, 16, 16) and suite.calls[0][1][:3] == [ds.table["moa"][targets[0]]] * 3
+    assert best.candidate_rewards.shape == (5, 3)
+    assert np.array_equal(best.rewards, best.candidate_rewards.max(axis=1))
+    assert np.allclose(best.components["dna"], 2 * best.rewards)
+    # Candidate 0 of every request is the K = 1 sample (same seed), so best-of never does worse.
+    assert np.all(best.rewards >= best.candidate_rewards[:, 0])
+    assert best.generated[:, :, :, 2].mean() > a.generated[:, :, :, 2].mean()
+    with pytest.raises(CellfluxError, match="best-of-K needs a reward suite"):
+        sample_pairs(net, ds, targets, controls, best_of_k=2, **kw)
+
+
+def test_sample_command_writes_npz_and_png(trained, tmp_path):
+    from cellfluxrl.cli import cli
+
+    _, run = trained
+    out = tmp_path / "s.npz"
+    result = CliRunner().invoke(cli, ["sample", str(run), "--n", "4", "--conditions", "taxol,AZ138", "--steps", "2",
+                                      "--device", "cpu", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = np.load(out)
+    assert data["generated"].shape == (4, 16, 16, 3) and data["generated"].dtype == np.uint8
+    assert data["controls"].shape == data["targets"].shape == (4, 16, 16, 3)
+    assert list(data["compound"]) == ["taxol", "taxol", "taxol", "AZ138"]  # plate 0: 3 taxol rows, then AZ138
+    assert data["meta_num_steps"] == 2 and str(data["meta_kind"]) == "pretrain"
+    assert out.with_suffix(".png").stat().st_size > 1000
+    missing = CliRunner().invoke(cli, ["sample", str(tmp_path / "none"), "--out", str(out)])
+    assert missing.exit_code != 0 and "does not exist" in str(missing.exception)
