@@ -233,7 +233,7 @@ def train_moa_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int 
             seen += len(idx)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
         logger.info("MoA classifier epoch %d/%d: train accuracy %.3f", epoch + 1, epochs, correct / max(seen, 1))
     if bar is not None:
         bar.close()

@@ -50,15 +50,6 @@ def _make_dataset(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads only contend (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("posttrain")

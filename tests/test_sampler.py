@@ -18,12 +18,6 @@ from cellfluxrl.unet import UNetConfig, VelocityUNet
 MICRO = UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def perturbed_net(seed: int = 0) -> VelocityUNet:

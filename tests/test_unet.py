@@ -12,12 +12,6 @@ from cellfluxrl.unet import (PRESETS, UNetConfig, VelocityUNet, build_unet, cell
 MICRO = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def perturbed(config: UNetConfig = MICRO, condition_dim: int = 8, seed: int = 0) -> VelocityUNet:

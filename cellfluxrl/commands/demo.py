@@ -34,8 +34,8 @@ class DemoConfig:
     n_images: int = 3000  # synthetic crops (treated + controls)
     size: int = 48  # crop side (px); a multiple of 16
     plates: int = 4  # plates (batches)
-    classifier_epochs: int | None = 6  # MoA classifier epochs (None: the evaluators' default)
-    pretrain_steps: int = 500  # flow-matching steps of the tiny UNet
+    classifier_epochs: int | None = 20  # MoA classifier epochs (None: the evaluators' default)
+    pretrain_steps: int = 1000  # flow-matching steps of the tiny UNet
     pretrain_batch: int = 16  # images per pretraining step
     posttrain_steps: int = 30  # DiffusionNFT iterations
     posttrain_lr: float = 1e-4  # larger than the paper's 2e-5: the demo has 30 steps, not 1200
