@@ -20,15 +20,10 @@ def fitted(tmp_path_factory):
     """A 1,500-crop synthetic dataset (48x48) with evaluators fitted by fit_evaluators (defaults)."""
     from cellfluxrl.data.synthetic import prepare_synthetic
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster, and robust on a busy machine
-    try:
-        root = prepare_synthetic(tmp_path_factory.mktemp("evaluators") / "ds", n_images=1500, seed=0, size=48,
-                                 n_plates=3, progress=False)
-        summary = fit_evaluators(root, seed=0, progress=False, classifier_epochs=20)
-        yield root, summary
-    finally:
-        torch.set_num_threads(threads)
+    root = prepare_synthetic(tmp_path_factory.mktemp("evaluators") / "ds", n_images=1500, seed=0, size=48,
+                             n_plates=3, progress=False)
+    summary = fit_evaluators(root, seed=0, progress=False, classifier_epochs=20)
+    yield root, summary
 
 
 def test_summary_and_files(fitted):

@@ -27,17 +27,12 @@ def dataset_dir(tmp_path_factory):
     """A small synthetic dataset (1,500 crops of 48x48) with fitted evaluators."""
     from cellfluxrl.data.synthetic import prepare_synthetic
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster, and robust on a busy machine
-    try:
-        root = prepare_synthetic(tmp_path_factory.mktemp("rewards") / "ds", n_images=1500, seed=0, size=48,
-                                 n_plates=3, progress=False)
-        dataset = load_dataset(root)
-        fit_reference(dataset)
-        fit_classifier(dataset, seed=0, epochs=10)
-        yield root
-    finally:
-        torch.set_num_threads(threads)
+    root = prepare_synthetic(tmp_path_factory.mktemp("rewards") / "ds", n_images=1500, seed=0, size=48,
+                             n_plates=3, progress=False)
+    dataset = load_dataset(root)
+    fit_reference(dataset)
+    fit_classifier(dataset, seed=0, epochs=10)
+    yield root
 
 
 @pytest.fixture(scope="module")
