@@ -2,6 +2,7 @@
 
     python benchmarks/rl_table.py WORK            # full run (about 1.5-2 h on a free 2-core CPU)
     python benchmarks/rl_table.py WORK --quick    # plumbing check (minutes)
+    python benchmarks/rl_table.py WORK --from-demo runs/demo   # reuse the data and base of `cellfluxrl demo`
 
 Stages (each is skipped when its output exists, so a killed run continues where it stopped):
 
@@ -47,12 +48,25 @@ def settings(args) -> dict:
                     rl=dict(steps=2, group_size=4, groups_per_step=2, rollout_steps=3, rollout_batch=8,
                             train_timesteps=2, grid_every=1, save_every=1, lr=1e-4),
                     rl_minutes=0.0, single_minutes=0.0, single_steps=1, pairs=8, eval_steps=3)
-    return dict(size=args.size, n_images=args.n_images, plates=4, classifier_epochs=None,
-                pretrain_steps=args.pretrain_steps, pretrain_batch=32,
-                rl=dict(steps=10_000, group_size=8, groups_per_step=4, rollout_steps=10, rollout_batch=16,
-                        train_timesteps=2, grid_every=10, save_every=5, lr=args.rl_lr),
+    return dict(size=args.size, n_images=args.n_images, plates=4, classifier_epochs=20,
+                pretrain_steps=args.pretrain_steps, pretrain_batch=16,
+                rl=dict(steps=10_000, group_size=args.group_size, groups_per_step=args.groups_per_step,
+                        rollout_steps=args.rollout_steps, rollout_batch=32, train_timesteps=args.train_timesteps,
+                        grid_every=10, save_every=5, lr=args.rl_lr, kl_weight=args.kl_weight),
                 rl_minutes=args.rl_minutes, single_minutes=args.single_minutes, single_steps=10_000,
-                pairs=args.pairs, eval_steps=10)
+                pairs=args.pairs, eval_steps=args.eval_steps)
+
+
+def reuse_demo(work: Path, demo: Path) -> None:
+    """Copy ``DEMO/data`` and ``DEMO/base`` (made by ``cellfluxrl demo``) into ``WORK`` unless present."""
+    import shutil
+
+    for part in ("data", "base"):
+        if not (work / part).exists():
+            if not (demo / part).is_dir():
+                raise SystemExit(f"error: {demo / part} is not a folder (run `cellfluxrl demo --out {demo}` first)")
+            shutil.copytree(demo / part, work / part)
+    (work / "from-demo.txt").write_text(f"{demo.resolve()}\n")
 
 
 def stage_data(work: Path, s: dict, seed: int) -> Path:
@@ -73,6 +87,8 @@ def stage_base(work: Path, data: Path, s: dict, seed: int) -> Path:
     from cellfluxrl.pretrain import train
 
     run = work / "base"
+    if (work / "from-demo.txt").is_file():
+        return run
     cfg = PretrainConfig(preset="tiny", steps=s["pretrain_steps"], batch_size=s["pretrain_batch"], seed=seed,
                          ckpt_every=max(1, min(500, s["pretrain_steps"])))
     start = time.perf_counter()
@@ -178,11 +194,18 @@ def main(argv=None) -> None:
     p.add_argument("work", type=Path)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing in minutes")
     p.add_argument("--size", type=int, default=48, help="crop size (px); 96 is the paper's but 4x the CPU time")
-    p.add_argument("--n-images", type=int, default=4000)
-    p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--from-demo", type=Path, help="reuse DEMO/data and DEMO/base of `cellfluxrl demo --out DEMO`")
+    p.add_argument("--n-images", type=int, default=3000, help="crops simulated (the demo's 3,000)")
+    p.add_argument("--pretrain-steps", type=int, default=1000, help="tiny base steps at batch 16 (the demo's)")
     p.add_argument("--rl-minutes", type=float, default=20.0, help="wall-time cap of the all-rewards posttrain")
-    p.add_argument("--single-minutes", type=float, default=10.0, help="wall-time cap of each single-reward run")
-    p.add_argument("--rl-lr", type=float, default=1e-4, help="posttrain lr (paper 2e-5 over 1200 larger steps)")
+    p.add_argument("--single-minutes", type=float, default=8.0, help="wall-time cap of each single-reward run")
+    p.add_argument("--rl-lr", type=float, default=6e-5, help="posttrain lr (paper 2e-5 over 1200 larger steps)")
+    p.add_argument("--kl-weight", type=float, default=0.1)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--rollout-steps", type=int, default=4)
+    p.add_argument("--train-timesteps", type=int, default=2)
+    p.add_argument("--eval-steps", type=int, default=5, help="Heun steps of the evaluation sampler")
     p.add_argument("--pairs", type=int, default=256, help="held-out test pairs evaluated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -191,6 +214,8 @@ def main(argv=None) -> None:
     s = settings(args)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.from_demo:
+        reuse_demo(work, args.from_demo)
     data = stage_data(work, s, args.seed)
     base = stage_base(work, data, s, args.seed)
     runs, info = {"base": base}, {}

@@ -23,7 +23,10 @@ the policy on its own deterministic coupling is reflow: for a nearly straight fl
 gradient ``clip(A) * grad FM`` (reference section 1.7a), nearly vanishes whatever the rewards
 (``tests/test_posttrain.py`` measured no gain). The default ``"fresh"`` redraws the source from
 the base model's own coupling, ``x_0 = x_ctrl + sigma * eps'`` with the group's clean control and
-fresh noise per (rollout, t), the analogue of DiffusionNFT's fresh ``eps`` (reference section 8.7).
+fresh noise, the analogue of DiffusionNFT's fresh ``eps`` (reference section 8.7). By default
+(``forward_noise="group"``) a group's members share ``eps'`` and ``t`` for each of their training
+times: the group-centred advantages then cancel the source noise out of the gradient instead of
+adding it (:func:`forward_draws`; docs/posttrain.md).
 Dropout is off in all the networks, so ``v_theta = v_old`` holds exactly when their weights agree.
 """
 
@@ -48,7 +51,7 @@ from cellfluxrl import nft
 from cellfluxrl.config import config_from_dict, config_to_dict, dump_json
 from cellfluxrl.distributed import all_gather_tensor
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.path import add_source_noise, interpolate, target_velocity
+from cellfluxrl.path import interpolate, target_velocity
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class PosttrainConfig:
     cfg_scale: float = 0.0  # CFG in rollouts; 0 = conditional velocity only (DiffusionNFT is CFG-free)
     train_source: str = "fresh"  # x_0 of the forward process: clean control + fresh sigma noise, or "rollout" (exact source)
     t_sampling: str = "grid"  # training t: the rollout grid's times (paper App. B) or U[0,1)
+    forward_noise: str = "group"  # "group": a group's rollouts share their fresh source noise and t (common random numbers); "independent"
     train_timesteps: int | None = None  # t values per rollout per step (None: int(0.99 rollout_steps), as DiffusionNFT)
     train_batch: int = 32  # (rollout, t) items per forward/backward micro-batch
     nft_beta: float = 1.0  # DiffusionNFT guidance strength beta (implicit policies, Eqs. 8-9); 1.0 = their default
@@ -108,6 +112,8 @@ class PosttrainConfig:
                 raise CellfluxError(f"posttrain: {name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.train_source not in ("fresh", "rollout"):
             raise CellfluxError(f"posttrain: train_source must be fresh or rollout, got {self.train_source!r}")
+        if self.forward_noise not in ("group", "independent"):
+            raise CellfluxError(f"posttrain: forward_noise must be group or independent, got {self.forward_noise!r}")
         if self.rollout_grid not in ("edm", "uniform") or self.t_sampling not in ("grid", "uniform"):
             raise CellfluxError(f"posttrain: bad rollout_grid {self.rollout_grid!r} or t_sampling {self.t_sampling!r}")
         if self.train_timesteps is not None and not 1 <= self.train_timesteps:
@@ -239,6 +245,35 @@ def train_times(cfg: PosttrainConfig, n: int, rng: np.random.Generator) -> np.nd
     return np.stack([grid[rng.permutation(grid.size)[:T]] for _ in range(n)])
 
 
+def forward_draws(cfg: PosttrainConfig, n: int, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The shuffled (rollout, t) training items of an iteration and their forward-process draws.
+
+    Every rollout gets ``T = cfg.n_train_timesteps`` items. Item ``(i, j)`` uses source-noise draw
+    ``key(i) T + j`` and that draw's time, where ``key(i) = i // group_size`` under
+    ``forward_noise="group"`` (the members of a group share their noise and times: common random
+    numbers, so the group-centred advantages cancel the noise of the flow-matching target instead of
+    adding it) and ``key(i) = i`` under ``"independent"``. Both give every item the same marginal
+    law, so the expected loss is unchanged.
+
+    Args:
+        cfg: the settings (group size, forward noise mode, t sampling).
+        n: rollouts on this rank, in group order (a multiple of the group size).
+        rng: the iteration's generator.
+
+    Returns:
+        ``(sample, draw, t, n_draws)``: int64 ``(n T,)`` rollout index, int64 ``(n T,)`` draw index in
+        ``[0, n_draws)``, float64 ``(n T,)`` time in ``[0, 1)``, and the number of draws.
+    """
+    key = np.arange(n) // cfg.group_size if cfg.forward_noise == "group" else np.arange(n)
+    t_key = train_times(cfg, int(key[-1]) + 1, rng)
+    T = t_key.shape[1]
+    sample = np.repeat(np.arange(n), T)
+    draw = (key[:, None] * T + np.arange(T)).reshape(-1)
+    order = rng.permutation(sample.size)
+    return sample[order], draw[order], t_key.reshape(-1)[draw[order]], t_key.size
+
+
 def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: PosttrainConfig,
                  rng: np.random.Generator, device: torch.device) -> dict[str, float]:
     """Accumulate the gradient of the iteration's loss (Algorithm 1 lines 9-13) into ``theta``.
@@ -252,18 +287,19 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
         ``kl_old`` (``||v_old - v_ref||^2``) and ``fm_old`` (``||v_old - v||^2``).
     """
     n = ro.x_1.shape[0]
-    t_all = train_times(cfg, n, rng)
-    sample = np.repeat(np.arange(n), t_all.shape[1])
-    order = rng.permutation(sample.size)
-    sample, t_flat = sample[order], t_all.reshape(-1)[order]
+    sample, draw, t_flat, n_draws = forward_draws(cfg, n, rng)
     gen = _torch_gen(rng, device)
+    eps = torch.randn((n_draws, *ro.x_ctrl.shape[1:]), generator=gen, device=device)
     sums = dict.fromkeys(("loss", "policy_loss", "kl", "kl_old", "fm_old"), 0.0)
     batches = range(0, sample.size, cfg.train_batch)
     for k, start in enumerate(batches):
         idx = torch.as_tensor(sample[start:start + cfg.train_batch], device=device)
         t = torch.as_tensor(t_flat[start:start + cfg.train_batch], dtype=torch.float32, device=device)
         x_1, cond = ro.x_1[idx], ro.cond[idx]
-        x_0 = ro.x_0[idx] if cfg.train_source == "rollout" else add_source_noise(ro.x_ctrl[idx], cfg.sigma, gen)
+        if cfg.train_source == "rollout":
+            x_0 = ro.x_0[idx]
+        else:
+            x_0 = ro.x_ctrl[idx] + cfg.sigma * eps[torch.as_tensor(draw[start:start + cfg.train_batch], device=device)]
         x_t, v = interpolate(x_0, x_1, t), target_velocity(x_0, x_1)
         sync = k == len(batches) - 1 or not hasattr(policies.train, "no_sync")
         with nullcontext() if sync else policies.train.no_sync():

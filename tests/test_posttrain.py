@@ -21,7 +21,8 @@ from cellfluxrl.cli import cli
 from cellfluxrl.config import dump_json
 from cellfluxrl.data.layout import DatasetWriter
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.posttrain import PosttrainConfig, posttrain, train_times
+from cellfluxrl.posttrain import (PosttrainConfig, Policies, Rollouts, forward_draws, nft_backward, posttrain,
+                                  train_times)
 from cellfluxrl.rewards.weights import DEFAULT_WEIGHTS
 from cellfluxrl.unet import UNetConfig, build_unet
 
@@ -210,6 +211,60 @@ def test_config_validation_and_train_times():
     assert t.shape == (3, 5) and all(sorted(row) == sorted(grid) for row in t)  # each row: the grid's step times
     u = train_times(PosttrainConfig(t_sampling="uniform", train_timesteps=4), 100, np.random.default_rng(0))
     assert u.shape == (100, 4) and 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.05
+
+
+def test_forward_draws_share_noise_and_times_within_a_group():
+    n, m, T = 12, 4, 3
+    for mode, n_keys in (("group", n // m), ("independent", n)):
+        cfg = PosttrainConfig(group_size=m, rollout_steps=5, train_timesteps=T, forward_noise=mode)
+        sample, draw, t, n_draws = forward_draws(cfg, n, np.random.default_rng(0))
+        assert n_draws == n_keys * T and sorted(sample) == sorted(np.repeat(np.arange(n), T))
+        for i in range(n):  # each rollout: T items with T distinct draws (distinct grid times)
+            assert len(set(draw[sample == i])) == T and len(set(t[sample == i])) == T
+        for d in np.unique(draw):  # one draw: one time, and only the rollouts of one key
+            assert len(set(t[draw == d])) == 1
+            owners = sample[draw == d]
+            assert len(set(owners // m if mode == "group" else owners)) == 1
+            assert owners.size == (m if mode == "group" else 1)
+
+
+class _ConstantField(torch.nn.Module):
+    """``v(x_t, t, c) = theta``: the iteration gradient is then a closed form of the draws."""
+
+    def __init__(self, theta: torch.Tensor):
+        super().__init__()
+        self.theta = torch.nn.Parameter(theta.clone())
+
+    def forward(self, x_t, t, cond):
+        return self.theta.expand_as(x_t)
+
+
+def test_group_forward_noise_cancels_the_source_noise_from_the_gradient():
+    """With group-shared draws the centred advantages cancel sum_i A_i x_0: the gradient no longer
+    depends on the forward noise; with independent draws it does (that noise is what sharing removes)."""
+    g, n_groups, shape = torch.Generator().manual_seed(0), 3, (2, 4, 4)
+    m = 4
+    x_ctrl = torch.rand((n_groups, *shape), generator=g).repeat_interleave(m, dim=0)
+    x_1 = torch.randn((n_groups * m, *shape), generator=g)
+    reward = torch.randn(n_groups, m, generator=g, dtype=torch.float64)
+    A = (reward - reward.mean(dim=1, keepdim=True)).reshape(-1) / reward.std()
+    r = (0.5 + A.clamp(-5, 5) / 10).float()
+    ro = Rollouts(x_ctrl, x_ctrl, x_1, torch.zeros(n_groups * m, 1), ["m"] * (n_groups * m), [])
+
+    def gradient(mode: str, seed: int) -> torch.Tensor:
+        theta = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+        nets = [_ConstantField(theta) for _ in range(3)]
+        policies = Policies(theta=nets[0], train=nets[0], old=nets[1], ref=nets[2], ema=nets[1])
+        cfg = PosttrainConfig(group_size=m, rollout_steps=4, train_timesteps=2, train_batch=5, forward_noise=mode)
+        nft_backward(policies, ro, r, cfg, np.random.default_rng(seed), torch.device("cpu"))
+        return nets[0].theta.grad.clone()
+
+    shared = [gradient("group", seed) for seed in range(3)]
+    independent = [gradient("independent", seed) for seed in range(3)]
+    assert shared[0].abs().max() > 1e-3
+    for other in shared[1:]:
+        torch.testing.assert_close(other, shared[0], rtol=1e-5, atol=1e-6)
+    assert (independent[1] - independent[0]).abs().max() > 1e-2
 
 
 def test_cli_dry_run_resolves_options_and_toml(base_run, tmp_path):

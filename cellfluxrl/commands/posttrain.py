@@ -26,6 +26,8 @@ def _options(f):
         ("--cfg-scale", NONNEG_FLOAT, "CFG weight in rollouts [0 = CFG-free, as DiffusionNFT]."),
         ("--train-source", click.Choice(["fresh", "rollout"]),
          "Source x_0 of the forward process: control + fresh noise, or the rollout's own [fresh]."),
+        ("--forward-noise", click.Choice(["group", "independent"]),
+         "Fresh source noise and t of the forward process: shared by a group's rollouts, or drawn per rollout [group]."),
         ("--t-sampling", click.Choice(["grid", "uniform"]), "Training times: the rollout grid's, or U[0,1) [grid]."),
         ("--train-timesteps", POS_INT, "Training times per rollout per step [0.99 x rollout steps]."),
         ("--train-batch", POS_INT, "(rollout, t) items per micro-batch [32]."),
