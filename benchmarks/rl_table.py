@@ -1,6 +1,6 @@
 """Evidence for CellFluxRL post-training on CPU: the paper's Table 1 and Table 2 directions.
 
-    python benchmarks/rl_table.py WORK            # full run (about 1.5-2 h on a free 2-core CPU)
+    python benchmarks/rl_table.py WORK            # full run (about 1.5 h on a free 2-core CPU)
     python benchmarks/rl_table.py WORK --quick    # plumbing check (minutes)
     python benchmarks/rl_table.py WORK --from-demo runs/demo   # reuse the data and base of `cellfluxrl demo`
 
@@ -11,7 +11,7 @@ Stages (each is skipped when its output exists, so a killed run continues where 
 2. ``WORK/base``: a ``tiny`` CellFlux base model pretrained on CPU.
 3. ``WORK/rl_all``: DiffusionNFT post-training on the paper's weighted sum of the 7 rewards,
    at most ``--rl-minutes`` (20) of wall time; ``WORK/rl_nuc_size`` and ``WORK/rl_moa``: single-reward
-   runs (paper Table 2) with ``--single-minutes`` each.
+   runs (paper Table 2) with ``--single-minutes`` (14) each.
 4. Evaluation on the same held-out test pairs and the same source noise for every model (paired):
    every reward, the overall (paper-weighted) reward and MoA accuracy, mean +- standard error over
    pairs, for base, RL and RL + best-of-4 (selected by the overall reward); the paired differences
@@ -114,10 +114,15 @@ def stage_rl(work: Path, base: Path, name: str, weights: str | None, steps: int,
             "train_minutes": sum(r["t_step"] for r in records) / 60,
             "images_per_s": float(np.mean([r["images_per_s"] for r in records])),
             "reward_wait_share": float(np.mean([r["reward_wait_share"] for r in records])),
-            "first_reward": records[0]["reward"], "last_reward": float(np.mean([r["reward"] for r in records[-5:]])),
             "weights": weights or "paper", "config": {**s["rl"], "steps": steps, "max_minutes": minutes}}
     done.write_text(json.dumps(info, indent=2))
     return run, info
+
+
+def reward_trend(run: Path, k: int = 20) -> tuple[float, float]:
+    """Mean training (rollout) reward of the first and of the last ``k`` post-training steps of ``run``."""
+    rewards = [json.loads(line)["reward"] for line in (run / "stats.jsonl").read_text().splitlines()]
+    return float(np.mean(rewards[:k])), float(np.mean(rewards[-k:]))
 
 
 def evaluate_runs(data: Path, runs: dict[str, Path], s: dict, seed: int) -> dict:
@@ -177,15 +182,18 @@ def markdown(cols: dict, info: dict, s: dict) -> str:
         cells += [mean_se(cols["rl_all"][r] - cols["base"][r]), mean_se(cols["rl_all+best-of-4"][r] - cols["rl_all"][r])]
         lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + " |")
     singles = [c for c in ("rl_nuc_size", "rl_moa") if c in cols]
-    lines += ["", "### Table 2 direction: single-reward runs", "",
-              "| Metric | " + " | ".join([*singles, "rl_all", "base"]) + " |", "|---" * (len(singles) + 3) + "|"]
+    heads2 = [h for c in singles for h in (c, f"Δ {c} − base")] + ["rl_all", "base"]
+    lines += ["", "### Table 2 direction: single-reward runs (Δ: paired difference to the base)", "",
+              "| Metric | " + " | ".join(heads2) + " |", "|---" * (len(heads2) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {LABELS[r]} | " + " | ".join(mean_se(cols[c][r]) for c in [*singles, "rl_all", "base"]) + " |")
+        cells = [cell for c in singles for cell in (mean_se(cols[c][r]), mean_se(cols[c][r] - cols["base"][r]))]
+        cells += [mean_se(cols["rl_all"][r]), mean_se(cols["base"][r])]
+        lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + " |")
     lines += ["", "### Post-training runs", "", "| Run | weights | steps | minutes | images/s | reward wait share | "
-              "train reward first → last 5 |", "|---|---|---|---|---|---|---|"]
+              "rollout reward, first 20 → last 20 steps |", "|---|---|---|---|---|---|---|"]
     for name, i in info.items():
         lines.append(f"| {name} | {i['weights']} | {i['steps']} | {i['train_minutes']:.1f} | {i['images_per_s']:.2f} | "
-                     f"{i['reward_wait_share']:.1%} | {i['first_reward']:.3f} → {i['last_reward']:.3f} |")
+                     f"{i['reward_wait_share']:.1%} | {i['trend'][0]:.3f} → {i['trend'][1]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +206,7 @@ def main(argv=None) -> None:
     p.add_argument("--n-images", type=int, default=3000, help="crops simulated (the demo's 3,000)")
     p.add_argument("--pretrain-steps", type=int, default=1000, help="tiny base steps at batch 16 (the demo's)")
     p.add_argument("--rl-minutes", type=float, default=20.0, help="wall-time cap of the all-rewards posttrain")
-    p.add_argument("--single-minutes", type=float, default=8.0, help="wall-time cap of each single-reward run")
+    p.add_argument("--single-minutes", type=float, default=14.0, help="wall-time cap of each single-reward run")
     p.add_argument("--rl-lr", type=float, default=6e-5, help="posttrain lr (paper 2e-5 over 1200 larger steps)")
     p.add_argument("--kl-weight", type=float, default=0.1)
     p.add_argument("--group-size", type=int, default=4)
@@ -224,7 +232,17 @@ def main(argv=None) -> None:
         name = f"rl_{reward}"
         runs[name], info[name] = stage_rl(work, base, name, single_reward(reward), s["single_steps"],
                                           s["single_minutes"], s, args.seed)
-    cols = columns(evaluate_runs(data, runs, s, args.seed))
+    for name in info:
+        info[name]["trend"] = reward_trend(runs[name])
+    cache = work / "eval_columns.json"
+    key = {"runs": {name: i["steps"] for name, i in info.items()}, "pairs": s["pairs"], "eval_steps": s["eval_steps"]}
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    if cached.get("key") == key:  # same runs, pairs and sampler: reuse the per-pair scores
+        cols = {c: {r: np.asarray(v) for r, v in vals.items()} for c, vals in cached["columns"].items()}
+    else:
+        cols = columns(evaluate_runs(data, runs, s, args.seed))
+        cache.write_text(json.dumps({"key": key, "columns": {c: {r: v.tolist() for r, v in vals.items()}
+                                                             for c, vals in cols.items()}}))
     text = markdown(cols, info, s)
     (work / "rl_table.md").write_text(text)
     (work / "rl_table.json").write_text(json.dumps(
