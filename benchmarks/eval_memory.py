@@ -48,14 +48,12 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, nargs="+", default=[100, 800])
     p.add_argument("--steps", type=int, default=1)
     args = p.parse_args(argv)
-    rows = []
     for n in args.n:
         with tempfile.TemporaryDirectory() as out:
             mib, seconds = peak_rss(args.dataset, args.run, n, args.steps, out)
             report = json.loads(open(f"{out}/report.json").read())
-        rows.append({"n": n, "pairs": report["settings"]["n"], "peak_rss_mib": round(mib, 1),
-                     "seconds": round(seconds, 1)})
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({"n": n, "pairs": report["settings"]["n"], "peak_rss_mib": round(mib, 1),
+                          "seconds": round(seconds, 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from cellfluxrl import nft
 from cellfluxrl.config import config_from_dict, config_to_dict, dump_json
 from cellfluxrl.distributed import all_gather_tensor
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.path import interpolate, target_velocity
+from cellfluxrl.path import add_source_noise, interpolate, target_velocity
 
 log = logging.getLogger(__name__)
 
@@ -289,17 +289,18 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
     n = ro.x_1.shape[0]
     sample, draw, t_flat, n_draws = forward_draws(cfg, n, rng)
     gen = _torch_gen(rng, device)
-    eps = torch.randn((n_draws, *ro.x_ctrl.shape[1:]), generator=gen, device=device)
+    if cfg.train_source == "fresh":  # one noisy source per draw; a group's members share their control
+        owner = np.zeros(n_draws, dtype=np.int64)
+        owner[draw] = sample
+        x_src = add_source_noise(ro.x_ctrl[torch.as_tensor(owner, device=device)], cfg.sigma, gen)
     sums = dict.fromkeys(("loss", "policy_loss", "kl", "kl_old", "fm_old"), 0.0)
     batches = range(0, sample.size, cfg.train_batch)
     for k, start in enumerate(batches):
-        idx = torch.as_tensor(sample[start:start + cfg.train_batch], device=device)
-        t = torch.as_tensor(t_flat[start:start + cfg.train_batch], dtype=torch.float32, device=device)
+        items = slice(start, start + cfg.train_batch)
+        idx = torch.as_tensor(sample[items], device=device)
+        t = torch.as_tensor(t_flat[items], dtype=torch.float32, device=device)
         x_1, cond = ro.x_1[idx], ro.cond[idx]
-        if cfg.train_source == "rollout":
-            x_0 = ro.x_0[idx]
-        else:
-            x_0 = ro.x_ctrl[idx] + cfg.sigma * eps[torch.as_tensor(draw[start:start + cfg.train_batch], device=device)]
+        x_0 = ro.x_0[idx] if cfg.train_source == "rollout" else x_src[torch.as_tensor(draw[items], device=device)]
         x_t, v = interpolate(x_0, x_1, t), target_velocity(x_0, x_1)
         sync = k == len(batches) - 1 or not hasattr(policies.train, "no_sync")
         with nullcontext() if sync else policies.train.no_sync():
