@@ -513,3 +513,46 @@ def test_raw_meta_records_preparation(raw_prepared):
     lo, hi = np.array(prep["intensity_ranges"]["Week1_22123"]["lo"]), np.array(prep["intensity_ranges"]["Week1_22123"]["hi"])
     assert lo.shape == (3,) and (hi > lo).all()
     json.dumps(ds.meta)  # plain JSON types only
+
+
+# ---------------------------------------------------------------------------------------------
+# Compounds without SMILES: embedded from CellFlux's shipped table when it has them.
+
+
+def test_impa_compound_without_smiles_uses_the_cellflux_row(tmp_path):
+    from cellfluxrl.data.fingerprints import cellflux_embeddings
+
+    rows, images = impa_rows()
+    rows = [{**r, "SMILES": ""} if r["CPD_NAME"] == "cisplatin" else r for r in rows]
+    ds = load_dataset(prepare_impa(write_impa(tmp_path / "impa", rows, images), tmp_path / "out", progress=False))
+    i = list(ds.conditions["compound"]).index("cisplatin")
+    assert ds.conditions["smiles"][i] == "" and ds.conditions["embedding"][i] == "cellflux"
+    np.testing.assert_array_equal(ds.embeddings[i], cellflux_embeddings().vectors["cisplatin"])
+    assert [k for n, k in zip(ds.conditions["compound"], ds.conditions["embedding"]) if n != "cisplatin"] == ["morgan"] * 3
+    assert ds.meta["preparation"]["embeddings_csv"] is None
+
+    # A compound in neither the SMILES column nor the table is still refused, naming its line.
+    unknown = [{**r, "CPD_NAME": "AZ-J"} if r["CPD_NAME"] == "cisplatin" else r for r in rows]
+    root = write_impa(tmp_path / "unknown", unknown, images)
+    _one_line_error(lambda: prepare_impa(root, tmp_path / "out2", progress=False),
+                    "bbbc021_df_all.csv line 8", "'AZ-J' has no SMILES")
+    # A compound keeps one SMILES: a blank on one row and a SMILES on another is an error.
+    mixed = [dict(r) for r in rows]
+    mixed[7]["SMILES"] = SMILES["cisplatin"]
+    root = write_impa(tmp_path / "mixed", mixed, images)
+    _one_line_error(lambda: prepare_impa(root, tmp_path / "out3", progress=False),
+                    "line 9", "'cisplatin' has SMILES", "but no SMILES at")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_raw_compound_without_smiles_uses_the_cellflux_row(tmp_path):
+    from cellfluxrl.data.fingerprints import cellflux_embeddings
+
+    _, rows = write_raw(tmp_path / "raw", n_interior=2)
+    write_raw_csvs(tmp_path / "raw", rows, compounds=[("DMSO", ""), ("colchicine", SMILES["colchicine"]),
+                                                      ("cisplatin", ""), ("AZ-J", "")])
+    ds = load_dataset(prepare_raw(tmp_path / "raw", tmp_path / "out", seed=0, progress=False))
+    assert list(ds.conditions["compound"]) == ["DMSO", "cisplatin", "colchicine"]  # AZ-J: no SMILES, no row
+    assert list(ds.conditions["embedding"]) == ["morgan", "cellflux", "morgan"]
+    np.testing.assert_array_equal(ds.embeddings[1], cellflux_embeddings().vectors["cisplatin"])
+    assert ds.meta["skipped"]["fields_without_smiles"] == 4

@@ -197,3 +197,17 @@ def test_nucleus_k_lies_in_cell_k():
         paired += k
         with_nucleus += np.unique(cel[nuc > 0]).size
     assert paired >= 0.9 * with_nucleus  # the rest: cells showing only a micronucleus or second nucleus
+
+
+def test_every_compound_gets_a_real_embedding(dataset):
+    """No name-seeded vectors: SMILES -> RDKit Morgan counts, the 13 others -> CellFlux's shipped row."""
+    from cellfluxrl.data.fingerprints import cellflux_embeddings
+
+    shipped = cellflux_embeddings().vectors
+    compounds = bbbc021_compounds()
+    kinds = list(dataset.conditions["embedding"])
+    assert kinds == ["morgan" if c.smiles else "cellflux" for c in compounds]
+    assert kinds.count("morgan") == 22 and kinds.count("cellflux") == 13
+    assert dataset.meta["embedding_dim"] == 1024 and dataset.meta["generator"]["embeddings_csv"] is None
+    for c, vector in zip(compounds, dataset.embeddings):
+        np.testing.assert_array_equal(vector, shipped[c.name], err_msg=c.name)

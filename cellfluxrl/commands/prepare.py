@@ -17,6 +17,16 @@ def _evaluator_options(f):
     return f
 
 
+def _embeddings_option(f):
+    """``--embeddings FILE.csv``: a user's compound embeddings (see data/README.md), passed on as ``embeddings=``."""
+    return click.option(
+        "--embeddings", type=click.Path(path_type=Path), default=None, metavar="FILE.csv",
+        help="Compound embeddings to use instead of the built-in ones: a CSV laid out like "
+             "cellfluxrl/data/bbbc021_emb_fp.csv (a header line, then one line per compound: its name, "
+             "then D numbers); every compound of the dataset (DMSO included) needs a row. Default: RDKit "
+             "Morgan counts from the SMILES, else CellFlux's shipped BBBC021 row.")(f)
+
+
 def _finish(out: Path, segmenter: str, cellpose_model: str | None, no_evaluators: bool, seed: int) -> None:
     """Fit the evaluators on the new dataset (unless skipped) and print its summary."""
     from cellfluxrl.data.layout import load_dataset
@@ -56,12 +66,14 @@ def prepare() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Crop size (px).")
 @click.option("--plates", type=click.IntRange(min=2), default=6, show_default=True, help="Number of plates.")
+@_embeddings_option
 @_evaluator_options
-def prepare_synthetic_command(out, n_images, seed, size, plates, segmenter, cellpose_model, no_evaluators):
+def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, segmenter, cellpose_model, no_evaluators):
     """The embedded default: a BBBC021-like cell-painting simulator with ground-truth masks."""
     from cellfluxrl.data.synthetic import prepare_synthetic
 
-    prepare_synthetic(out, n_images=n_images, seed=seed, size=size, n_plates=plates, progress=True)
+    prepare_synthetic(out, n_images=n_images, seed=seed, size=size, n_plates=plates, progress=True,
+                      embeddings=embeddings)
     _finish(out, segmenter, cellpose_model, no_evaluators, seed)
 
 
@@ -72,8 +84,9 @@ def prepare_synthetic_command(out, n_images, seed, size, plates, segmenter, cell
 @click.option("--raw", type=click.Path(path_type=Path), default=None,
               help="Folder in the Broad BBBC021 v1 layout (three CSVs + per-channel TIFFs).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@_embeddings_option
 @_evaluator_options
-def prepare_bbbc021_command(out, impa, raw, seed, segmenter, cellpose_model, no_evaluators):
+def prepare_bbbc021_command(out, impa, raw, seed, embeddings, segmenter, cellpose_model, no_evaluators):
     """Real BBBC021, from the IMPA/CellFlux crops (--impa) or the raw Broad images (--raw)."""
     from cellfluxrl.errors import CellfluxError
 
@@ -82,9 +95,9 @@ def prepare_bbbc021_command(out, impa, raw, seed, segmenter, cellpose_model, no_
     from cellfluxrl.data import bbbc021
 
     if impa is not None:
-        bbbc021.prepare_impa(impa, out, progress=True)
+        bbbc021.prepare_impa(impa, out, progress=True, embeddings=embeddings)
     else:
-        bbbc021.prepare_raw(raw, out, seed=seed, progress=True)
+        bbbc021.prepare_raw(raw, out, seed=seed, progress=True, embeddings=embeddings)
     _finish(out, segmenter, cellpose_model, no_evaluators, seed)
 
 

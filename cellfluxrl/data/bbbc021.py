@@ -3,7 +3,9 @@
 Two entry points, both streaming into a :class:`~cellfluxrl.data.layout.DatasetWriter` (built in a
 hidden temporary sibling of ``out`` and renamed into place only when complete), with channels
 (actin, tubulin, dna) and one conditions row per compound that appears (DMSO included), embedded
-with RDKit's hashed Morgan count fingerprint as CellFlux does:
+as CellFlux does (:func:`~cellfluxrl.data.fingerprints.resolve_embedding`): RDKit's hashed Morgan
+count fingerprint of its SMILES, else its row of CellFlux's shipped BBBC021 table (or, for every
+compound, its row of a user's embeddings CSV given as ``embeddings=``):
 
 - :func:`prepare_impa`: the IMPA reproducibility layout that CellFlux trains on (``metadata/
   bbbc021_df_all.csv`` plus one uint8 ``(96, 96, 3)`` ``.npy`` per cell).
@@ -32,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellfluxrl.data.compounds import CONTROL, MOAS, OOD_COMPOUNDS
-from cellfluxrl.data.fingerprints import morgan_count_fingerprint
+from cellfluxrl.data.fingerprints import EmbeddingTable, has_embedding_row, load_user_embeddings, resolve_embedding
 from cellfluxrl.data.layout import SPLITS, DatasetWriter
 from cellfluxrl.errors import CellfluxError
 
@@ -128,33 +130,35 @@ class _Compound:
     smiles: str
     where: str
     fingerprint: np.ndarray
+    kind: str  # "user" | "morgan" | "cellflux"
 
 
 class _CompoundTable:
-    """Compounds seen so far; checks that a compound keeps one SMILES and one MoA."""
+    """Compounds seen so far, embedded (user CSV > SMILES > CellFlux row); checks that a compound
+    keeps one SMILES ("" = none) and one MoA."""
 
-    def __init__(self):
+    def __init__(self, user: EmbeddingTable | None = None):
         self.compounds: dict[str, _Compound] = {}
+        self.user = user
 
     def add(self, name: str, moa: str, smiles: str, where: str) -> None:
         known = self.compounds.get(name)
         if known is None:
-            try:
-                fingerprint = morgan_count_fingerprint(smiles)
-            except CellfluxError:
-                raise CellfluxError(f"{where}: compound {name!r} has an invalid SMILES {smiles!r}") from None
-            self.compounds[name] = _Compound(moa, smiles, where, fingerprint)
+            fingerprint, kind = resolve_embedding(name, smiles, self.user, where, allow_name_seeded=False)
+            self.compounds[name] = _Compound(moa, smiles, where, fingerprint, kind)
         elif known.smiles != smiles:
-            raise CellfluxError(f"{where}: compound {name!r} has SMILES {smiles!r}, but {known.smiles!r} at {known.where}")
+            ours, theirs = (f"SMILES {s!r}" if s else "no SMILES" for s in (smiles, known.smiles))
+            raise CellfluxError(f"{where}: compound {name!r} has {ours}, but {theirs} at {known.where}")
         elif known.moa != moa:
             raise CellfluxError(f"{where}: compound {name!r} has MoA {moa!r}, but {known.moa!r} at {known.where}")
 
     def conditions(self, used: set[str]) -> tuple[list[dict], np.ndarray]:
-        """Conditions rows (DMSO first, then by name) and float32 ``(n, 1024)`` embeddings."""
+        """Conditions rows (DMSO first, then by name) and float32 ``(n, D)`` embeddings (D = 1024, or the
+        user CSV's width)."""
         ood = {c.lower() for c in OOD_COMPOUNDS}
         names = sorted(used, key=lambda n: (n != CONTROL, n))
         rows = [{"compound": n, "moa": self.compounds[n].moa, "smiles": self.compounds[n].smiles,
-                 "ood": n.lower() in ood, "embedding": "morgan"} for n in names]
+                 "ood": n.lower() in ood, "embedding": self.compounds[n].kind} for n in names]
         embeddings = np.stack([self.compounds[n].fingerprint for n in names]).astype(np.float32)
         return rows, embeddings
 
@@ -238,9 +242,7 @@ def _impa_row(csv_path: Path, line: int, raw: dict[str, str]) -> tuple[dict, str
     if state == "control":
         moa, smiles = CONTROL, smiles or DMSO_SMILES
     else:
-        moa = _canonical_moa(raw["ANNOT"], where)
-        if not smiles:
-            raise CellfluxError(f"{where}: compound {compound!r} has no SMILES (CellFlux cannot embed it)")
+        moa = _canonical_moa(raw["ANNOT"], where)  # no SMILES: embedded from a table row, see _CompoundTable
     source = "/".join((parts[0], parts[1], "_".join(parts[2:]) + ".npy"))
     row = {"id": key, "split": split, "batch": raw["BATCH"], "compound": compound, "dose": dose,
            "moa": moa, "state": state, "source": source}
@@ -264,13 +266,13 @@ def _read_crop(path: Path, size: int | None) -> tuple[np.ndarray | None, str]:
     return image, ""
 
 
-def _impa_scan(csv_path: Path, root: Path) -> tuple[int, _CompoundTable, int]:
+def _impa_scan(csv_path: Path, root: Path, user: EmbeddingTable | None) -> tuple[int, _CompoundTable, int]:
     """Validate every row, collect compounds and plates (metadata only; no images kept).
 
     Returns:
         (number of rows, compound table, crop size read from the first readable .npy).
     """
-    table, counts, n_rows, size = _CompoundTable(), defaultdict(Counter), 0, None
+    table, counts, n_rows, size = _CompoundTable(user), defaultdict(Counter), 0, None
     for line, raw in _csv_rows(csv_path, IMPA_COLUMNS):
         row, smiles = _impa_row(csv_path, line, raw)
         table.add(row["compound"], row["moa"], smiles, f"{csv_path} line {line}")
@@ -287,7 +289,8 @@ def _impa_scan(csv_path: Path, root: Path) -> tuple[int, _CompoundTable, int]:
     return n_rows, table, size
 
 
-def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Path:
+def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = True,
+                 embeddings: str | os.PathLike | None = None) -> Path:
     """Convert the IMPA/CellFlux BBBC021 crops into a cellfluxrl dataset at ``out``.
 
     Input layout (Zenodo record 8307629, ``bbbc021_all``): ``DIR/metadata/bbbc021_df_all.csv`` and
@@ -299,8 +302,9 @@ def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: 
     SMILES, DOSE, ANNOT, STATE`` (``1``/``0`` or ``trt``/``control``) and ``SPLIT`` (train/test).
 
     Decisions:
-        - A treated compound without SMILES is an error naming the CSV line (it cannot be embedded);
-          DMSO gets SMILES ``CS(C)=O`` when the CSV has none.
+        - A treated compound without SMILES gets its row of CellFlux's shipped embeddings; one that
+          is not there either is an error naming the CSV line (it cannot be embedded). DMSO gets
+          SMILES ``CS(C)=O`` when the CSV has none. A compound keeps one SMILES (or none) throughout.
         - A missing or corrupt (unreadable, or not uint8 ``(S, S, 3)``) crop is skipped, counted in
           ``meta.json["skipped"]`` and logged, unless more than 1% of the rows are bad: then the
           error names the first bad file.
@@ -312,15 +316,19 @@ def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: 
         impa_dir: the IMPA folder.
         out: the dataset folder to create (must not exist or be empty).
         progress: draw a tqdm progress bar on stderr (cleared when done or on error).
+        embeddings: a user's embeddings CSV with a row for every compound (DMSO included), used
+            instead of SMILES and the shipped table; None: the default embeddings.
 
     Returns:
         The dataset folder.
 
     Raises:
-        CellfluxError: any of the problems above, as one line naming the file and CSV line.
+        CellfluxError: any of the problems above, as one line naming the file and CSV line; a bad
+            embeddings CSV, or one without a row for a compound of the dataset.
     """
+    user = load_user_embeddings(embeddings)
     root, csv_path = _impa_root(Path(impa_dir))
-    n_rows, table, size = _impa_scan(csv_path, root)
+    n_rows, table, size = _impa_scan(csv_path, root, user)
     max_bad = int(MAX_BAD_FRACTION * n_rows)
     skipped, first_bad = Counter(), None
     with DatasetWriter(out, size, CHANNELS_BBBC021, "bbbc021-impa") as writer, \
@@ -343,8 +351,9 @@ def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: 
         conditions, embeddings = table.conditions(buffer.compounds)
         if skipped:
             log.warning("skipped %d of %d crops: %s", sum(skipped.values()), n_rows, dict(skipped))
-        extra = {"skipped": dict(skipped), "preparation": {"impa_dir": str(Path(impa_dir).resolve()),
-                                                           "metadata_csv": str(csv_path.resolve())}}
+        extra = {"skipped": dict(skipped), "preparation": {
+            "impa_dir": str(Path(impa_dir).resolve()), "metadata_csv": str(csv_path.resolve()),
+            "embeddings_csv": str(Path(user.path).resolve()) if user else None}}
         return writer.finish(conditions, embeddings, extra_meta=extra)
 
 
@@ -402,10 +411,11 @@ def _raw_tables(raw_dir: Path) -> tuple[dict[str, tuple[str, str]], dict[tuple[s
     return smiles, moas
 
 
-def _raw_fields(raw_dir: Path) -> tuple[list[_Field], _CompoundTable, Counter]:
-    """The MoA-annotated fields with SMILES (plus all DMSO fields), their compounds and skip counts."""
+def _raw_fields(raw_dir: Path, user: EmbeddingTable | None) -> tuple[list[_Field], _CompoundTable, Counter]:
+    """The MoA-annotated fields with SMILES or an embedding row (plus all DMSO fields), their
+    compounds and skip counts."""
     smiles_of, moa_of = _raw_tables(raw_dir)
-    table, skipped, fields = _CompoundTable(), Counter(), []
+    table, skipped, fields = _CompoundTable(user), Counter(), []
     path = raw_dir / RAW_IMAGE_CSV
     for line, row in _csv_rows(path, RAW_COLUMNS):
         where = f"{path} line {line}"
@@ -420,8 +430,8 @@ def _raw_fields(raw_dir: Path) -> tuple[list[_Field], _CompoundTable, Counter]:
             if moa is None:
                 skipped["fields_not_moa_annotated"] += 1
                 continue
-            if not smiles:
-                skipped["fields_without_smiles"] += 1
+            if not smiles and not has_embedding_row(compound, user):
+                skipped["fields_without_smiles"] += 1  # ... and without an embedding row
                 continue
         table.add(compound, moa, smiles, smiles_of.get(compound, ("", where))[1] or where)
         paths = tuple(_resolve(raw_dir, row[f"Image_PathName_{ch}"], row[f"Image_FileName_{ch}"], where)
@@ -432,7 +442,8 @@ def _raw_fields(raw_dir: Path) -> tuple[list[_Field], _CompoundTable, Counter]:
         fields.append(_Field(paths, batch, compound, dose, moa, state, field_id,
                              paths[2].relative_to(raw_dir).as_posix()))
     if not fields:
-        raise CellfluxError(f"{path}: no MoA-annotated fields with SMILES (or DMSO controls) to crop")
+        raise CellfluxError(f"{path}: no MoA-annotated fields with SMILES or an embedding row "
+                            f"(or DMSO controls) to crop")
     return fields, table, skipped
 
 
@@ -617,7 +628,8 @@ def _crop_field(field: _Field, illumination: np.ndarray, lo: np.ndarray, hi: np.
 
 
 def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 0, progress: bool = True,
-                crop_size: int = 96, test_fraction: float = 0.2) -> Path:
+                crop_size: int = 96, test_fraction: float = 0.2,
+                embeddings: str | os.PathLike | None = None) -> Path:
     """Crop single cells from the raw Broad BBBC021 v1 images into a cellfluxrl dataset at ``out``.
 
     Input layout: ``DIR/BBBC021_v1_image.csv`` (one row per field of view: ``Image_FileName_*`` and
@@ -637,7 +649,8 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
 
     Decisions:
         - Fields whose (compound, concentration) is not in the MoA table are skipped (not
-          annotated), except DMSO (kept as controls); compounds without SMILES are skipped (why
+          annotated), except DMSO (kept as controls); compounds with neither SMILES nor a row in the
+          embeddings (the user's CSV if given, else CellFlux's shipped table) are skipped (why
           CellFlux has 34 of the 38 MoA compounds). Both counted in ``meta.json["skipped"]``.
         - The split is drawn per field of view with ``seed`` (crops of one field never straddle
           splits), stratified by plate and state (:func:`split_fields`).
@@ -653,6 +666,8 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
         progress: draw a tqdm progress bar on stderr (two steps per field: statistics, crops).
         crop_size: crop side (px); 96 as CellFlux.
         test_fraction: fraction of fields of view in the test split, in (0, 1).
+        embeddings: a user's embeddings CSV, used instead of SMILES and the shipped table; every
+            kept compound with SMILES (and DMSO) needs a row. None: the default embeddings.
 
     Returns:
         The dataset folder.
@@ -665,7 +680,7 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
         raise CellfluxError(f"raw BBBC021 folder {raw_dir} does not exist")
     if not 0 < test_fraction < 1 or crop_size < 8:
         raise CellfluxError(f"need 0 < test_fraction < 1 and crop_size >= 8, got {test_fraction} and {crop_size}")
-    fields, table, skipped = _raw_fields(raw_dir)
+    fields, table, skipped = _raw_fields(raw_dir, load_user_embeddings(embeddings))
     splits = split_fields([(f.batch, f.state) for f in fields], test_fraction, seed)
     fields = [_Field(**{**f.__dict__, "split": s}) for f, s in zip(fields, splits)]
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
@@ -693,6 +708,7 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
         log.info("cropped %d cells from %d fields; skipped %s", writer.n_images, len(fields), dict(skipped))
         extra = {"skipped": dict(skipped), "preparation": {
             "raw_dir": str(raw_dir.resolve()), "seed": seed, "test_fraction": test_fraction,
+            "embeddings_csv": str(Path(table.user.path).resolve()) if table.user else None,
             "crop_size": crop_size, "n_fields": len(fields), "nucleus_sigma_px": NUCLEUS_SIGMA_PX,
             "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "illumination_sigma_fraction": ILLUMINATION_SIGMA_FRACTION,
             "percentiles": list(PERCENTILES), "intensity_ranges": ranges}}

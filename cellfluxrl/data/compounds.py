@@ -2,8 +2,10 @@
 
 34 compounds (26 in-distribution, 8 held out as out-of-distribution by CellFlux) plus the DMSO
 control, each with its MoA. SMILES are given only where the structure is certain; a compound
-without one gets a name-seeded embedding (see :mod:`cellfluxrl.data.fingerprints`). Stereochemistry
-is omitted on purpose: CellFlux's hashed Morgan count fingerprint ignores chirality.
+without one gets its row of CellFlux's shipped embeddings (``bbbc021_emb_fp.csv``, see
+:mod:`cellfluxrl.data.fingerprints`). Stereochemistry is omitted on purpose: CellFlux's hashed Morgan
+count fingerprint ignores chirality. Each SMILES gives exactly CellFlux's vector (tested); cisplatin
+is written bonded, ``N[Pt](N)(Cl)Cl``, since the disconnected ``N.N.Cl[Pt]Cl`` hashes differently.
 """
 
 from __future__ import annotations

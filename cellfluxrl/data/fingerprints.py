@@ -1,15 +1,41 @@
 """Frozen compound embeddings, as CellFlux uses them.
 
 CellFlux conditions on RDKit's hashed Morgan *count* fingerprint (radius 2, 1024 bits,
-``GetHashedMorganFingerprint``), unnormalised, stored as float. Where a compound's SMILES is not
-known, :func:`name_seeded_embedding` gives a fixed vector seeded by the compound's name with the same
-kind of statistics (a few dozen small non-negative counts); the dataset's conditions table records
-which of the two each compound got.
+``GetHashedMorganFingerprint``), unnormalised, stored as float. Its BBBC021 configs read them from
+IMPA's ``embeddings/csv/emb_fp.csv`` (theislab/IMPA, commit 13eb82f), which ships here byte for byte
+as ``cellfluxrl/data/bbbc021_emb_fp.csv``: 35 rows (34 compounds + DMSO, named as BBBC021 spells
+them) x 1024 integer counts. For the 22 compounds with a SMILES in ``bbbc021_compounds.csv`` our
+RDKit fingerprint equals that row exactly (tested); the other 13 (taxol, etoposide, AZ138, ...) get
+their row from the file, so they carry real chemistry too.
+
+Which embedding a compound gets (:func:`resolve_embedding`), recorded as the ``embedding`` column
+of a dataset's ``conditions.csv``:
+
+1. ``"user"``: the compound's row of the user's embeddings CSV, when one is given (then every
+   compound of the dataset needs a row: all vectors of a dataset share one width);
+2. ``"morgan"``: the Morgan count fingerprint of its SMILES;
+3. ``"cellflux"``: its row of the shipped CellFlux table;
+4. ``"name-seeded"``: :func:`name_seeded_embedding`, a fixed vector seeded by the name with the
+   statistics of a real fingerprint (a few dozen small counts) but no chemistry.
+
+An embeddings CSV (:func:`read_embeddings_csv`) is laid out like the shipped file: a header line
+(``,0,1,...,1023``; the labels are not used), then one line per compound: its name, then ``D``
+numbers. Every problem is a one-line :class:`~cellfluxrl.errors.CellfluxError` naming the file,
+line and compound.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
 
@@ -17,6 +43,8 @@ from cellfluxrl.errors import CellfluxError
 
 FINGERPRINT_BITS = 1024
 FINGERPRINT_RADIUS = 2
+CELLFLUX_EMBEDDINGS_CSV = "bbbc021_emb_fp.csv"  # inside the cellfluxrl.data package
+KINDS = ("user", "morgan", "cellflux", "name-seeded")
 
 
 def morgan_count_fingerprint(smiles: str, radius: int = FINGERPRINT_RADIUS,
@@ -51,8 +79,172 @@ def name_seeded_embedding(name: str, n_bits: int = FINGERPRINT_BITS) -> np.ndarr
     return vector
 
 
-def compound_embedding(name: str, smiles: str) -> tuple[np.ndarray, str]:
-    """Embedding of one compound and its kind: ``("morgan" | "name-seeded")``."""
+# ---------------------------------------------------------------------------------------------
+# Embeddings CSVs: the shipped CellFlux table and a user's own.
+
+
+@dataclass(frozen=True)
+class EmbeddingTable:
+    """The rows of an embeddings CSV.
+
+    Attributes:
+        path: the file, as named in error messages.
+        vectors: compound name -> float32 ``(width,)``, read-only, in file order.
+        width: ``D``, the number of values per row (the same for every row).
+    """
+
+    path: str
+    vectors: Mapping[str, np.ndarray]
+    width: int
+
+
+def _parse_value(text: str, column: int, name: str, where: str) -> float:
+    """One cell (1-based CSV ``column``) -> a finite float, or a one-line error naming the compound."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise CellfluxError(f"{where}: compound {name!r}: value {text!r} in column {column} is not a number") from None
+    if not math.isfinite(value):
+        raise CellfluxError(f"{where}: compound {name!r}: value {text!r} in column {column} is not finite")
+    return value
+
+
+def _looks_like_data(header: list[str]) -> bool:
+    """True when a first line is a compound row rather than a header (a name, then numbers that are
+    not the column labels ``0..D-1``): the user forgot the header line."""
+    labels = [h.strip() for h in header[1:]]
+    if not header[0].strip() or labels == [str(i) for i in range(len(labels))]:
+        return False
+    try:
+        [float(x) for x in labels]
+    except ValueError:
+        return False
+    return True
+
+
+def parse_embeddings_csv(lines: list[str], path: str) -> EmbeddingTable:
+    """Parse the lines of an embeddings CSV (see the module docstring) -> :class:`EmbeddingTable`.
+
+    Blank lines are ignored; names are stripped of surrounding spaces.
+
+    Raises:
+        CellfluxError: no header, no rows or no value columns; a row whose width differs from the
+            header's; an empty name; a value that is not a finite number; a name given twice. The
+            message names ``path``, the line and the compound.
+    """
+    reader = csv.reader(lines)
+    try:
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise CellfluxError(f"{path}: empty file (expected a header line ',0,1,...' then one row per compound)")
+        if _looks_like_data(header):
+            raise CellfluxError(f"{path} line 1: compound {header[0].strip()!r} where the header belongs "
+                                f"(the first line must be ',0,1,...,{len(header) - 2}')")
+        width = len(header) - 1
+        if width < 1:
+            raise CellfluxError(f"{path} line 1: no value columns after the compound name")
+        vectors, first_line = {}, {}
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            where, name = f"{path} line {reader.line_num}", row[0].strip()
+            if not name:
+                raise CellfluxError(f"{where}: empty compound name")
+            if len(row) - 1 != width:
+                raise CellfluxError(f"{where}: compound {name!r} has {len(row) - 1} values, "
+                                    f"expected {width} (the header's width)")
+            if name in vectors:
+                raise CellfluxError(f"{where}: compound {name!r} repeats line {first_line[name]}")
+            values = [_parse_value(v, j, name, where) for j, v in enumerate(row[1:], start=2)]
+            vector = np.array(values, dtype=np.float32)
+            vector.setflags(write=False)
+            vectors[name], first_line[name] = vector, reader.line_num
+    except csv.Error as exc:
+        raise CellfluxError(f"{path} line {reader.line_num}: not a readable CSV ({exc})") from None
+    if not vectors:
+        raise CellfluxError(f"{path}: no compound rows after the header")
+    return EmbeddingTable(path, MappingProxyType(vectors), width)
+
+
+def read_embeddings_csv(path: str | os.PathLike) -> EmbeddingTable:
+    """Read and validate an embeddings CSV file (see :func:`parse_embeddings_csv`).
+
+    Raises:
+        CellfluxError: the file is missing, not UTF-8 text, or any problem of
+            :func:`parse_embeddings_csv`, as one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CellfluxError(f"{path}: missing embeddings CSV")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError:
+        raise CellfluxError(f"{path}: not a UTF-8 text CSV") from None
+    return parse_embeddings_csv(text.splitlines(), str(path))
+
+
+@lru_cache(maxsize=1)
+def cellflux_embeddings() -> EmbeddingTable:
+    """The shipped CellFlux table: 35 BBBC021 rows (DMSO included) x 1024 Morgan counts (cached)."""
+    resource = resources.files("cellfluxrl.data").joinpath(CELLFLUX_EMBEDDINGS_CSV)
+    lines = resource.read_text(encoding="utf-8").splitlines()
+    return parse_embeddings_csv(lines, f"cellfluxrl/data/{CELLFLUX_EMBEDDINGS_CSV}")
+
+
+def load_user_embeddings(path: str | os.PathLike | None) -> EmbeddingTable | None:
+    """:func:`read_embeddings_csv` of ``path``, or None when no user CSV is given."""
+    return None if path is None else read_embeddings_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which embedding a compound gets.
+
+
+def has_embedding_row(name: str, user: EmbeddingTable | None = None) -> bool:
+    """Whether ``name`` can be embedded without a SMILES: it has a row in ``user`` if given, else in
+    the shipped CellFlux table."""
+    return name in (user if user is not None else cellflux_embeddings()).vectors
+
+
+def resolve_embedding(name: str, smiles: str, user: EmbeddingTable | None = None, where: str = "",
+                      allow_name_seeded: bool = True) -> tuple[np.ndarray, str]:
+    """The embedding of one compound and its kind (precedence in the module docstring).
+
+    Args:
+        name: the compound as the dataset spells it (looked up exactly).
+        smiles: its SMILES, or ``""`` when unknown.
+        user: the user's embeddings table; when given, it is the only source.
+        where: the data file and line that names the compound, prefixed to error messages.
+        allow_name_seeded: when False, a compound with neither SMILES nor a table row is an error.
+
+    Returns:
+        (float32 ``(D,)`` vector, a copy; kind: ``"user" | "morgan" | "cellflux" | "name-seeded"``).
+        ``D`` is ``user.width`` with a user table, else 1024.
+
+    Raises:
+        CellfluxError: the compound has no row in ``user``; the SMILES does not parse; or (with
+            ``allow_name_seeded=False``) nothing embeds it.
+    """
+    prefix = f"{where}: " if where else ""
+    if user is not None:
+        if name not in user.vectors:
+            needed = f" (needed by {where})" if where else ""
+            raise CellfluxError(f"{user.path}: no row for compound {name!r}{needed}")
+        return np.array(user.vectors[name], dtype=np.float32), "user"
     if smiles:
-        return morgan_count_fingerprint(smiles), "morgan"
+        try:
+            return morgan_count_fingerprint(smiles), "morgan"
+        except CellfluxError:
+            raise CellfluxError(f"{prefix}compound {name!r} has an invalid SMILES {smiles!r}") from None
+    shipped = cellflux_embeddings().vectors.get(name)
+    if shipped is not None:
+        return np.array(shipped, dtype=np.float32), "cellflux"
+    if not allow_name_seeded:
+        raise CellfluxError(f"{prefix}compound {name!r} has no SMILES and no row in the CellFlux embeddings "
+                            f"(cannot embed it; give it a SMILES or a row in an embeddings CSV)")
     return name_seeded_embedding(name), "name-seeded"
+
+
+def compound_embedding(name: str, smiles: str) -> tuple[np.ndarray, str]:
+    """Embedding of one compound without a user table: ``("morgan" | "cellflux" | "name-seeded")``."""
+    return resolve_embedding(name, smiles)

@@ -142,7 +142,8 @@ class DatasetWriter:
 
         Args:
             conditions: one mapping per compound with keys ``compound, moa, smiles, ood, embedding``
-                (``embedding`` is ``"morgan"``, ``"name-seeded"`` or ``"user"``), in embedding-row order.
+                (``embedding`` is ``"user"``, ``"morgan"``, ``"cellflux"`` or ``"name-seeded"``, see
+                :mod:`cellfluxrl.data.fingerprints`), in embedding-row order.
             embeddings: float32 ``(len(conditions), D)``.
             extra_meta: more entries for meta.json (generator settings, skipped counts, ...).
         """

@@ -312,7 +312,8 @@ def _metadata_row(i: int, seed: int, rows: dict[str, np.ndarray], compounds) -> 
 
 
 def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int = 0, size: int = 96,
-                      n_plates: int = 6, progress: bool = True) -> Path:
+                      n_plates: int = 6, progress: bool = True,
+                      embeddings: str | os.PathLike | None = None) -> Path:
     """Write a synthetic BBBC021-like dataset (with ground-truth masks) in the cellfluxrl layout.
 
     About 25 % of the crops are DMSO controls, spread over every plate and both splits; the rest
@@ -323,29 +324,34 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
     Args:
         out: dataset folder to create (must not exist or be empty).
         n_images: number of crops (treated + controls).
-        seed: dataset seed; the output is a pure function of ``(seed, n_images, size, n_plates)``.
+        seed: dataset seed; the output is a pure function of ``(seed, n_images, size, n_plates)``
+            (and of the embeddings CSV, if given).
         size: crop side (px); cell sizes scale with ``size / 96``.
         n_plates: number of plates (batches ``Plate1..PlateK``).
         progress: draw a tqdm bar.
+        embeddings: a user's embeddings CSV (see :mod:`cellfluxrl.data.fingerprints`) with a row for
+            each of the 35 compounds; None: Morgan counts from SMILES, else CellFlux's shipped row.
 
     Returns:
         The dataset folder.
 
     Raises:
-        CellfluxError: bad arguments, or ``out`` exists and is not empty.
+        CellfluxError: bad arguments, ``out`` exists and is not empty, or a bad embeddings CSV (or
+            one without a row for some compound).
     """
-    from cellfluxrl.data.fingerprints import compound_embedding
+    from cellfluxrl.data.fingerprints import load_user_embeddings, resolve_embedding
     from cellfluxrl.data.layout import DatasetWriter
 
     if n_images < 1 or size < 16 or n_plates < 1:
         raise CellfluxError(f"prepare synthetic needs n_images >= 1, size >= 16 and plates >= 1 "
                             f"(got {n_images}, {size}, {n_plates})")
+    user = load_user_embeddings(embeddings)
     compounds = bbbc021_compounds()
-    conditions, embeddings = [], []
+    conditions, vectors = [], []
     for c in compounds:
-        vector, kind = compound_embedding(c.name, c.smiles)
+        vector, kind = resolve_embedding(c.name, c.smiles, user, where="cellfluxrl/data/bbbc021_compounds.csv")
         conditions.append({"compound": c.name, "moa": c.moa, "smiles": c.smiles, "ood": c.ood, "embedding": kind})
-        embeddings.append(vector)
+        vectors.append(vector)
     ood = np.array([c.ood for c in compounds])
     rows = _assign_rows(n_images, seed, n_plates, len(compounds), ood)
 
@@ -373,7 +379,7 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
         settings = {"seed": int(seed), "n_images": int(n_images), "n_plates": int(n_plates), "size": int(size),
                     "simulator_version": SIMULATOR_VERSION, "doses_uM": list(DOSES_UM),
                     "dose_strengths": list(DOSE_STRENGTHS), "control_fraction": CONTROL_FRACTION,
-                    "test_fraction": TEST_FRACTION}
-        path = writer.finish(conditions, np.stack(embeddings), extra_meta={"generator": settings})
+                    "test_fraction": TEST_FRACTION, "embeddings_csv": str(Path(user.path).resolve()) if user else None}
+        path = writer.finish(conditions, np.stack(vectors), extra_meta={"generator": settings})
     log.info("wrote %d synthetic crops to %s", n_images, path)
     return path
