@@ -59,20 +59,20 @@ def bench_setup(tmp_path_factory):
     fit_evaluators(root, seed=0, classifier_epochs=1, progress=False)
     dataset = load_dataset(root)
     suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
-    return dataset, suite, suite.evaluators.moa_classifier("cpu")
+    return dataset, suite, (suite.evaluators.moa_classifier("cpu"), suite.evaluators.judge("cpu"))
 
 
 def _throughput(benchmark, bench_setup, make_source, k: int, n_pairs: int = 16):
     from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS
 
-    dataset, suite, classifier = bench_setup
+    dataset, suite, (classifier, judge) = bench_setup
     pairs = Pairs.from_dataset(dataset, n_pairs, seed=0)
     source = make_source(dataset, pairs)
 
     def run():
         return evaluate_sources(dataset, pairs, {"run": source}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
-                                features=MoAFeatures(classifier), classifier=classifier, best_of=(1, k),
+                                features=MoAFeatures(judge), classifier=classifier, judge=judge, best_of=(1, k),
                                 batch_size=16, kid_subset_size=8, kid_subsets=10)
 
     results = benchmark.pedantic(run, rounds=1, iterations=1)

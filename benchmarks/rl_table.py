@@ -12,10 +12,13 @@ Stages (each is skipped when its output exists, so a killed run continues where 
 3. ``WORK/rl_all``: DiffusionNFT post-training on the paper's weighted sum of the 7 rewards,
    at most ``--rl-minutes`` (20) of wall time; ``WORK/rl_nuc_size`` and ``WORK/rl_moa``: single-reward
    runs (paper Table 2) with ``--single-minutes`` (14) each.
-4. Evaluation on the same held-out test pairs and the same source noise for every model (paired):
-   every reward, the overall (paper-weighted) reward and MoA accuracy, mean +- standard error over
-   pairs, for base, RL and RL + best-of-4 (selected by the overall reward); the paired differences
-   RL - base and RL+best-of-4 - RL; and the single-reward runs.
+4. Evaluation on the same test pairs and the same source noise for every model (paired), the
+   in-distribution compounds (the headline) and the held-out (OOD) compounds in separate tables;
+   every run sampled with its recorded setting (the base's sampler steps and CFG, which the RL runs
+   roll out and train with): every reward, the overall (paper-weighted) reward, the judge's MoA
+   accuracy and the reward classifier's, mean +- standard error over pairs, for base, RL and
+   RL + best-of-4 (selected by the overall reward); the paired differences RL - base and
+   RL+best-of-4 - RL; and the single-reward runs.
 
 Writes ``WORK/rl_table.md`` and ``WORK/rl_table.json`` and prints the markdown.
 """
@@ -33,7 +36,7 @@ import torch
 REWARDS = ("moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count")
 LABELS = {"moa": "MoA", "nuc_in_cyto": "Nuc-in-Cyto", "roundness": "Roundness", "nuc_size": "NucSize",
           "cyto_size": "CytoSize", "nuc_count": "NucCount", "cyto_count": "CytoCount", "overall": "Overall",
-          "moa_accuracy": "MoA accuracy"}
+          "moa_accuracy": "MoA accuracy (judge)", "moa_accuracy_reward": "MoA accuracy (reward classifier)"}
 
 
 def single_reward(name: str) -> str:
@@ -45,16 +48,18 @@ def settings(args) -> dict:
     """Every size and budget of the experiment (``--quick`` shrinks them all)."""
     if args.quick:
         return dict(size=32, n_images=300, plates=2, classifier_epochs=2, pretrain_steps=20, pretrain_batch=8,
-                    rl=dict(steps=2, group_size=4, groups_per_step=2, rollout_steps=3, rollout_batch=8,
+                    sample_steps=3, cfg_scale=args.cfg_scale,
+                    rl=dict(steps=2, group_size=4, groups_per_step=2, rollout_batch=8,
                             train_timesteps=2, grid_every=1, save_every=1, lr=1e-4),
-                    rl_minutes=0.0, single_minutes=0.0, single_steps=1, pairs=8, eval_steps=3)
+                    rl_minutes=0.0, single_minutes=0.0, single_steps=1, pairs=8)
     return dict(size=args.size, n_images=args.n_images, plates=4, classifier_epochs=20,
                 pretrain_steps=args.pretrain_steps, pretrain_batch=16,
+                sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
                 rl=dict(steps=10_000, group_size=args.group_size, groups_per_step=args.groups_per_step,
-                        rollout_steps=args.rollout_steps, rollout_batch=32, train_timesteps=args.train_timesteps,
+                        rollout_batch=32, train_timesteps=args.train_timesteps,
                         grid_every=10, save_every=5, lr=args.rl_lr, kl_weight=args.kl_weight),
                 rl_minutes=args.rl_minutes, single_minutes=args.single_minutes, single_steps=10_000,
-                pairs=args.pairs, eval_steps=args.eval_steps)
+                pairs=args.pairs)
 
 
 def reuse_demo(work: Path, demo: Path) -> None:
@@ -90,7 +95,8 @@ def stage_base(work: Path, data: Path, s: dict, seed: int) -> Path:
     if (work / "from-demo.txt").is_file():
         return run
     cfg = PretrainConfig(preset="tiny", steps=s["pretrain_steps"], batch_size=s["pretrain_batch"], seed=seed,
-                         ckpt_every=max(1, min(500, s["pretrain_steps"])))
+                         ckpt_every=max(1, min(500, s["pretrain_steps"])), sample_steps=s["sample_steps"],
+                         sample_cfg_scale=s["cfg_scale"])
     start = time.perf_counter()
     train(data, run, cfg, compile=False)
     print(f"pretrain: {s['pretrain_steps']} steps ({(time.perf_counter() - start) / 60:.1f} min this call)")
@@ -99,12 +105,16 @@ def stage_base(work: Path, data: Path, s: dict, seed: int) -> Path:
 
 def stage_rl(work: Path, base: Path, name: str, weights: str | None, steps: int, minutes: float, s: dict,
              seed: int) -> tuple[Path, dict]:
+    from cellfluxrl.checkpoint import load_run
     from cellfluxrl.posttrain import PosttrainConfig, posttrain
 
     run, done = work / name, work / f"{name}.done.json"
     if done.is_file():
         return run, json.loads(done.read_text())
-    cfg = PosttrainConfig(**{**s["rl"], "steps": steps}, weights=weights, max_minutes=minutes, seed=seed)
+    # Roll out (and train the guided velocity) exactly as the base is sampled: one setting everywhere.
+    sampling = load_run(base).sampling
+    cfg = PosttrainConfig(**{**s["rl"], "steps": steps}, rollout_steps=sampling.steps, cfg_scale=sampling.cfg_scale,
+                          weights=weights, max_minutes=minutes, seed=seed)
     start = time.perf_counter()
     posttrain(base, run, cfg, device="cpu",
               on_step=lambda st: print(f"  {name} step {st['step']}: reward {st['reward']:.3f} kl {st['kl']:.2e} "
@@ -125,8 +135,9 @@ def reward_trend(run: Path, k: int = 20) -> tuple[float, float]:
     return float(np.mean(rewards[:k])), float(np.mean(rewards[-k:]))
 
 
-def evaluate_runs(data: Path, runs: dict[str, Path], s: dict, seed: int) -> dict:
-    """Per-pair scores of every run on the same pairs and source noise: name -> _Scores (P, 4)."""
+def evaluate_runs(data: Path, runs: dict[str, Path], s: dict, seed: int, split: str) -> dict:
+    """Per-pair scores of every run on the same pairs and source noise of one compound split
+    (``"id"`` or ``"ood"``), each run sampled with its recorded setting: name -> _Scores (P, 4)."""
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, run_candidates
@@ -134,13 +145,17 @@ def evaluate_runs(data: Path, runs: dict[str, Path], s: dict, seed: int) -> dict
 
     dataset = load_dataset(data)
     suite = RewardSuite.from_dataset(str(data), {name: 1.0 for name in REWARDS})
-    classifier = suite.evaluators.moa_classifier("cpu")
-    pairs = Pairs.from_dataset(dataset, s["pairs"], seed)
-    sources = {name: run_candidates(load_run(run).net, dataset, pairs, seed=seed, steps=s["eval_steps"],
-                                    cfg_scale=0.0) for name, run in runs.items()}
+    classifier, judge = suite.evaluators.moa_classifier("cpu"), suite.evaluators.judge("cpu")
+    pairs = Pairs.from_dataset(dataset, s["pairs"], seed, split=split)
+    sources = {}
+    for name, run in runs.items():
+        loaded = load_run(run)
+        sampling = loaded.sampling
+        sources[name] = run_candidates(loaded.net, dataset, pairs, seed=seed, steps=sampling.steps,
+                                       cfg_scale=sampling.cfg_scale, sigma=sampling.sigma, grid=sampling.grid)
     with torch.no_grad():
         results = evaluate_sources(dataset, pairs, sources, suite=suite, weights=DEFAULT_WEIGHTS,
-                                   features=MoAFeatures(classifier), classifier=classifier, best_of=(1, 4),
+                                   features=MoAFeatures(judge), classifier=classifier, judge=judge, best_of=(1, 4),
                                    batch_size=32, kid_subset_size=max(2, min(100, len(pairs) // 2)),
                                    kid_subsets=20, seed=seed)
     suite.close()
@@ -160,6 +175,7 @@ def columns(scores) -> dict[str, dict[str, np.ndarray]]:
             values = {r: sc.components[r][rows, pick] for r in REWARDS}
             values["overall"] = sc.total[rows, pick]
             values["moa_accuracy"] = sc.correct[rows, pick].astype(np.float64)
+            values["moa_accuracy_reward"] = sc.correct_reward[rows, pick].astype(np.float64)
             out[label] = values
     return out
 
@@ -170,17 +186,25 @@ def mean_se(v: np.ndarray) -> str:
     return f"{v.mean():.3f} ± {se:.3f}"
 
 
-def markdown(cols: dict, info: dict, s: dict) -> str:
-    rows = [*REWARDS, "overall", "moa_accuracy"]
+def markdown(cols: dict, info: dict, s: dict, ood: dict | None = None, sampling: str = "") -> str:
+    rows = [*REWARDS, "overall", "moa_accuracy", "moa_accuracy_reward"]
     heads = ["base", "base+best-of-4", "rl_all", "rl_all+best-of-4"]
-    lines = ["### Table 1 direction: base vs RL vs RL + best-of-4 (paired over the same pairs and seeds)", "",
-             f"{len(cols['base']['overall'])} held-out test pairs, {s['eval_steps']} Heun steps, CFG 0, "
-             f"{s['size']}x{s['size']} synthetic crops; mean ± s.e. over pairs; Δ columns are paired differences.", "",
+    lines = ["### Table 1 direction, in-distribution compounds: base vs RL vs RL + best-of-4 (paired)", "",
+             f"{len(cols['base']['overall'])} held-out test pairs of in-distribution compounds, every run sampled "
+             f"with its recorded setting ({sampling}), {s['size']}x{s['size']} synthetic crops; mean ± s.e. over "
+             f"pairs; Δ columns are paired differences.", "",
              "| Metric | " + " | ".join(heads) + " | Δ RL − base | Δ RL+bo4 − RL |", "|---" * (len(heads) + 3) + "|"]
     for r in rows:
         cells = [mean_se(cols[h][r]) for h in heads]
         cells += [mean_se(cols["rl_all"][r] - cols["base"][r]), mean_se(cols["rl_all+best-of-4"][r] - cols["rl_all"][r])]
         lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + " |")
+    if ood is not None:
+        lines += ["", "### The same on the held-out (OOD) compounds (never seen in pretraining or RL)", "",
+                  f"{len(ood['base']['overall'])} test pairs.", "",
+                  "| Metric | " + " | ".join(heads) + " | Δ RL − base |", "|---" * (len(heads) + 2) + "|"]
+        for r in rows:
+            cells = [mean_se(ood[h][r]) for h in heads] + [mean_se(ood["rl_all"][r] - ood["base"][r])]
+            lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + " |")
     singles = [c for c in ("rl_nuc_size", "rl_moa") if c in cols]
     heads2 = [h for c in singles for h in (c, f"Δ {c} − base")] + ["rl_all", "base"]
     lines += ["", "### Table 2 direction: single-reward runs (Δ: paired difference to the base)", "",
@@ -211,9 +235,10 @@ def main(argv=None) -> None:
     p.add_argument("--kl-weight", type=float, default=0.1)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--groups-per-step", type=int, default=8)
-    p.add_argument("--rollout-steps", type=int, default=4)
+    p.add_argument("--sample-steps", type=int, default=10,
+                   help="Heun steps the base records (RL rolls out with the base's recorded steps)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="CFG the base records (RL trains at the base's)")
     p.add_argument("--train-timesteps", type=int, default=2)
-    p.add_argument("--eval-steps", type=int, default=5, help="Heun steps of the evaluation sampler")
     p.add_argument("--pairs", type=int, default=256, help="held-out test pairs evaluated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -234,20 +259,28 @@ def main(argv=None) -> None:
                                           s["single_minutes"], s, args.seed)
     for name in info:
         info[name]["trend"] = reward_trend(runs[name])
-    cache = work / "eval_columns.json"
-    key = {"runs": {name: i["steps"] for name, i in info.items()}, "pairs": s["pairs"], "eval_steps": s["eval_steps"]}
-    cached = json.loads(cache.read_text()) if cache.is_file() else {}
-    if cached.get("key") == key:  # same runs, pairs and sampler: reuse the per-pair scores
-        cols = {c: {r: np.asarray(v) for r, v in vals.items()} for c, vals in cached["columns"].items()}
-    else:
-        cols = columns(evaluate_runs(data, runs, s, args.seed))
-        cache.write_text(json.dumps({"key": key, "columns": {c: {r: v.tolist() for r, v in vals.items()}
-                                                             for c, vals in cols.items()}}))
-    text = markdown(cols, info, s)
+    from cellfluxrl.checkpoint import load_run
+
+    sampling = "; ".join(f"{name}: {load_run(run).sampling.describe()}" for name, run in runs.items()
+                         if name in ("base", "rl_all"))
+    key = {"runs": {name: i["steps"] for name, i in info.items()}, "pairs": s["pairs"], "sampling": sampling}
+    per_split = {}
+    for split in ("id", "ood"):
+        cache = work / f"eval_columns_{split}.json"
+        cached = json.loads(cache.read_text()) if cache.is_file() else {}
+        if cached.get("key") == key:  # same runs, pairs and sampler: reuse the per-pair scores
+            cols = {c: {r: np.asarray(v) for r, v in vals.items()} for c, vals in cached["columns"].items()}
+        else:
+            cols = columns(evaluate_runs(data, runs, s, args.seed, split))
+            cache.write_text(json.dumps({"key": key, "columns": {c: {r: v.tolist() for r, v in vals.items()}
+                                                                 for c, vals in cols.items()}}))
+        per_split[split] = cols
+    text = markdown(per_split["id"], info, s, ood=per_split["ood"], sampling=sampling)
     (work / "rl_table.md").write_text(text)
     (work / "rl_table.json").write_text(json.dumps(
-        {"settings": {k: v for k, v in s.items()}, "runs": info,
-         "columns": {c: {r: v.tolist() for r, v in vals.items()} for c, vals in cols.items()}}, indent=1))
+        {"settings": {k: v for k, v in s.items()}, "runs": info, "sampling": sampling,
+         "columns": {split: {c: {r: v.tolist() for r, v in vals.items()} for c, vals in cols.items()}
+                     for split, cols in per_split.items()}}, indent=1))
     print(text)
 
 

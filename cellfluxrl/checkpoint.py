@@ -13,7 +13,11 @@ Pretraining adds ``optimizer`` and ``rng`` (generator and dropout RNG states) fo
 
 The run config dict holds ``dataset`` (absolute path of the dataset folder), ``preset`` (name or
 ``"custom"``), ``unet`` (the :class:`UNetConfig` as a dict) and ``condition_dim`` (int), which is
-all :func:`load_run` needs to rebuild the network, plus the training settings of its kind.
+all :func:`load_run` needs to rebuild the network, plus the training settings of its kind, and
+``sampling``: how the run is meant to be sampled (:class:`Sampling`: Heun steps, CFG scale, grid,
+source-noise std). ``sample``, ``evaluate``, ``demo`` and the benchmarks use it unless told
+otherwise (:func:`resolve_sampling`); a run written before it was recorded loads with CellFlux's
+defaults and a notice.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +39,89 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME = "checkpoint.pt", "config.json", "stats.jsonl"
 KINDS = ("pretrain", "posttrain")
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a run is meant to be sampled: ODE solver settings and classifier-free guidance.
+
+    Attributes:
+        steps: solver steps (Heun: ``2 steps`` network evaluations per image, twice that with CFG; CellFlux: 50).
+        cfg_scale: guidance weight ``w`` in ``(1 + w) v(x, t, c) - w v(x, t, None)`` (CellFlux: 0.2).
+        solver: ``"heun"`` or ``"euler"``.
+        grid: time grid, ``"edm"`` (CellFlux) or ``"uniform"``.
+        sigma: std of the noise added to the control image at sampling (CellFlux: 1.0).
+    """
+
+    steps: int = 50
+    cfg_scale: float = 0.2
+    solver: str = "heun"
+    grid: str = "edm"
+    sigma: float = 1.0
+
+    def __post_init__(self):
+        if int(self.steps) < 1:
+            raise CellfluxError(f"sampling: steps must be >= 1, got {self.steps}")
+        if not float(self.cfg_scale) >= 0.0 or float(self.cfg_scale) == float("inf"):
+            raise CellfluxError(f"sampling: cfg_scale must be a finite number >= 0, got {self.cfg_scale}")
+        if not float(self.sigma) >= 0.0 or float(self.sigma) == float("inf"):
+            raise CellfluxError(f"sampling: sigma must be a finite number >= 0, got {self.sigma}")
+        if self.solver not in ("heun", "euler") or self.grid not in ("edm", "uniform"):
+            raise CellfluxError(f"sampling: unknown solver {self.solver!r} or grid {self.grid!r}")
+
+    def to_dict(self) -> dict:
+        return {"steps": int(self.steps), "cfg_scale": float(self.cfg_scale), "solver": self.solver,
+                "grid": self.grid, "sigma": float(self.sigma)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "run config") -> "Sampling":
+        try:
+            return cls(steps=int(d["steps"]), cfg_scale=float(d["cfg_scale"]), solver=str(d.get("solver", "heun")),
+                       grid=str(d.get("grid", "edm")), sigma=float(d.get("sigma", 1.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CellfluxError(f"{where}: unreadable sampling settings {d!r} ({type(exc).__name__}: {exc})") from None
+
+    def describe(self) -> str:
+        """E.g. ``"20 Heun steps (edm grid), CFG 1.0, sigma 1.0"``."""
+        return (f"{self.steps} {self.solver.capitalize()} steps ({self.grid} grid), CFG {self.cfg_scale:g}, "
+                f"sigma {self.sigma:g}")
+
+
+# Runs written before the sampling settings were recorded are sampled with CellFlux's defaults.
+LEGACY_SAMPLING = Sampling()
+
+
+def recorded_sampling(config: dict, where: str = "run config") -> Sampling | None:
+    """The ``sampling`` entry of a run config, or ``None`` for a run that predates it."""
+    entry = config.get("sampling")
+    return None if entry is None else Sampling.from_dict(entry, where)
+
+
+def resolve_sampling(run_sampling: Sampling | None, steps: int | None = None, cfg_scale: float | None = None
+                     ) -> tuple[Sampling, str]:
+    """The settings to sample a run with, and where they come from (for the user's output).
+
+    Args:
+        run_sampling: the run's recorded settings (``None``: an older run without them).
+        steps, cfg_scale: overrides from the command line (``None`` = not given).
+
+    Returns:
+        ``(sampling, source)``, source one of ``"recorded in the run"``, ``"given on the command
+        line"``, ``"recorded in the run, overridden on the command line"`` or ``"CellFlux defaults
+        (the run predates recorded sampling settings)"``.
+    """
+    base = LEGACY_SAMPLING if run_sampling is None else run_sampling
+    given = {k: v for k, v in (("steps", steps), ("cfg_scale", cfg_scale)) if v is not None}
+    sampling = replace(base, **given)
+    if run_sampling is None:
+        source = "CellFlux defaults (the run predates recorded sampling settings)"
+        if given:
+            source = "given on the command line; the rest " + source
+    elif given:
+        source = "recorded in the run, overridden on the command line" if len(given) < 2 else "given on the command line"
+    else:
+        source = "recorded in the run"
+    return sampling, source
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -114,6 +201,7 @@ class LoadedRun:
         kind: ``"pretrain"`` or ``"posttrain"``.
         run_dir: the run folder.
         weights: ``"ema"`` or ``"model"``.
+        recorded: the run's recorded :class:`Sampling` (``None`` for runs that predate it).
     """
 
     net: VelocityUNet
@@ -123,6 +211,12 @@ class LoadedRun:
     kind: str
     run_dir: Path
     weights: str = "ema"
+    recorded: Sampling | None = field(default=None)
+
+    @property
+    def sampling(self) -> Sampling:
+        """The settings this run is meant to be sampled with (CellFlux's for older runs)."""
+        return LEGACY_SAMPLING if self.recorded is None else self.recorded
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema") -> LoadedRun:
@@ -152,7 +246,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", wei
     net.eval().to(device)
     dataset = config.get("dataset")
     return LoadedRun(net=net, config=config, dataset_dir=Path(dataset) if dataset else Path(),
-                     step=int(state.get("step", 0)), kind=str(state["kind"]), run_dir=run_dir, weights=key)
+                     step=int(state.get("step", 0)), kind=str(state["kind"]), run_dir=run_dir, weights=key,
+                     recorded=recorded_sampling(config, str(path)))
 
 
 def load_cellflux_weights(path: str | os.PathLike, net: VelocityUNet) -> None:

@@ -51,6 +51,9 @@ class PretrainConfig:
         seed: base seed of data order, pairing, noise, times, dropout.
         num_workers: DataLoader worker processes (0 = load in the main process).
         channels_last: use the channels-last memory format (faster convs on recent GPUs).
+        sample_steps, sample_cfg_scale: how the run is meant to be sampled (Heun steps on the EDM
+            grid and the CFG weight; CellFlux: 50 and 0.2), recorded as the run's ``sampling``
+            and used by ``sample``/``evaluate``/``posttrain`` unless told otherwise.
     """
 
     preset: str = "paper"
@@ -75,17 +78,19 @@ class PretrainConfig:
     seed: int = 0
     num_workers: int = 0
     channels_last: bool = False
+    sample_steps: int = 50
+    sample_cfg_scale: float = 0.2
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every")
+        positive = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "sample_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise CellfluxError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("noise_prob", "cond_drop_prob", "flip_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CellfluxError(f"config: {name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("lr", "noise_sigma", "weight_decay", "grad_clip", "num_workers"):
-            if getattr(self, name) < 0:
+        for name in ("lr", "noise_sigma", "weight_decay", "grad_clip", "num_workers", "sample_cfg_scale"):
+            if not getattr(self, name) >= 0 or getattr(self, name) == float("inf"):
                 raise CellfluxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise CellfluxError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")

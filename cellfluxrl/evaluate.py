@@ -1,45 +1,44 @@
 """Evaluation: the paper's Table 1 (rewards, MoA accuracy, FID/KID), Figure 5 and Figure 4.
 
-Protocol (CellFlux's, plus CellFluxRL's best-of-N):
+Protocol (CellFlux's, plus CellFluxRL's best-of-N, graded so that it cannot flatter a model):
 
-* Pairs: the first ``n`` treated test rows in CSV order, each with a same-plate DMSO control
-  (:func:`cellfluxrl.generate.test_pairs`). Every run is evaluated on the same pairs *and* the same
-  source noise: candidate ``k`` of the pair whose target is image ``i`` starts from
+* Splits: the in-distribution compounds (the headline, as CellFlux) and the held-out (OOD)
+  compounds are evaluated as separate sections, never mixed (``split``).
+* Pairs: the first ``n`` treated test rows of the split in CSV order, each with a same-plate DMSO
+  control (:func:`cellfluxrl.generate.test_pairs`). Every run is evaluated on the same pairs *and*
+  the same source noise: candidate ``k`` of the pair whose target is image ``i`` starts from
   ``x_0 = x_ctrl + sigma * eps``, ``eps`` drawn from a generator seeded by ``(seed, i, k)``, so two
   runs differ only by their networks (paired differences) and a sample does not depend on the
   batch it lands in.
+* Sampling: each run is sampled the way it was trained to be (its recorded sampler steps and CFG,
+  :class:`cellfluxrl.checkpoint.Sampling`) unless the caller overrides them for every run.
 * Candidates: ``K = max(best_of)`` per pair, generated and scored once. Best-of-N for every N
   asked takes the best of the *first* N candidates by the overall (weighted) reward, so the
   curves are nested: per pair, the selected overall reward never decreases with N.
 * Images are quantised to 8 bits before scoring (generated images are as they would be saved;
   real images are exactly their uint8 pixels), then mapped to ``[-1, 1]``.
-* Columns: each run (N = 1), each run with best-of-``max(best_of)``, and ``real`` (the real
-  test targets: the rewards of real cells, a reference the generated columns can be read against).
-* Rows: every reward of the suite (the paper's seven by default; mean and standard error over
-  pairs), ``overall`` (the weighted sum given by ``weights``), ``moa_accuracy`` (argmax of the MoA
-  classifier == target MoA), and the distances ``<FD>_o``, ``<FD>_c``, ``<KD>_o``, ``<KD>_c``.
-  ``_o`` pools all pairs; ``_c`` is computed per condition (compound) with fresh statistics, then
-  averaged over conditions (CellFlux's FID_c/KID_c, without its per-class KID accumulation bug).
-  With ``inception`` (the FID InceptionV3 weights) the distances are FID/KID; without it they
-  are the offline substitutes FD-MoA/KD-MoA on the MoA classifier's penultimate features, which
-  are *not* comparable with published FID/KID. The real column has no distance ("-").
+* Graders: the rewards (the MoA reward included) use the reward classifier RL optimises; the
+  headline ``MoA accuracy`` and the distance features come from the **judge**, an MoA classifier
+  fitted independently (its own seed and the other half of the real training images). The reward
+  classifier's accuracy is reported as its own row, so reward hacking shows as the gap.
+* Distances: ``<FD>_o`` pools all pairs; ``<FD>_c`` is computed per condition (compound) with fresh
+  statistics, then averaged over conditions (CellFlux's FID_c/KID_c, without its per-class KID
+  accumulation bug). With ``inception`` (the FID InceptionV3 weights) they are FID/KID; without
+  it the offline substitutes FD-judge/KD-judge on the judge's penultimate features, which are
+  *not* comparable with published FID/KID. The real column has no distance ("-").
 * Streaming: pairs are processed in batches in condition order; each column keeps running
   feature statistics and a bounded reservoir for KID, and a condition's statistics are dropped as
   soon as its last pair is done. Peak memory does not grow with ``n`` (only per-pair scalars are
   kept).
 
-Outputs (:func:`write_report`): ``report.json``, ``report.md``, ``fig5_best_of_n.png``,
-``fig4_grid.png``.
+Outputs: ``report.json``, ``report.md`` and per split ``fig5_best_of_n[_ood].png`` and
+``fig4_grid[_ood].png`` (:mod:`cellfluxrl.report`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -51,117 +50,35 @@ import torch
 
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.images import to_model, to_uint8
-from cellfluxrl.metrics import FeatureSet, best_of_n, compare_many, mean_sem
+from cellfluxrl.candidates import (CandidateFn, MoAFeatures, Pairs, pair_noise, quantize, real_images,  # noqa: F401
+                                   run_candidates)
+from cellfluxrl.metrics import FeatureSet, best_of_n, compare_many
+from cellfluxrl.report import (CONTROL_COLUMN, REAL, REWARD_LABELS, build_report, combine, headline,  # noqa: F401
+                               markdown_report, markdown_table, write_report, write_section_figures)
 
 logger = logging.getLogger(__name__)
 
-REPORT_FORMAT = "cellfluxrl-evaluate/1"
-REWARD_LABELS = {"moa": "MoA", "nuc_in_cyto": "Nuc-in-Cyto", "roundness": "Roundness", "nuc_size": "NucSize",
-                 "cyto_size": "CytoSize", "nuc_count": "NucCount", "cyto_count": "CytoCount"}
 MORPHOLOGY_REWARDS = ("nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count")
-REAL = "real"
-CONTROL_COLUMN = "control"
-
-# A source of candidates: (pair positions int64 (B,), candidate index k) -> float (B, C, H, W) in [-1, 1].
-CandidateFn = Callable[[np.ndarray, int], torch.Tensor]
-
-
-@dataclass
-class Pairs:
-    """The evaluation pairs.
-
-    Attributes:
-        target, control: int64 ``(P,)`` image indices of the treated targets and their controls.
-        condition: int64 ``(P,)`` row of the target's compound in ``dataset.conditions``.
-        compound, moa: str ``(P,)`` compound and MoA names of the targets.
-    """
-
-    target: np.ndarray
-    control: np.ndarray
-    condition: np.ndarray
-    compound: np.ndarray
-    moa: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.target.size)
-
-    @classmethod
-    def from_dataset(cls, dataset, n: int, seed: int) -> "Pairs":
-        from cellfluxrl.generate import test_pairs
-
-        target, control = test_pairs(dataset, n, seed)
-        return cls(target, control, dataset.condition[target], dataset.table["compound"][target].astype(str),
-                   dataset.table["moa"][target].astype(str))
-
-    def order(self) -> np.ndarray:
-        """Processing order: grouped by condition (stable, so CSV order within a condition)."""
-        return np.argsort(self.condition, kind="stable")
-
-
-class MoAFeatures:
-    """The offline substitute feature extractor: MoA-classifier penultimate features (FD-MoA/KD-MoA)."""
-
-    name = "FD-MoA"
-    kid_name = "KD-MoA"
-
-    def __init__(self, classifier, source: str = ""):
-        self.classifier, self.source = classifier, source
-        self.dim = int(classifier.config["widths"][-1])
-
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        return np.asarray(self.classifier.features(images), dtype=np.float64)
-
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """float ``(B, C, H, W)`` -> the same images through 8 bits: clamp, floor to uint8, back to [-1, 1]."""
-    return to_model(to_uint8(images), dequantize=False)
-
-
-def pair_noise(target_index: int, k: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The source noise ``eps`` of candidate ``k`` of a pair: float32 ``shape``, fixed by ``(seed, target, k)``."""
-    state = np.random.SeedSequence([int(seed), int(target_index), int(k)]).generate_state(2, np.uint64)
-    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
-
-
-def run_candidates(net: torch.nn.Module, dataset, pairs: Pairs, *, seed: int, steps: int, cfg_scale: float,
-                   sigma: float = 1.0, device: str | torch.device = "cpu", solver: str = "heun",
-                   grid: str = "edm") -> CandidateFn:
-    """The candidates of a velocity network: CellFlux sampling from per-(pair, k) seeded source noise."""
-    from cellfluxrl.generate import generate
-
-    embeddings = torch.tensor(np.array(dataset.embeddings), dtype=torch.float32)
-
-    def candidates(pos: np.ndarray, k: int) -> torch.Tensor:
-        x_ctrl = to_model(np.asarray(dataset.images[pairs.control[pos]]), dequantize=False)
-        eps = torch.stack([pair_noise(pairs.target[p], k, seed, tuple(x_ctrl.shape[1:])) for p in pos])
-        x_0 = (x_ctrl + float(sigma) * eps).to(device)
-        cond = embeddings[pairs.condition[pos]].to(device)
-        x_1_hat, _ = generate(net, x_0, cond, generator=torch.Generator(), sigma=0.0, num_steps=steps,
-                              grid=grid, solver=solver, cfg_scale=cfg_scale)
-        return x_1_hat.float().cpu()
-
-    return candidates
-
-
-def real_images(dataset, pairs: Pairs, pos: np.ndarray) -> torch.Tensor:
-    """The real targets of some pairs, float32 ``(B, C, H, W)`` in [-1, 1] (exact uint8 levels)."""
-    return to_model(np.asarray(dataset.images[pairs.target[pos]]), dequantize=False)
-
 
 @dataclass
 class _Scores:
-    """Per-pair (and per-candidate) scores of one source: arrays ``(P, K)`` (K = 1 for real)."""
+    """Per-pair (and per-candidate) scores of one source: arrays ``(P, K)`` (K = 1 for real).
+
+    ``correct``: the judge's top-1 MoA equals the target's; ``correct_reward``: the same for the
+    reward classifier.
+    """
 
     total: np.ndarray
     components: dict[str, np.ndarray]
     correct: np.ndarray
+    correct_reward: np.ndarray
     seconds: float = 0.0
 
     @classmethod
     def empty(cls, n_pairs: int, k: int, names: Sequence[str]) -> "_Scores":
         nan = np.full((n_pairs, k), np.nan)
-        return cls(nan.copy(), {name: nan.copy() for name in names}, np.zeros((n_pairs, k), dtype=bool))
+        return cls(nan.copy(), {name: nan.copy() for name in names}, np.zeros((n_pairs, k), dtype=bool),
+                   np.zeros((n_pairs, k), dtype=bool))
 
 
 @dataclass
@@ -189,11 +106,16 @@ class _Streams:
             sets[column].update(features[conditions == c])
 
 
-def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor, moa: np.ndarray, suite,
-                weights: Mapping[str, float], classifier) -> None:
-    """Rewards, overall reward and MoA correctness of one batch, written into ``scores[rows, k]``."""
-    from cellfluxrl.data.compounds import MOAS
+def _hits(classifier, images: torch.Tensor, moa: np.ndarray) -> np.ndarray:
+    """bool ``(B,)``: the classifier's top-1 class (named by its ``classes``) equals ``moa``."""
+    predicted = np.argmax(classifier.predict_proba(images), axis=1)
+    return np.asarray(classifier.classes)[predicted] == np.asarray(moa).astype(str)
 
+
+def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor, moa: np.ndarray, suite,
+                weights: Mapping[str, float], classifier, judge) -> None:
+    """Rewards, overall reward and MoA correctness (judge and reward classifier) of one batch,
+    written into ``scores[rows, k]``."""
     result = suite.score(images, list(moa))
     total = np.zeros(len(rows), dtype=np.float64)
     for name in scores.components:
@@ -201,8 +123,8 @@ def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor,
     for name, w in weights.items():
         total += w * result.components[name]
     scores.total[rows, k] = total
-    predicted = np.argmax(classifier.predict_proba(images), axis=1)
-    scores.correct[rows, k] = np.array([MOAS[i] for i in predicted]) == moa
+    scores.correct[rows, k] = _hits(judge, images, moa)
+    scores.correct_reward[rows, k] = _hits(classifier, images, moa)
 
 
 def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Sequence[str], names: np.ndarray,
@@ -219,7 +141,7 @@ def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Seque
 
 def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, scores: _Scores, streams: _Streams,
                   grid: dict, moa: np.ndarray, cond: np.ndarray, suite, weights: Mapping[str, float], classifier,
-                  features) -> None:
+                  judge, features) -> None:
     """Generate and score the ``k_max`` candidates of a batch; stream the features of the picked ones.
 
     The column ``s`` takes candidate 0 (a plain sample); ``s+best-of-K`` takes the best of all K by
@@ -228,7 +150,7 @@ def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, 
     images = []
     for k in range(k_max):
         x = quantize(candidates(pos, k))
-        _score_into(scores, pos, k, x, moa, suite, weights, classifier)
+        _score_into(scores, pos, k, x, moa, suite, weights, classifier, judge)
         images.append(x)
     picks = {s: np.zeros(len(pos), dtype=np.int64)}
     if k_max > 1:
@@ -241,7 +163,7 @@ def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, 
 
 
 def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], *, suite, weights: Mapping[str, float],
-                     features, classifier, best_of: Sequence[int] = (1,), batch_size: int = 32,
+                     features, classifier, judge, best_of: Sequence[int] = (1,), batch_size: int = 32,
                      kid_subset_size: int = 100, kid_subsets: int = 100, reservoir_size: int = 1000,
                      seed: int = 0, grid_conditions: int = 6,
                      on_progress: Callable[[str, int, int], None] | None = None) -> dict:
@@ -254,9 +176,11 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         suite: a :class:`~cellfluxrl.rewards.RewardSuite` whose rewards are the report's reward rows.
         weights: name -> weight of the overall reward (names must be in the suite).
         features: feature extractor ``(B, C, H, W) in [-1, 1] -> float64 (B, F)`` with ``name``,
-            ``kid_name`` and ``dim`` (:class:`~cellfluxrl.inception.InceptionFeatures` or
-            :class:`MoAFeatures`).
-        classifier: the MoA classifier (``predict_proba``) for the accuracy row.
+            ``kid_name`` and ``dim`` (:class:`~cellfluxrl.inception.InceptionFeatures`, or
+            :class:`MoAFeatures` of the judge).
+        classifier: the reward's MoA classifier (``predict_proba``, ``classes``): the
+            ``moa_accuracy_reward`` row.
+        judge: the independent MoA classifier: the ``moa_accuracy`` row.
         best_of: the N values of the best-of-N curves (K = max candidates per pair; 1 is always added).
         batch_size: pairs per batch.
         kid_subset_size, kid_subsets: KID subsets (CellFlux: 100, 100).
@@ -292,7 +216,7 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         moa, cond = pairs.moa[pos], pairs.condition[pos]
         t0 = time.perf_counter()
         x_real = real_images(dataset, pairs, pos)
-        _score_into(scores[REAL], pos, 0, x_real, moa, suite, weights, classifier)
+        _score_into(scores[REAL], pos, 0, x_real, moa, suite, weights, classifier, judge)
         streams.update(REAL, cond, features(x_real))
         scores[REAL].seconds += time.perf_counter() - t0
         _remember(grid, pos, REAL, x_real)
@@ -300,7 +224,7 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         for s, candidates in sources.items():
             t0 = time.perf_counter()
             _source_batch(s, candidates, pos, k_max, scores[s], streams, grid, moa, cond, suite, weights, classifier,
-                          features)
+                          judge, features)
             scores[s].seconds += time.perf_counter() - t0
         done = [c for c in np.unique(cond) if last_position[int(c)] < start + len(pos)]
         _finish_conditions(streams, done, fd_columns, condition_names, per_condition_fd, kid_subset_size,
@@ -335,201 +259,6 @@ def _remember(grid: dict[int, dict[str, np.ndarray]], pos: np.ndarray, column: s
 
 
 # --------------------------------------------------------------------------------------------------
-# Report.
-
-
-def _cell(values: np.ndarray | None) -> dict:
-    if values is None:
-        return {"mean": None, "sem": None}
-    mean, sem = mean_sem(values)
-    return {"mean": mean, "sem": sem}
-
-
-def _distance_cells(result, name: str, kid_name: str, fd_c=None, kid_c=None) -> dict:
-    fd = None if result is None else result.fd
-    kd = None if result is None else result.kid_mean
-    kd_std = None if result is None else result.kid_std
-    return {f"{name}_o": {"mean": fd, "sem": None}, f"{name}_c": {"mean": fd_c, "sem": None},
-            f"{kid_name}_o": {"mean": kd, "sem": None, "std": kd_std}, f"{kid_name}_c": {"mean": kid_c, "sem": None}}
-
-
-def build_report(results: dict, settings: dict) -> dict:
-    """The report dict (everything ``report.json`` holds) from :func:`evaluate_sources`' results."""
-    names, k_max, best_of = results["names"], results["k_max"], results["best_of"]
-    fd_name, kid_name = results["feature_name"], results["kid_name"]
-    pairs: Pairs = results["pairs"]
-    rows = [*names, "overall", "moa_accuracy", f"{fd_name}_o", f"{fd_name}_c", f"{kid_name}_o", f"{kid_name}_c"]
-    table, per_condition, curves = {}, {}, {}
-    compounds = np.unique(pairs.compound)
-
-    def column_cells(values: dict[str, np.ndarray], correct: np.ndarray, column: str) -> dict:
-        cells = {name: _cell(values[name]) for name in names}
-        cells["overall"] = _cell(values["overall"])
-        cells["moa_accuracy"] = _cell(correct.astype(np.float64))
-        if column == REAL:
-            cells.update(_distance_cells(None, fd_name, kid_name))
-        else:
-            per = results["per_condition_fd"].get(column, {})
-            fds = [r.fd for r in per.values() if r.fd is not None]
-            kds = [r.kid_mean for r in per.values() if r.kid_mean is not None]
-            cells.update(_distance_cells(results["overall_fd"][column], fd_name, kid_name,
-                                         float(np.mean(fds)) if fds else None, float(np.mean(kds)) if kds else None))
-        per_condition[column] = {}
-        for compound in compounds:
-            mask = pairs.compound == compound
-            entry = {"n": int(mask.sum()), "overall": mean_sem(values["overall"][mask])[0],
-                     "moa_accuracy": float(correct[mask].mean())}
-            r = results["per_condition_fd"].get(column, {}).get(str(compound))
-            entry[fd_name] = None if r is None else r.fd
-            entry[kid_name] = None if r is None else r.kid_mean
-            per_condition[column][str(compound)] = entry
-        return cells
-
-    rows_idx = np.arange(len(pairs))
-    for s in results["sources"]:
-        sc = results["scores"][s]
-        curves[s] = {}
-        for n in best_of:
-            pick = best_of_n(sc.total, n)
-            values = {name: sc.components[name][rows_idx, pick] for name in names}
-            values["overall"] = sc.total[rows_idx, pick]
-            correct = sc.correct[rows_idx, pick]
-            curves[s][str(n)] = {key: _cell(v) for key, v in values.items()}
-            curves[s][str(n)]["moa_accuracy"] = _cell(correct.astype(np.float64))
-            if n == 1:
-                table[s] = column_cells(values, correct, s)
-            if n == k_max and k_max > 1:
-                table[f"{s}+best-of-{k_max}"] = column_cells(values, correct, f"{s}+best-of-{k_max}")
-    real = results["scores"][REAL]
-    values = {name: real.components[name][:, 0] for name in names}
-    values["overall"] = real.total[:, 0]
-    table[REAL] = column_cells(values, real.correct[:, 0], REAL)
-
-    throughput = {}
-    for s in [*results["sources"], REAL]:
-        seconds = results["scores"][s].seconds
-        n_images = len(pairs) * (k_max if s != REAL else 1)
-        throughput[s] = {"images": n_images, "seconds": seconds, "images_per_s": n_images / seconds if seconds else None}
-    return {
-        "format": REPORT_FORMAT,
-        "columns": list(table), "rows": rows, "table": table,
-        "labels": {row: REWARD_LABELS.get(row, row) for row in rows} | {"overall": "Overall",
-                                                                         "moa_accuracy": "MoA accuracy"},
-        "best_of_n": curves, "per_condition": per_condition,
-        "distance": {"features": fd_name, "kid": kid_name, "source": results["feature_source"],
-                     "note": _distance_note(fd_name), **results["kid"]},
-        "n_pairs": len(pairs), "n_conditions": int(compounds.size),
-        "settings": settings, "versions": versions(), "throughput": throughput,
-    }
-
-
-def _distance_note(fd_name: str) -> str:
-    if fd_name == "FID":
-        return "FID/KID on the 2048-d pool features of the FID InceptionV3 (TF 2015-12-05 weights); KID unscaled"
-    return ("offline substitute: Frechet and kernel distances on the MoA classifier's penultimate features "
-            "(not FID/KID, not comparable with published numbers); pass --inception FILE for FID/KID")
-
-
-def versions() -> dict:
-    """Software versions recorded in the report."""
-    import cellfluxrl
-
-    return {"cellfluxrl": cellfluxrl.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": sys.version.split()[0], "platform": platform.platform()}
-
-
-def _fmt(cell: dict | None, row: str) -> str:
-    if cell is None or cell.get("mean") is None:
-        return "-"
-    mean, sem = cell["mean"], cell.get("sem")
-    if row.endswith("_o") or row.endswith("_c"):
-        return f"{mean:.4g}" if abs(mean) < 10 else f"{mean:.2f}"
-    return f"{mean:.3f} ± {sem:.3f}" if sem is not None else f"{mean:.3f}"
-
-
-def markdown_table(report: dict, columns: Sequence[str] | None = None) -> str:
-    """The main table (rows x columns, default all columns) as GitHub markdown."""
-    columns = list(report["columns"] if columns is None else columns)
-    labels = report["labels"]
-    lines = ["| Metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for row in report["rows"]:
-        cells = [_fmt(report["table"][c].get(row), row) for c in columns]
-        lines.append(f"| {labels.get(row, row)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def markdown_report(report: dict) -> str:
-    """``report.md``: settings, the main table, the best-of-N table and per-condition distances."""
-    s = report["settings"]
-    out = [f"# Evaluation on {s.get('dataset', '?')}", "",
-           f"{report['n_pairs']} test pairs, {report['n_conditions']} conditions, seed {s.get('seed')}, "
-           f"best-of {s.get('best_of')}, {s.get('steps')} sampler steps, CFG {s.get('cfg_scale')}.",
-           f"Overall reward weights: {s.get('weights')}.", f"Distances: {report['distance']['note']}.", "",
-           "Rewards: mean ± standard error over pairs (higher is better). Distances: lower is better "
-           "(the real column has none).", "", markdown_table(report), "", "## Best-of-N (selected by the overall reward)", ""]
-    names = [r for r in report["rows"] if r in report["table"][report["columns"][0]] and not r[-2:] in ("_o", "_c")]
-    out.append("| Run | N | " + " | ".join(report["labels"].get(r, r) for r in names) + " |")
-    out.append("|---|---|" + "---|" * len(names))
-    for run, per_n in report["best_of_n"].items():
-        for n, cells in per_n.items():
-            out.append(f"| {run} | {n} | " + " | ".join(_fmt(cells.get(r), r) for r in names) + " |")
-    fd, kd = report["distance"]["features"], report["distance"]["kid"]
-    out += ["", "## Per condition", "", f"| Column | Condition | n | Overall | MoA accuracy | {fd} | {kd} |",
-            "|---|---|---|---|---|---|---|"]
-    for column, per in report["per_condition"].items():
-        for name, e in per.items():
-            d = "-" if e[fd] is None else f"{e[fd]:.4g}"
-            k = "-" if e[kd] is None else f"{e[kd]:.4g}"
-            out.append(f"| {column} | {name} | {e['n']} | {e['overall']:.3f} | {e['moa_accuracy']:.3f} | {d} | {k} |")
-    out += ["", "## Throughput (generation + rewards + features, this machine)", ""]
-    for column, t in report["throughput"].items():
-        ips = "-" if t["images_per_s"] is None else f"{t['images_per_s']:.1f}"
-        out.append(f"- {column}: {t['images']} images in {t['seconds']:.1f} s = {ips} images/s")
-    return "\n".join(out) + "\n"
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_report(report: dict, results: dict, out: str | os.PathLike) -> dict[str, Path]:
-    """Write report.json, report.md and the two figures into ``out``; returns their paths."""
-    from cellfluxrl.figures import best_of_n_figure, image_grid_figure
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "md": out / "report.md", "fig5": out / "fig5_best_of_n.png",
-             "fig4": out / "fig4_grid.png"}
-    keys = [*results["names"], "overall"]
-    labels = {k: report["labels"].get(k, k) for k in keys}
-    curves = {run: {k: [(int(n), c[k]["mean"], c[k]["sem"]) for n, c in per_n.items()] for k in keys}
-              for run, per_n in report["best_of_n"].items()}
-    best_of_n_figure(curves, labels, paths["fig5"])
-    pairs: Pairs = results["pairs"]
-    columns = [CONTROL_COLUMN, *results["fd_columns"], REAL]
-    rows = [(f"{pairs.compound[p]}\n({pairs.moa[p]})", images) for p, images in results["grid"]]
-    image_grid_figure(rows, columns, paths["fig4"])
-    report = dict(report, files={k: p.name for k, p in paths.items()})
-    _write_text(paths["md"], markdown_report(report))
-    # report.json last: its presence means the evaluation finished (the demo relies on it).
-    _write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n")
-    return paths
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-# --------------------------------------------------------------------------------------------------
 # The library entry point.
 
 
@@ -543,82 +272,121 @@ def run_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
     return names
 
 
+
+# --split of evaluate: which compound splits get a section of their own (never mixed).
+EVAL_SPLITS = {"both": ("id", "ood"), "id": ("id",), "ood": ("ood",), "all": ("all",)}
+
+
+def _load_runs(run_dirs, names, device, steps, cfg_scale, sigma) -> list[dict]:
+    """Load the runs (EMA weights) and resolve how each is sampled (recorded unless overridden)."""
+    from dataclasses import replace
+
+    from cellfluxrl.checkpoint import load_run, resolve_sampling
+
+    runs = []
+    for name, run_dir in zip(names, run_dirs):
+        run = load_run(run_dir, device=device, weights="ema")
+        sampling, source = resolve_sampling(run.recorded, steps, cfg_scale)
+        if sigma is not None:
+            sampling, source = replace(sampling, sigma=float(sigma)), f"{source}; sigma given on the command line"
+        runs.append({"name": name, "run": run, "sampling": sampling, "info": {
+            "name": name, "path": str(run_dir), "kind": run.kind, "step": run.step, "trained_on": str(run.dataset_dir),
+            "sampling": sampling.to_dict(), "sampling_text": sampling.describe(), "sampling_source": source}})
+    return runs
+
+
 def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLike], *, n: int = 5120,
              best_of: Sequence[int] = (1,), weights: str | Mapping[str, float] | None = None, seed: int = 0,
-             batch_size: int = 32, steps: int = 50, cfg_scale: float = 0.2, sigma: float = 1.0,
-             inception: str | os.PathLike | None = None, device: str = "cpu", out: str | os.PathLike | None = None,
-             names: Sequence[str] | None = None, kid_subset_size: int = 100, kid_subsets: int = 100,
+             batch_size: int = 32, steps: int | None = None, cfg_scale: float | None = None,
+             sigma: float | None = None, split: str = "both", inception: str | os.PathLike | None = None,
+             device: str = "cpu", out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
+             kid_subset_size: int = 100, kid_subsets: int = 100,
              on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Evaluate runs on a dataset's test pairs (see the module docstring for the protocol).
 
     Args:
-        dataset_dir: the dataset folder (with fitted evaluators).
+        dataset_dir: the dataset folder (with fitted evaluators: reward classifier and judge).
         run_dirs: pretrain/posttrain run folders (EMA weights are used).
-        n: number of test pairs (CellFlux: 5,120; fewer if the split is smaller).
+        n: test pairs per split (CellFlux: 5,120; fewer if the split is smaller).
         best_of: N values of the best-of-N curves; the table's TTS column uses the largest.
         weights: reward weights of the overall reward (``"moa=5,..."`` or a dict; None = the paper's).
         seed: seeds the control draw, the source noise of every candidate, reservoirs and KID subsets.
         batch_size: pairs per batch.
-        steps: Heun steps on the EDM grid (CellFlux: 50).
-        cfg_scale: classifier-free guidance weight (CellFlux BBBC021: 0.2).
-        sigma: source-noise std (CellFlux: 1.0).
+        steps, cfg_scale, sigma: override every run's recorded sampling (``None``: each run's own).
+        split: ``"both"`` (in-distribution and OOD sections, the default), ``"id"``, ``"ood"`` or
+            ``"all"`` (one mixed section; never the headline of a paper table).
         inception: FID InceptionV3 weight file (state dict or TorchScript); None = the offline
-            FD-MoA/KD-MoA substitute.
+            FD-judge/KD-judge substitute.
         device: torch device for generation and features (rewards run on CPU threads).
         out: folder for report.json, report.md and the figures (None: write nothing).
         names: column names of the runs (default: :func:`run_names`).
         kid_subset_size, kid_subsets: KID subsets (CellFlux: 100 and 100).
-        on_progress: progress callback ``(stage, done, total)``.
+        on_progress: progress callback ``(split, pairs done, pairs total)``.
 
     Returns:
-        The report dict (as written to report.json).
+        The report dict (as written to report.json; see :mod:`cellfluxrl.report`).
 
     Raises:
-        CellfluxError: missing dataset/evaluators/run/weights, a run trained on images of another
-            size, or bad options.
+        CellfluxError: missing dataset/evaluators/run/weights, an empty split, or bad options.
     """
-    from cellfluxrl.checkpoint import load_run
     from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.generate import SPLITS
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite, parse_weights
 
     if not run_dirs:
         raise CellfluxError("evaluate: give at least one RUN folder")
+    if split not in EVAL_SPLITS:
+        raise CellfluxError(f"evaluate: unknown split {split!r}; choose one of {', '.join(EVAL_SPLITS)}")
     dataset = load_dataset(dataset_dir)
     weights = parse_weights(weights) if not isinstance(weights, Mapping) else dict(weights)
+    names = list(names) if names is not None else run_names(run_dirs)
+    if len(names) != len(run_dirs):
+        raise CellfluxError(f"evaluate: {len(names)} names for {len(run_dirs)} runs")
+    runs = _load_runs(run_dirs, names, device, steps, cfg_scale, sigma)
     # Every default reward is reported as a row, whatever its weight in the overall reward.
     suite = RewardSuite.from_dataset(dataset, {name: 1.0 for name in [*DEFAULT_WEIGHTS, *weights]}, device=device)
-    classifier = suite.evaluators.moa_classifier(device)
+    classifier, judge = suite.evaluators.moa_classifier(device), suite.evaluators.judge(device)
     if inception is not None:
         from cellfluxrl.inception import load_inception
 
         features = load_inception(inception, device=device)
     else:
-        features = MoAFeatures(classifier, source=str(suite.evaluators.classifier_path))
-    pairs = Pairs.from_dataset(dataset, n, seed)
-    names = list(names) if names is not None else run_names(run_dirs)
-    if len(names) != len(run_dirs):
-        raise CellfluxError(f"evaluate: {len(names)} names for {len(run_dirs)} runs")
-    sources, runs_info = {}, []
-    for name, run_dir in zip(names, run_dirs):
-        run = load_run(run_dir, device=device, weights="ema")
-        sources[name] = run_candidates(run.net, dataset, pairs, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                                       sigma=sigma, device=device)
-        runs_info.append({"name": name, "path": str(run_dir), "kind": run.kind, "step": run.step,
-                          "trained_on": str(run.dataset_dir)})
-    settings = {"dataset": str(dataset_dir), "runs": runs_info, "n": int(n), "best_of": sorted({1, *(int(b) for b in best_of)}),
-                "weights": weights, "seed": int(seed), "batch_size": int(batch_size), "steps": int(steps),
-                "cfg_scale": float(cfg_scale), "sigma": float(sigma), "solver": "heun", "grid": "edm",
-                "device": str(device), "inception": None if inception is None else str(inception),
+        features = MoAFeatures(judge, source=str(suite.evaluators.judge_path))
+    settings = {"dataset": str(dataset_dir), "runs": [r["info"] for r in runs], "n": int(n), "split": split,
+                "best_of": sorted({1, *(int(b) for b in best_of)}), "weights": weights, "seed": int(seed),
+                "batch_size": int(batch_size), "device": str(device),
+                "inception": None if inception is None else str(inception),
+                "graders": {"rewards": str(suite.evaluators.classifier_path), "judge": str(suite.evaluators.judge_path)},
                 "seeds": {"pairs": int(seed), "candidate_noise": f"SeedSequence([{seed}, target_index, k])",
                           "kid_subsets": int(seed)}}
-    with torch.inference_mode(False), torch.no_grad():
-        results = evaluate_sources(dataset, pairs, sources, suite=suite, weights=weights, features=features,
-                                   classifier=classifier, best_of=best_of, batch_size=batch_size,
-                                   kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, seed=seed,
-                                   on_progress=on_progress)
-    report = build_report(results, settings)
+    sections = {}
+    try:
+        for part in EVAL_SPLITS[split]:
+            if split == "both" and part == "ood" and dataset.conditions["ood"].sum() == 0:
+                logger.warning("%s has no held-out (OOD) compounds; reporting in-distribution only", dataset.root)
+                continue
+            pairs = Pairs.from_dataset(dataset, n, seed, part)
+            sources = {r["name"]: run_candidates(r["run"].net, dataset, pairs, seed=seed, device=device,
+                                                 **_sampling_kwargs(r["sampling"])) for r in runs}
+            progress = None if on_progress is None else (lambda stage, done, total, part=part: on_progress(part, done, total))
+            with torch.inference_mode(False), torch.no_grad():
+                results = evaluate_sources(dataset, pairs, sources, suite=suite, weights=weights, features=features,
+                                           classifier=classifier, judge=judge, best_of=best_of,
+                                           batch_size=batch_size, kid_subset_size=kid_subset_size,
+                                           kid_subsets=kid_subsets, seed=seed, on_progress=progress)
+            sections[part] = build_report(results, split=part, split_description=SPLITS[part])
+            if out is not None:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                sections[part]["files"] = write_section_figures(sections[part], results, Path(out))
+    finally:
+        suite.close()
+    report = combine(sections, settings)
     if out is not None:
-        paths = write_report(report, results, out)
-        report["files"] = {k: p.name for k, p in paths.items()}
-    suite.close()
+        write_report(report, out)
     return report
+
+
+def _sampling_kwargs(sampling) -> dict:
+    """:func:`run_candidates` keyword arguments of a :class:`~cellfluxrl.checkpoint.Sampling`."""
+    return {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "sigma": sampling.sigma,
+            "solver": sampling.solver, "grid": sampling.grid}

@@ -8,8 +8,13 @@ in-distribution compounds only (CellFlux's OOD compounds are held out)::
       reference_stats.json   per MoA (the 12 MoAs and DMSO): n, mean and std of the six
                              morphology statistics (cellfluxrl.morphology.measure) of the segmented
                              train images, plus the segmenter name, options and settings
-      moa_classifier.pt      the MoA CNN: {"format", "state_dict", "config", "info"} (weights_only)
-      classifier.json        train/test accuracy, per-class test accuracy, epochs, seconds
+      moa_classifier.pt      the reward's MoA CNN: {"format", "state_dict", "config", "info"} (weights_only)
+      judge.pt               the judge: an MoA CNN fitted independently (its own seed, wider stages,
+                             and the other half of the treated train images); it grades MoA
+                             accuracy and gives the FD/KD features, so RL is never graded by the
+                             network it was rewarded by
+      classifier.json        the reward classifier's train/test accuracy, per-class test accuracy,
+                             robustness to degradations, epochs, seconds; the same under "judge"
 
 The rewards compare a generated image's statistic with the reference of its MoA (Eqs. 5-6), so
 the reference must be measured with the same segmenter and settings; :class:`Evaluators` records
@@ -36,6 +41,9 @@ STATS = ("nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto
 REFERENCE_FILE = "reference_stats.json"
 CLASSIFIER_FILE = "moa_classifier.pt"
 CLASSIFIER_REPORT = "classifier.json"
+JUDGE_FILE = "judge.pt"
+JUDGE_WIDTHS = (32, 64, 128)  # another architecture than the reward classifier's (24, 48, 96)
+JUDGE_SEED_OFFSET = 1000  # the judge's seed is the dataset seed + this
 REFERENCE_FORMAT = "cellfluxrl-reference-stats/1"
 POOLED = "all treated"  # fallback reference for an MoA without train images
 SEGMENT_BATCH = 512
@@ -92,6 +100,10 @@ class Evaluators:
     classifier_path: Path
     classifier_report: dict = field(default_factory=dict)
     _classifiers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def judge_path(self) -> Path:
+        return self.root / JUDGE_FILE
 
     @property
     def segmenter_name(self) -> str:
@@ -155,6 +167,18 @@ class Evaluators:
                 raise CellfluxError(f"{self.classifier_path}: MoA classifier missing; {FIT_HINT}")
             self._classifiers[device] = load_moa_classifier(self.classifier_path, device)
         return self._classifiers[device]
+
+    def judge(self, device: str = "cpu"):
+        """The independent judge classifier on ``device`` (loaded once per device, eval mode)."""
+        key = ("judge", device)
+        if key not in self._classifiers:
+            from cellfluxrl.moa_classifier import load_moa_classifier
+
+            if not self.judge_path.is_file():
+                raise CellfluxError(f"{self.judge_path}: judge classifier missing (evaluators fitted by an older "
+                                    f"version); refit with `cellfluxrl rewards fit DATASET`")
+            self._classifiers[key] = load_moa_classifier(self.judge_path, device)
+        return self._classifiers[key]
 
 
 def _jsonable(value: Any) -> Any:
@@ -262,26 +286,79 @@ def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | N
     return reference
 
 
-def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: str = "cpu",
-                   progress: bool = False) -> dict:
-    """Train the MoA classifier on treated train images, test it on treated test images (both
-    in-distribution compounds only); write ``moa_classifier.pt`` and ``classifier.json``.
+def disjoint_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..N-1`` into two disjoint halves, stratified by label.
+
+    Within each class the positions are shuffled (seeded) and dealt alternately, so both halves
+    hold every class in (almost) equal numbers.
+
+    Args:
+        labels: int ``(N,)`` class labels.
+        seed: seed of the shuffle.
 
     Returns:
-        The report written to classifier.json (accuracies, epochs, seconds, ...).
+        ``(first, second)``: sorted int64 position arrays, disjoint, together ``0..N-1``.
     """
-    from cellfluxrl.moa_classifier import accuracy_report, save_moa_classifier, train_moa_classifier
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([int(seed), 0x7A1F])
+    first, second = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        first.append(members[0::2])
+        second.append(members[1::2])
+    cat = lambda parts: np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return cat(first), cat(second)
 
+
+def _fit_one(dataset, train_idx: np.ndarray, train_labels: np.ndarray, test_idx: np.ndarray,
+             test_labels: np.ndarray, *, seed: int, epochs: int | None, widths, device: str, progress: bool,
+             path: Path) -> dict:
+    """Train one MoA classifier, test it (clean and degraded), save it; returns its report."""
+    from cellfluxrl.moa_classifier import (DEFAULT_WIDTHS, accuracy_report, robustness_report, save_moa_classifier,
+                                           train_moa_classifier)
+
+    model, info = train_moa_classifier(np.asarray(dataset.images[train_idx]), train_labels, epochs=epochs,
+                                       seed=seed, device=device, progress=progress,
+                                       widths=tuple(widths or DEFAULT_WIDTHS))
+    test_images = np.asarray(dataset.images[test_idx])
+    test = accuracy_report(model, test_images, test_labels)
+    robustness = robustness_report(model, test_images, test_labels) if test_labels.size else {}
+    report = {**info, "widths": list(model.config["widths"]), "n_train": int(train_idx.size),
+              "n_classes": int(len(np.unique(train_labels))), "n_test": test["n"], "test_accuracy": test["accuracy"],
+              "per_class_test_accuracy": test["per_class"], "robustness": robustness, "classes": list(MOAS)}
+    save_moa_classifier(model, path, info=report)
+    return report
+
+
+def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: str = "cpu",
+                   progress: bool = False) -> dict:
+    """Train the reward's MoA classifier and the independent judge; write both and ``classifier.json``.
+
+    The treated, in-distribution train images are split into two disjoint halves stratified by
+    MoA (:func:`disjoint_halves`): the reward classifier learns from the first (seed ``seed``,
+    the default stages), the judge from the second (seed ``seed + 1000``, wider stages), so the
+    judge shares neither data, initialisation nor architecture with the network RL optimises.
+    Both are tested on the treated in-distribution test images, clean and degraded.
+
+    Returns:
+        The report written to classifier.json: the reward classifier's figures at the top level
+        (accuracies, robustness, epochs, seconds, ...) and the judge's under ``"judge"``.
+    """
     train_idx, train_labels = _treated_in_distribution(dataset, "train")
     test_idx, test_labels = _treated_in_distribution(dataset, "test")
-    model, info = train_moa_classifier(np.asarray(dataset.images[train_idx]), train_labels, epochs=epochs,
-                                       seed=seed, device=device, progress=progress)
-    test = accuracy_report(model, np.asarray(dataset.images[test_idx]), test_labels)
-    report = {**info, "n_train": int(train_idx.size), "n_classes": int(len(np.unique(train_labels))),
-              "n_test": test["n"], "test_accuracy": test["accuracy"],
-              "per_class_test_accuracy": test["per_class"], "classes": list(MOAS)}
+    first, second = disjoint_halves(train_labels, seed)
+    if min(len(np.unique(train_labels[first])), len(np.unique(train_labels[second]))) < 2:
+        raise CellfluxError(f"{dataset.root}: too few treated train images to fit two MoA classifiers "
+                            f"({train_idx.size} images)")
     dataset.evaluators_dir.mkdir(exist_ok=True)
-    save_moa_classifier(model, dataset.evaluators_dir / CLASSIFIER_FILE, info=report)
+    common = dict(epochs=epochs, device=device, progress=progress)
+    report = _fit_one(dataset, train_idx[first], train_labels[first], test_idx, test_labels, seed=seed, widths=None,
+                      path=dataset.evaluators_dir / CLASSIFIER_FILE, **common)
+    report["judge"] = _fit_one(dataset, train_idx[second], train_labels[second], test_idx, test_labels,
+                               seed=seed + JUDGE_SEED_OFFSET, widths=JUDGE_WIDTHS,
+                               path=dataset.evaluators_dir / JUDGE_FILE, **common)
+    report["halves"] = (f"treated in-distribution train images split by disjoint_halves(seed={seed}): "
+                        f"{first.size} for the reward classifier, {second.size} for the judge")
     _write_json(dataset.evaluators_dir / CLASSIFIER_REPORT, report)
     return report
 
@@ -316,6 +393,11 @@ def fit_evaluators(dataset_dir: str | os.PathLike, segmenter: str = "classical",
     logger.info("fitted evaluators of %s: %s", dataset.root, report)
     n_moas = len([m for m in reference["moas"] if m != POOLED])
     accuracy = f"{report['test_accuracy']:.3f}" if report["n_test"] else "n/a (no test images)"
+    judge = report["judge"]
+    judge_accuracy = f"{judge['test_accuracy']:.3f}" if judge["n_test"] else "n/a"
     return {"reference stats": f"{n_moas} MoAs on {reference['n_images']:,} train images ({segmenter})",
             "MoA classifier": f"test accuracy {accuracy} on {report['n_test']:,} images ({report['n_classes']} "
-                              f"classes, {report['epochs']} epochs, {report['seconds']:.0f} s)"}
+                              f"classes, {report['n_train']:,} train images, {report['epochs']} epochs, "
+                              f"{report['seconds']:.0f} s)",
+            "judge": f"test accuracy {judge_accuracy} ({judge['n_train']:,} other train images, own seed, "
+                     f"{judge['seconds']:.0f} s)"}

@@ -105,27 +105,50 @@ def generate(net: nn.Module, x_0_clean: torch.Tensor, cond: torch.Tensor, *, gen
     return out, x_0_noisy
 
 
-def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = None):
-    """Evaluation pairs: the first ``n`` treated test rows in CSV order and same-plate controls.
+SPLITS = {"id": "in-distribution compounds (seen in training; CellFlux's headline protocol)",
+          "ood": "held-out (OOD) compounds, never seen in training",
+          "all": "all compounds (in-distribution and held-out mixed)"}
 
-    As CellFlux (first 5,120 test rows). OOD compounds are included; ``conditions`` restricts the
-    targets to those compound names. Fewer than ``n`` pairs come back when fewer rows exist.
+
+def split_targets(dataset, split: str = "id") -> np.ndarray:
+    """Treated test rows (int64, CSV order) of a compound split: ``"id"``, ``"ood"`` or ``"all"``.
+
+    CellFlux evaluates the in-distribution compounds and the held-out (OOD) ones separately; a
+    number over ``"all"`` mixes the two and is never a headline.
+    """
+    if split not in SPLITS:
+        raise CellfluxError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    everything = dataset.select(split="test", state="treated", include_ood=True)
+    if split == "all":
+        return everything
+    in_distribution = dataset.select(split="test", state="treated", include_ood=False)
+    return in_distribution if split == "id" else np.setdiff1d(everything, in_distribution)
+
+
+def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = None, split: str = "id"):
+    """Evaluation pairs: the first ``n`` treated test rows of a split in CSV order, same-plate controls.
+
+    As CellFlux (first 5,120 test rows, in-distribution compounds; the OOD compounds are evaluated
+    apart with ``split="ood"``). ``conditions`` restricts the targets to those compound names
+    (within the split; with ``conditions`` the split defaults to ``"all"`` in the commands).
+    Fewer than ``n`` pairs come back when fewer rows exist.
 
     Args:
         dataset: a :class:`cellfluxrl.data.layout.Dataset`.
         n: number of pairs wanted.
         seed: seed of the control draw (:func:`cellfluxrl.data.pairing.draw_controls`).
         conditions: compound names, or ``None`` for all.
+        split: ``"id"`` (default), ``"ood"`` or ``"all"`` (:data:`SPLITS`).
 
     Returns:
         ``(target_idx, control_idx)``, int64 ``(m,)`` each with ``m = min(n, available)``.
 
     Raises:
-        CellfluxError: an unknown compound name, or no treated test rows for the request.
+        CellfluxError: an unknown compound name or split, or no treated test rows for the request.
     """
     from cellfluxrl.data.pairing import draw_controls
 
-    targets = dataset.select(split="test", state="treated", include_ood=True)
+    targets = split_targets(dataset, split)
     if conditions:
         known = set(dataset.conditions["compound"].tolist())
         for name in conditions:
@@ -134,7 +157,7 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
         targets = targets[np.isin(dataset.table["compound"][targets], list(conditions))]
     if targets.size == 0:
         what = f" for {', '.join(conditions)}" if conditions else ""
-        raise CellfluxError(f"{dataset.root}: no treated test images{what}")
+        raise CellfluxError(f"{dataset.root}: no treated test images of the {split!r} split{what}")
     targets = targets[: int(n)]
     return targets.astype(np.int64), draw_controls(dataset, "test", targets, seed)
 

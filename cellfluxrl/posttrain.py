@@ -51,6 +51,7 @@ from cellfluxrl import nft
 from cellfluxrl.config import config_from_dict, config_to_dict, dump_json
 from cellfluxrl.distributed import all_gather_tensor
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.generate import guided_velocity
 from cellfluxrl.path import add_source_noise, interpolate, target_velocity
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,11 @@ class PosttrainConfig:
     steps: int = 1200  # optimizer steps = RL iterations (paper: 1200)
     group_size: int = 8  # m rollouts per fixed (x_0, c) group
     groups_per_step: int = 16  # groups per iteration over all ranks (16 x 8 = 128 rollouts per step)
-    rollout_steps: int = 10  # Heun steps of the rollout sampler (DiffusionNFT: 10; NFE = 2 steps - 1)
+    rollout_steps: int = 10  # Heun steps of the rollout sampler (DiffusionNFT: 10; Heun NFE = 2 steps)
     rollout_grid: str = "edm"  # rollout time grid (CellFlux sampler: edm)
     rollout_batch: int = 64  # rollouts per sampler call and per reward job (rounded down to whole groups)
     sigma: float = 1.0  # std of the noise injected into the control (CellFlux: 1.0)
-    cfg_scale: float = 0.0  # CFG in rollouts; 0 = conditional velocity only (DiffusionNFT is CFG-free)
+    cfg_scale: float | None = None  # CFG of rollouts AND of the trained (guided) velocity; None: the base run's sampling CFG
     train_source: str = "fresh"  # x_0 of the forward process: clean control + fresh sigma noise, or "rollout" (exact source)
     t_sampling: str = "grid"  # training t: the rollout grid's times (paper App. B) or U[0,1)
     forward_noise: str = "group"  # "group": a group's rollouts share their fresh source noise and t (common random numbers); "independent"
@@ -101,7 +102,9 @@ class PosttrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise CellfluxError(f"posttrain: {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("sigma", "cfg_scale", "kl_weight", "max_minutes", "weight_decay", "grad_clip", "old_rate", "grid_every",
+        if self.cfg_scale is not None and not 0.0 <= self.cfg_scale < float("inf"):
+            raise CellfluxError(f"posttrain: cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
+        for name in ("sigma", "kl_weight", "max_minutes", "weight_decay", "grad_clip", "old_rate", "grid_every",
                      "grid_pairs"):
             if not getattr(self, name) >= 0:
                 raise CellfluxError(f"posttrain: {name} must be >= 0, got {getattr(self, name)!r}")
@@ -121,6 +124,11 @@ class PosttrainConfig:
         if self.t_sampling == "grid" and (self.train_timesteps or 0) > self.rollout_steps:
             raise CellfluxError(f"posttrain: train_timesteps {self.train_timesteps} > rollout_steps "
                                 f"{self.rollout_steps} (the grid has only that many times)")
+
+    @property
+    def guidance(self) -> float:
+        """The CFG scale ``w`` of rollouts and training (an unresolved ``None`` counts as 0)."""
+        return float(self.cfg_scale or 0.0)
 
     @property
     def n_train_timesteps(self) -> int:
@@ -218,7 +226,7 @@ def collect_rollouts(old: torch.nn.Module, pairs, embeddings: torch.Tensor, cfg:
         with torch.no_grad(), _autocast(device, cfg.bf16):
             x_1, x_0 = generate(old, x_clean, embeddings[idx], generator=gen, sigma=cfg.sigma,
                                 num_steps=cfg.rollout_steps, grid=cfg.rollout_grid, solver="heun",
-                                cfg_scale=cfg.cfg_scale)
+                                cfg_scale=cfg.guidance)
         x_1, x_0 = x_1.float(), x_0.float()
         futures.append(submit(x_1.detach().to("cpu"), moa))
         xs_0.append(x_0)
@@ -278,6 +286,12 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
                  rng: np.random.Generator, device: torch.device) -> dict[str, float]:
     """Accumulate the gradient of the iteration's loss (Algorithm 1 lines 9-13) into ``theta``.
 
+    Every velocity (``v_theta``, ``v_old``, ``v_ref``) is the guided one the rollouts were sampled
+    with, ``(1 + w) v(x, t, c) - w v(x, t, None)`` at ``w = cfg.cfg_scale`` (one batched pass of
+    the conditional and unconditional branches; ``w = 0`` is the plain conditional velocity), so
+    the policy that is trained is exactly the policy that is sampled, and guidance stays meaningful
+    after RL (docs/posttrain.md).
+
     The loss is the mean over every (rollout, t) item of ``nft_loss + kl_weight * kl_loss``; items
     are shuffled and split into micro-batches of ``train_batch``, each back-propagated with weight
     ``len(batch) / n_items`` (DDP all-reduces only on the last one).
@@ -286,7 +300,7 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
         Means over the items: ``loss``, ``policy_loss``, ``kl`` (``||v_theta - v_ref||^2``),
         ``kl_old`` (``||v_old - v_ref||^2``) and ``fm_old`` (``||v_old - v||^2``).
     """
-    n = ro.x_1.shape[0]
+    n, w = ro.x_1.shape[0], cfg.guidance
     sample, draw, t_flat, n_draws = forward_draws(cfg, n, rng)
     gen = _torch_gen(rng, device)
     if cfg.train_source == "fresh":  # one noisy source per draw; a group's members share their control
@@ -304,11 +318,10 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
         x_t, v = interpolate(x_0, x_1, t), target_velocity(x_0, x_1)
         sync = k == len(batches) - 1 or not hasattr(policies.train, "no_sync")
         with nullcontext() if sync else policies.train.no_sync():
-            with _autocast(device, cfg.bf16):
-                with torch.no_grad():
-                    v_old = policies.old(x_t, t, cond).float()
-                    v_ref = policies.ref(x_t, t, cond).float()
-                v_theta = policies.train(x_t, t, cond).float()
+            with torch.no_grad():
+                v_old = guided_velocity(policies.old, cond, w, autocast=cfg.bf16)(x_t, t)
+                v_ref = guided_velocity(policies.ref, cond, w, autocast=cfg.bf16)(x_t, t)
+            v_theta = guided_velocity(policies.train, cond, w, autocast=cfg.bf16)(x_t, t)
             policy = nft.nft_loss(v_theta, v_old, v, r[idx].float(), cfg.nft_beta, adv_clip=cfg.adv_clip,
                                   adaptive=cfg.adaptive, t=t)
             kl = nft.kl_loss(v_theta, v_ref)
@@ -473,10 +486,20 @@ def _resume_state(out_run: Path, base_run: Path) -> dict | None:
     return None
 
 
+def rollout_sampling(cfg: PosttrainConfig):
+    """The :class:`~cellfluxrl.checkpoint.Sampling` a posttrain run records: its rollout sampler and
+    guidance (``cfg.cfg_scale`` resolved), the setting its policy was trained for."""
+    from cellfluxrl.checkpoint import Sampling
+
+    return Sampling(steps=cfg.rollout_steps, cfg_scale=cfg.guidance, solver="heun",
+                    grid=cfg.rollout_grid, sigma=cfg.sigma)
+
+
 def _resumed_config(state: dict, cfg: PosttrainConfig) -> PosttrainConfig:
     """The stored settings win on resume, except ``steps`` (a run can be extended)."""
     stored = config_from_dict(PosttrainConfig, state["posttrain"])
-    changed = [f.name for f in fields(cfg) if f.name != "steps" and getattr(cfg, f.name) != getattr(stored, f.name)]
+    changed = [f.name for f in fields(cfg) if f.name != "steps" and getattr(cfg, f.name) is not None
+               and getattr(cfg, f.name) != getattr(stored, f.name)]
     if changed:
         log.warning("resuming: keeping the stored %s (ignoring the new values)", ", ".join(changed))
     return replace(stored, steps=cfg.steps)
@@ -527,7 +550,7 @@ class SampleGrid:
 
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7919)
         x_1, _ = generate(net, self.control, self.cond, generator=gen, sigma=self.cfg.sigma,
-                          num_steps=self.cfg.rollout_steps, grid=self.cfg.rollout_grid, cfg_scale=self.cfg.cfg_scale)
+                          num_steps=self.cfg.rollout_steps, grid=self.cfg.rollout_grid, cfg_scale=self.cfg.guidance)
         return x_1.float().cpu()
 
     def write(self, path: Path, net: torch.nn.Module, step: int) -> Path:
@@ -587,6 +610,11 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
 
     # Load the base run, its dataset and the rewards.
     base = load_run(base_run, device=dev, weights="ema")
+    if cfg.cfg_scale is None:  # train and roll out the guidance the base is meant to be sampled with
+        cfg = replace(cfg, cfg_scale=base.sampling.cfg_scale)
+        if base.recorded is None:
+            log.warning("%s predates recorded sampling settings: rolling out and training with CellFlux's CFG %g "
+                        "(give --cfg-scale to choose)", base_run, cfg.cfg_scale)
     dataset = load_dataset(base.dataset_dir)
     pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=cfg.seed)
     weights = parse_weights(cfg.weights)
@@ -606,7 +634,8 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
         start = int(state["step"])
         log.info("resuming %s at step %d", out_run, start)
     run_config = {**base.config, "kind": "posttrain", "base_run": str(base_run.resolve()),
-                  "posttrain": config_to_dict(cfg), "reward_weights": dict(weights)}
+                  "posttrain": config_to_dict(cfg), "reward_weights": dict(weights),
+                  "sampling": rollout_sampling(cfg).to_dict()}
     if info.is_main:
         out_run.mkdir(parents=True, exist_ok=True)
         dump_json(run_config, out_run / "config.json")

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from cellfluxrl import __version__, losses
-from cellfluxrl.checkpoint import (CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME, load_cellflux_weights,
+from cellfluxrl.checkpoint import (CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME, Sampling, load_cellflux_weights,
                                    load_checkpoint, load_state_strict, save_checkpoint)
 from cellfluxrl.config import PretrainConfig, config_to_dict, dump_json
 from cellfluxrl.distributed import DistInfo, all_reduce_sum, barrier
@@ -43,7 +43,7 @@ from cellfluxrl.unet import PRESETS, UNetConfig, VelocityUNet
 log = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed (they do not change the trajectory).
-RESUMABLE_CHANGES = ("steps", "ckpt_every", "log_every", "num_workers")
+RESUMABLE_CHANGES = ("steps", "ckpt_every", "log_every", "num_workers", "sample_steps", "sample_cfg_scale")
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +173,8 @@ def run_config(dataset_dir: Path, cfg: PretrainConfig, unet: UNetConfig, conditi
     preset = cfg.preset if PRESETS.get(cfg.preset) == unet else "custom"
     return {"kind": "pretrain", "dataset": str(Path(dataset_dir).resolve()), "preset": preset,
             "unet": unet.to_dict(), "condition_dim": int(condition_dim), "train": config_to_dict(cfg),
-            "init_from": init_from, "cellfluxrl_version": __version__}
+            "init_from": init_from, "cellfluxrl_version": __version__,
+            "sampling": Sampling(steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, sigma=cfg.noise_sigma).to_dict()}
 
 
 def check_resume_compatible(stored: dict, new: dict, path: Path) -> None:

@@ -23,8 +23,11 @@ def dataset_dir(tmp_path_factory):
     return root
 
 
-def _make_run(dataset_dir, run_dir, seed: int):
-    """A run folder holding a randomly initialised (untrained) small velocity network."""
+def _make_run(dataset_dir, run_dir, seed: int, sampling: dict | None = None):
+    """A run folder holding a randomly initialised (untrained) small velocity network.
+
+    ``sampling``: the run's recorded sampling settings (``None``: a run that predates them).
+    """
     from cellfluxrl.checkpoint import save_checkpoint
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.unet import UNetConfig, build_unet
@@ -33,8 +36,13 @@ def _make_run(dataset_dir, run_dir, seed: int):
     unet = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
     dim = int(load_dataset(dataset_dir).embeddings.shape[1])
     net = build_unet(unet.to_dict(), dim)
+    with torch.no_grad():  # the output layer starts at zero (v = 0 for any setting): give it weights
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
     config = {"kind": "pretrain", "dataset": str(dataset_dir), "preset": "custom", "unet": unet.to_dict(),
               "condition_dim": dim}
+    if sampling is not None:
+        config["sampling"] = sampling
     state = net.state_dict()
     save_checkpoint(run_dir / "checkpoint.pt", {"kind": "pretrain", "step": 0, "config": config, "model": state,
                                                 "ema": state})
@@ -51,7 +59,7 @@ def image_results(dataset_dir):
     dataset = load_dataset(dataset_dir)
     pairs = Pairs.from_dataset(dataset, 24, seed=0)
     suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
-    classifier = suite.evaluators.moa_classifier("cpu")
+    classifier, judge = suite.evaluators.moa_classifier("cpu"), suite.evaluators.judge("cpu")
 
     def noised(pos, k):
         g = torch.Generator().manual_seed(100 * k + int(pos[0]))
@@ -65,15 +73,15 @@ def image_results(dataset_dir):
         return x.reshape(b, c, h * w)[:, :, perm].reshape(b, c, h, w)
 
     results = evaluate_sources(dataset, pairs, {"noised": noised, "shuffled": shuffled}, suite=suite,
-                               weights=dict(DEFAULT_WEIGHTS), features=MoAFeatures(classifier), classifier=classifier,
-                               best_of=(1, 2, 3), batch_size=10, kid_subset_size=10, kid_subsets=5)
+                               weights=dict(DEFAULT_WEIGHTS), features=MoAFeatures(judge), classifier=classifier,
+                               judge=judge, best_of=(1, 2, 3), batch_size=10, kid_subset_size=10, kid_subsets=5)
     return results
 
 
 def test_real_column_beats_noised_and_shuffled_on_every_morphology_reward(image_results):
     from cellfluxrl.evaluate import MORPHOLOGY_REWARDS, build_report
 
-    report = build_report(image_results, {"dataset": "test"})
+    report = build_report(image_results, split="id")
     table = report["table"]
     for name in MORPHOLOGY_REWARDS:
         real = table["real"][name]["mean"]
@@ -81,7 +89,26 @@ def test_real_column_beats_noised_and_shuffled_on_every_morphology_reward(image_
             assert real > table[column][name]["mean"], (name, column, real, table[column][name]["mean"])
     assert table["real"]["overall"]["mean"] > table["noised"]["overall"]["mean"]
     # Degraded images are far from the real ones in the substitute feature space; real has no distance.
-    assert table["shuffled"]["FD-MoA_o"]["mean"] > 0 and table["real"]["FD-MoA_o"]["mean"] is None
+    assert table["shuffled"]["FD-judge_o"]["mean"] > 0 and table["real"]["FD-judge_o"]["mean"] is None
+
+
+def test_accuracy_rows_are_graded_by_the_judge_and_by_the_reward_classifier_apart(dataset_dir, image_results):
+    """The headline MoA accuracy is the judge's; the reward classifier's is its own row (exact hits)."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluate import build_report, real_images
+    from cellfluxrl.evaluators import load_evaluators
+
+    dataset, evaluators = load_dataset(dataset_dir), load_evaluators(dataset_dir)
+    pairs = image_results["pairs"]
+    x = real_images(dataset, pairs, np.arange(len(pairs)))
+    for network, row in ((evaluators.judge("cpu"), "moa_accuracy"),
+                         (evaluators.moa_classifier("cpu"), "moa_accuracy_reward")):
+        hits = np.asarray(network.classes)[network.predict_proba(x).argmax(1)] == pairs.moa
+        np.testing.assert_array_equal(image_results["scores"]["real"].correct_reward if row.endswith("reward")
+                                      else image_results["scores"]["real"].correct, hits[:, None])
+        assert build_report(image_results)["table"]["real"][row]["mean"] == pytest.approx(hits.mean())
+    # Two networks: different weights and architecture, and they do not agree on every image.
+    assert evaluators.judge("cpu").config["widths"] != evaluators.moa_classifier("cpu").config["widths"]
 
 
 def test_best_of_n_is_nested_and_selects_by_the_overall_reward(image_results):
@@ -110,10 +137,10 @@ def cli_report(dataset_dir, tmp_path_factory):
     from cellfluxrl.cli import cli
 
     base = tmp_path_factory.mktemp("runs")
-    run = _make_run(dataset_dir, base / "base", seed=0)
+    run = _make_run(dataset_dir, base / "base", seed=0, sampling={"steps": 1, "cfg_scale": 0.2})
     out = base / "eval"
     result = CliRunner().invoke(cli, ["evaluate", "--data", str(dataset_dir), str(run), str(run), "--n", "6",
-                                      "--best-of", "1,2", "--steps", "1", "--batch-size", "6", "--kid-subset-size",
+                                      "--best-of", "1,2", "--batch-size", "6", "--kid-subset-size",
                                       "3", "--kid-subsets", "4", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out, result.stdout
@@ -122,41 +149,79 @@ def cli_report(dataset_dir, tmp_path_factory):
 def test_run_compared_with_itself_gives_identical_rows(cli_report):
     out, _ = cli_report
     report = json.loads((out / "report.json").read_text())
-    assert report["columns"] == ["base", "base+best-of-2", "base#2", "base#2+best-of-2", "real"]
-    assert report["table"]["base"] == report["table"]["base#2"]
-    assert report["table"]["base+best-of-2"] == report["table"]["base#2+best-of-2"]
-    assert report["best_of_n"]["base"] == report["best_of_n"]["base#2"]
-    assert report["table"]["base"]["overall"] != report["table"]["real"]["overall"]
+    for section in report["sections"].values():
+        assert section["columns"] == ["base", "base+best-of-2", "base#2", "base#2+best-of-2", "real"]
+        assert section["table"]["base"] == section["table"]["base#2"]
+        assert section["table"]["base+best-of-2"] == section["table"]["base#2+best-of-2"]
+        assert section["best_of_n"]["base"] == section["best_of_n"]["base#2"]
+        assert section["table"]["base"]["overall"] != section["table"]["real"]["overall"]
+
+
+def test_in_distribution_and_held_out_compounds_are_separate_sections(dataset_dir, cli_report):
+    from cellfluxrl.data.compounds import OOD_COMPOUNDS
+
+    out, output = cli_report
+    report = json.loads((out / "report.json").read_text())
+    assert report["splits"] == ["id", "ood"] and report["settings"]["split"] == "both"
+    id_section, ood_section = report["sections"]["id"], report["sections"]["ood"]
+    assert id_section["split"] == "id" and ood_section["split"] == "ood"
+    assert set(id_section["per_condition"]["real"]).isdisjoint(OOD_COMPOUNDS)
+    assert set(ood_section["per_condition"]["real"]) <= set(OOD_COMPOUNDS)
+    assert id_section["n_pairs"] == ood_section["n_pairs"] == 6
+    assert output.index("## In-distribution compounds (headline)") < output.index("## Held-out (OOD) compounds")
+    for name in ("fig5_best_of_n.png", "fig4_grid.png", "fig5_best_of_n_ood.png", "fig4_grid_ood.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
     out, output = cli_report
     report = json.loads((out / "report.json").read_text())
-    rows = report["rows"]
-    assert rows[:9] == ["moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count",
-                        "overall", "moa_accuracy"]
-    assert rows[9:] == ["FD-MoA_o", "FD-MoA_c", "KD-MoA_o", "KD-MoA_c"]  # never called FID without Inception
-    for column in report["columns"]:
-        assert set(rows) <= set(report["table"][column])
-        for row in rows[:9]:
-            assert np.isfinite(report["table"][column][row]["mean"])
-        fd_o, kd_o = report["table"][column]["FD-MoA_o"]["mean"], report["table"][column]["KD-MoA_o"]["mean"]
+    section = report["sections"]["id"]
+    rows = section["rows"]
+    assert rows[:10] == ["moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count",
+                         "overall", "moa_accuracy", "moa_accuracy_reward"]
+    assert rows[10:] == ["FD-judge_o", "FD-judge_c", "KD-judge_o", "KD-judge_c"]  # never called FID without Inception
+    for column in section["columns"]:
+        assert set(rows) <= set(section["table"][column])
+        for row in rows[:10]:
+            assert np.isfinite(section["table"][column][row]["mean"])
+        fd_o, kd_o = section["table"][column]["FD-judge_o"]["mean"], section["table"][column]["KD-judge_o"]["mean"]
         if column == "real":
-            assert all(report["table"][column][row]["mean"] is None for row in rows[9:])
+            assert all(section["table"][column][row]["mean"] is None for row in rows[10:])
         else:  # KID is an unbiased estimate and may be slightly negative; the _c rows need >= 2 pairs per condition
             assert fd_o > 0 and np.isfinite(kd_o)
     assert report["settings"]["seed"] == 0 and report["settings"]["best_of"] == [1, 2]
     assert {"cellfluxrl", "torch", "numpy", "python"} <= set(report["versions"])
-    assert report["n_pairs"] == 6
     markdown = (out / "report.md").read_text()
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     for label in ("MoA", "Nuc-in-Cyto", "Roundness", "NucSize", "CytoSize", "NucCount", "CytoCount", "Overall",
-                  "MoA accuracy", "FD-MoA_o", "KD-MoA_c"):
+                  "MoA accuracy (judge)", "MoA accuracy (reward classifier)", "FD-judge_o", "KD-judge_c"):
         line = next(line for line in table_lines if line.startswith(f"| {label} |"))
-        assert line.count("|") == len(report["columns"]) + 2
-    assert "\n| Overall |" in output  # the command prints the table
-    for name in ("fig5_best_of_n.png", "fig4_grid.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert line.count("|") == len(section["columns"]) + 2
+    assert "\n| Overall |" in output and "\n| MoA accuracy (judge) |" in output  # the command prints the table
+
+
+def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset_dir, tmp_path):
+    """Same weights, different recorded sampling: different samples; one override for all: identical."""
+    from cellfluxrl.evaluate import _load_runs, evaluate
+
+    a = _make_run(dataset_dir, tmp_path / "a", seed=0, sampling={"steps": 1, "cfg_scale": 0.0})
+    b = _make_run(dataset_dir, tmp_path / "b", seed=0, sampling={"steps": 2, "cfg_scale": 1.5})
+    legacy = _make_run(dataset_dir, tmp_path / "legacy", seed=0)
+    [old] = _load_runs([legacy], ["legacy"], "cpu", None, None, None)  # predates recorded settings
+    assert (old["sampling"].steps, old["sampling"].cfg_scale) == (50, 0.2) and "predates" in old["info"]["sampling_source"]
+    kw = dict(n=4, split="id", kid_subset_size=2, kid_subsets=2, batch_size=4)
+    own = evaluate(dataset_dir, [a, b], **kw)
+    runs = {r["name"]: r for r in own["settings"]["runs"]}
+    assert runs["a"]["sampling"]["steps"] == 1 and runs["a"]["sampling"]["cfg_scale"] == 0.0
+    assert runs["b"]["sampling"]["steps"] == 2 and runs["b"]["sampling"]["cfg_scale"] == 1.5
+    assert runs["a"]["sampling_source"] == "recorded in the run"
+    table = own["sections"]["id"]["table"]  # untrained nets: the rewards saturate, the features do not
+    assert table["a"]["FD-judge_o"] != table["b"]["FD-judge_o"]
+    forced = evaluate(dataset_dir, [a, b], steps=1, cfg_scale=0.0, **kw)
+    assert forced["sections"]["id"]["table"]["a"] == forced["sections"]["id"]["table"]["b"]
+    assert forced["sections"]["id"]["table"]["a"]["FD-judge_o"] == table["a"]["FD-judge_o"]
+    assert {r["sampling_source"] for r in forced["settings"]["runs"]} == {"given on the command line"}
 
 
 def test_user_errors_are_one_line(dataset_dir, tmp_path):
@@ -170,6 +235,15 @@ def test_user_errors_are_one_line(dataset_dir, tmp_path):
         evaluate(dataset_dir, [tmp_path / "no-such-run"], n=4)
     with pytest.raises(CellfluxError, match="unknown reward"):
         evaluate(dataset_dir, [tmp_path], n=4, weights="bogus=1")
+    with pytest.raises(CellfluxError, match="unknown split"):
+        evaluate(dataset_dir, [tmp_path], n=4, split="mixed")
+    import shutil  # evaluators fitted before the judge existed: a one-line error saying how to refit
+
+    old = tmp_path / "old"
+    shutil.copytree(dataset_dir, old)
+    (old / "evaluators" / "judge.pt").unlink()
+    with pytest.raises(CellfluxError, match=r"judge\.pt: judge classifier missing .* rewards fit"):
+        evaluate(old, [_make_run(old, tmp_path / "run", seed=0)], n=4)
 
 
 def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
@@ -189,10 +263,11 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     first = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
     assert first.exit_code == 0, first.output
     header = next(line for line in first.stdout.splitlines() if line.startswith("| Metric |"))
-    assert header == "| Metric | CellFlux | CellFluxRL | CellFluxRL+best-of-2 | real |"
+    assert header == "| Metric | CellFlux | CellFlux+best-of-2 | CellFluxRL | CellFluxRL+best-of-2 | real |"
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["settings"]["runs"][1]["kind"] == "posttrain"
+    assert report["splits"] == ["id", "ood"]
     second = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
     assert second.exit_code == 0, second.output
     table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 14 and table == [line for line in second.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 * 15 and table == [line for line in second.stdout.splitlines() if line.startswith("| ")]

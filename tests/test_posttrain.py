@@ -267,6 +267,63 @@ def test_group_forward_noise_cancels_the_source_noise_from_the_gradient():
     assert (independent[1] - independent[0]).abs().max() > 1e-2
 
 
+class _TwoBranchField(torch.nn.Module):
+    """``v(x_t, t, c) = a`` with a condition, ``b`` without: the guided velocity is ``(1 + w) a - w b``."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())
+
+    def forward(self, x_t, t, cond):
+        return (self.a if cond is not None else self.b).expand_as(x_t)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.2, 1.5])
+def test_rl_trains_the_guided_velocity_it_rolls_out_with(w):
+    """Every velocity of the loss is the CFG-guided one at the run's scale w: the gradient reaches the
+    unconditional branch exactly as -w / (1 + w) times the conditional one (0 without guidance)."""
+    g, m, shape = torch.Generator().manual_seed(0), 4, (2, 4, 4)
+    x_ctrl = torch.rand((2, *shape), generator=g).repeat_interleave(m, dim=0)
+    x_1 = torch.randn((2 * m, *shape), generator=g)
+    r = (0.5 + torch.randn(2 * m, generator=g).clamp(-5, 5) / 10).float()
+    ro = Rollouts(x_ctrl, x_ctrl, x_1, torch.zeros(2 * m, 1), ["m"] * (2 * m), [])
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    nets = [_TwoBranchField(a, b) for _ in range(3)]
+    with torch.no_grad():
+        nets[0].a.add_(0.1)  # theta off the old policy and the reference: non-zero gradient
+    policies = Policies(theta=nets[0], train=nets[0], old=nets[1], ref=nets[2], ema=nets[1])
+    cfg = PosttrainConfig(group_size=m, rollout_steps=4, train_timesteps=2, train_batch=5, cfg_scale=w)
+    nft_backward(policies, ro, r, cfg, np.random.default_rng(0), torch.device("cpu"))
+    grad_a, grad_b = nets[0].a.grad, nets[0].b.grad
+    assert grad_a.abs().max() > 1e-4
+    if w == 0.0:
+        assert grad_b is None or float(grad_b.abs().max()) == 0.0
+    else:
+        torch.testing.assert_close(grad_b, -w / (1 + w) * grad_a, rtol=1e-4, atol=1e-7)
+
+
+def test_rl_run_records_its_sampling_and_evaluate_uses_it(base_run, tmp_path):
+    """A posttrain run records the rollout sampler and the guidance it trained (the base's CFG by
+    default); evaluate and sample take them unless told otherwise."""
+    from cellfluxrl.checkpoint import LEGACY_SAMPLING, Sampling
+    from cellfluxrl.evaluate import _load_runs
+
+    out = tmp_path / "rl"
+    posttrain(base_run, out, small_cfg(steps=1, rollout_steps=3), device="cpu", suite=ChannelSuite())
+    run = load_run(out)
+    # The hand-built base predates recorded settings: its CFG is CellFlux's 0.2, which RL inherits.
+    assert load_run(base_run).recorded is None and load_run(base_run).sampling == LEGACY_SAMPLING
+    assert run.recorded == Sampling(steps=3, cfg_scale=LEGACY_SAMPLING.cfg_scale, solver="heun", grid="edm", sigma=1.0)
+    assert json.loads((out / "config.json").read_text())["posttrain"]["cfg_scale"] == LEGACY_SAMPLING.cfg_scale
+    [loaded] = _load_runs([out], ["rl"], "cpu", None, None, None)
+    assert loaded["sampling"] == run.recorded and loaded["info"]["sampling_source"] == "recorded in the run"
+    [forced] = _load_runs([out], ["rl"], "cpu", 7, 0.0, None)
+    assert (forced["sampling"].steps, forced["sampling"].cfg_scale) == (7, 0.0)
+    explicit = tmp_path / "rl0"
+    posttrain(base_run, explicit, small_cfg(steps=1, rollout_steps=2, cfg_scale=0.0), device="cpu", suite=ChannelSuite())
+    assert load_run(explicit).sampling.cfg_scale == 0.0 and load_run(explicit).sampling.steps == 2
+
+
 def test_cli_dry_run_resolves_options_and_toml(base_run, tmp_path):
     toml = tmp_path / "rl.toml"
     toml.write_text("nft_beta = 0.1\nkl_weight = 0.5\ngroup_size = 4\n")

@@ -22,7 +22,7 @@ from test_pretrain import MICRO, make_toy_dataset, quick_cfg  # shared toy data 
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     ds = make_toy_dataset(root / "ds", n_test=3)
-    train(ds.root, root / "run", quick_cfg(steps=2, lr=1e-2), unet=MICRO)
+    train(ds.root, root / "run", quick_cfg(steps=2, lr=1e-2, sample_steps=3, sample_cfg_scale=0.5), unet=MICRO)
     return ds, root / "run"
 
 
@@ -97,3 +97,42 @@ def test_sample_command_writes_npz_and_png(trained, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
     missing = CliRunner().invoke(cli, ["sample", str(tmp_path / "none"), "--out", str(out)])
     assert missing.exit_code != 0 and "does not exist" in str(missing.exception)
+
+
+def test_sample_uses_the_runs_recorded_sampling_and_says_so(trained, tmp_path):
+    from cellfluxrl.cli import cli
+
+    _, run = trained
+    assert load_run(run).recorded.steps == 3 and load_run(run).recorded.cfg_scale == 0.5
+    out = tmp_path / "s.npz"
+    result = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--device", "cpu",
+                                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = np.load(out)
+    assert data["meta_num_steps"] == 3 and data["meta_cfg_scale"] == 0.5 and str(data["meta_split"]) == "id"
+    assert "3 Heun steps (edm grid), CFG 0.5" in result.stderr and "recorded in the run" in result.stderr
+    override = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--cfg-scale", "0",
+                                                        "--device", "cpu", "--out", str(out)])
+    assert override.exit_code == 0 and np.load(out)["meta_cfg_scale"] == 0.0
+    assert "overridden on the command line" in override.stderr
+    nan = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--cfg-scale", "nan",
+                                                   "--device", "cpu", "--out", str(out)])
+    assert nan.exit_code != 0 and "cfg_scale" in str(nan.exception)
+
+
+def test_test_pairs_keep_in_distribution_and_held_out_compounds_apart(tmp_path):
+    from cellfluxrl.data.compounds import OOD_COMPOUNDS
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.data.synthetic import prepare_synthetic
+
+    ds = load_dataset(prepare_synthetic(tmp_path / "ds", n_images=600, seed=1, size=32, n_plates=2, progress=False))
+    ids, _ = test_pairs(ds, 10_000, seed=0)  # the default split: in-distribution
+    oods, _ = test_pairs(ds, 10_000, seed=0, split="ood")
+    everything, _ = test_pairs(ds, 10_000, seed=0, split="all")
+    assert ids.size and oods.size
+    assert set(ds.table["compound"][ids]).isdisjoint(OOD_COMPOUNDS)
+    assert set(ds.table["compound"][oods]) <= set(OOD_COMPOUNDS)
+    assert np.array_equal(np.sort(np.concatenate([ids, oods])), everything)
+    assert np.array_equal(test_pairs(ds, 3, seed=0, split="ood")[0], oods[:3])  # first rows in CSV order
+    with pytest.raises(CellfluxError, match="unknown split"):
+        test_pairs(ds, 3, seed=0, split="mixed")

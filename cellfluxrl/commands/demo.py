@@ -37,15 +37,15 @@ class DemoConfig:
     classifier_epochs: int | None = 20  # MoA classifier epochs (None: the evaluators' default)
     pretrain_steps: int = 1000  # flow-matching steps of the tiny UNet
     pretrain_batch: int = 16  # images per pretraining step
-    posttrain_steps: int = 60  # DiffusionNFT iterations
+    posttrain_steps: int = 30  # DiffusionNFT iterations (10-step guided rollouts cost ~4x the old 4-step CFG-free ones)
     posttrain_lr: float = 6e-5  # 3x the paper's 2e-5: 60 small steps, not 1200 (3e-4 wrecks the tiny base in one step)
     kl_weight: float = 0.1  # ||v_theta - v_ref||^2 weight (see benchmarks/RESULTS.md, post-training evidence)
     group_size: int = 4  # rollouts per (x_0, c) group
     groups_per_step: int = 8  # groups per iteration (32 rollouts)
-    rollout_steps: int = 4  # Heun steps of the rollouts (4 score as well as 10 on this base)
+    sample_steps: int = 10  # Heun steps the base records, RL rolls out with, and evaluation uses (one setting)
+    cfg_scale: float = 1.0  # CFG the base records; RL trains the guided velocity at it (benchmarks/RESULTS.md)
     train_timesteps: int = 2  # grid times trained per rollout and step
-    eval_pairs: int = 64  # test pairs evaluated
-    eval_steps: int = 5  # Heun steps at evaluation
+    eval_pairs: int = 64  # test pairs evaluated per split (in-distribution and held-out compounds)
     best_of: tuple[int, ...] = (1, 2, 4)  # best-of-N curve (the table's TTS column uses the largest)
     seed: int = 0  # seed of every stage
 
@@ -53,8 +53,8 @@ class DemoConfig:
 DEMO_PRESETS = {
     "default": DemoConfig(),
     "quick": DemoConfig(n_images=300, size=48, plates=2, classifier_epochs=2, pretrain_steps=2, pretrain_batch=4,
-                        posttrain_steps=1, group_size=2, groups_per_step=2, rollout_steps=2, eval_pairs=6,
-                        eval_steps=1, best_of=(1, 2)),
+                        posttrain_steps=1, group_size=2, groups_per_step=2, sample_steps=2, eval_pairs=6,
+                        best_of=(1, 2)),
 }
 
 
@@ -77,12 +77,12 @@ def _settings_file(out: Path, cfg: DemoConfig) -> None:
 def stage_prepare(out: Path, cfg: DemoConfig) -> Path:
     """The synthetic dataset with its evaluators (skipped when both exist)."""
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.evaluators import CLASSIFIER_FILE, REFERENCE_FILE, fit_evaluators
+    from cellfluxrl.evaluators import CLASSIFIER_FILE, JUDGE_FILE, REFERENCE_FILE, fit_evaluators
 
     data = out / "data"
     if not (data / "meta.json").is_file():
         prepare_synthetic(data, n_images=cfg.n_images, seed=cfg.seed, size=cfg.size, n_plates=cfg.plates, progress=True)
-    if not ((data / "evaluators" / REFERENCE_FILE).is_file() and (data / "evaluators" / CLASSIFIER_FILE).is_file()):
+    if not all((data / "evaluators" / name).is_file() for name in (REFERENCE_FILE, CLASSIFIER_FILE, JUDGE_FILE)):
         fit_evaluators(data, seed=cfg.seed, classifier_epochs=cfg.classifier_epochs, progress=True)
     return data
 
@@ -97,7 +97,8 @@ def stage_pretrain(data: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
 
     run = out / "base"
     pcfg = PretrainConfig(preset="tiny", steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, seed=cfg.seed,
-                          ckpt_every=max(1, min(100, cfg.pretrain_steps)))
+                          ckpt_every=max(1, min(100, cfg.pretrain_steps)), sample_steps=cfg.sample_steps,
+                          sample_cfg_scale=cfg.cfg_scale)
     with tqdm(total=pcfg.steps, desc="pretrain", unit="step") as bar:
         def on_step(stats: dict) -> None:
             bar.n = stats["step"]
@@ -116,8 +117,8 @@ def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str) -> Path
 
     run = out / "rl"
     pcfg = PosttrainConfig(steps=cfg.posttrain_steps, group_size=cfg.group_size, groups_per_step=cfg.groups_per_step,
-                           rollout_steps=cfg.rollout_steps, rollout_batch=cfg.group_size * cfg.groups_per_step,
-                           train_timesteps=min(cfg.train_timesteps, cfg.rollout_steps), kl_weight=cfg.kl_weight,
+                           rollout_steps=cfg.sample_steps, rollout_batch=cfg.group_size * cfg.groups_per_step,
+                           train_timesteps=min(cfg.train_timesteps, cfg.sample_steps), kl_weight=cfg.kl_weight,
                            train_batch=32, lr=cfg.posttrain_lr, save_every=max(1, min(10, cfg.posttrain_steps)),
                            grid_every=0, seed=cfg.seed)
     with tqdm(total=pcfg.steps, desc="posttrain", unit="step") as bar:
@@ -131,7 +132,8 @@ def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str) -> Path
 
 
 def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig, device: str) -> dict:
-    """Evaluate base and RL runs on the same pairs; returns the report (read back if already written)."""
+    """Evaluate base and RL runs on the same pairs, each with its recorded sampling, in-distribution
+    and held-out compounds apart; returns the report (read back if already written)."""
     from tqdm import tqdm
 
     from cellfluxrl.evaluate import evaluate
@@ -142,31 +144,33 @@ def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig,
 
     with tqdm(total=None, desc="evaluate", unit="pair") as bar:
         def on_progress(stage: str, done: int, total: int) -> None:
-            bar.total = total
+            if bar.total != total or bar.desc != f"evaluate ({stage})":
+                bar.reset(total=total)
+                bar.set_description(f"evaluate ({stage})")
             bar.update(done - bar.n)
 
         return evaluate(data, [base, rl], names=["CellFlux", "CellFluxRL"], n=cfg.eval_pairs, best_of=cfg.best_of,
-                        seed=cfg.seed, batch_size=16, steps=cfg.eval_steps, device=device, out=out / "eval",
+                        seed=cfg.seed, batch_size=16, split="both", device=device, out=out / "eval",
                         on_progress=on_progress)
 
 
 def demo_columns(report: dict) -> list[str]:
     """The printed columns: base, RL, RL + best-of-N (largest N), real."""
     k = max(report["settings"]["best_of"])
-    wanted = ["CellFlux", "CellFluxRL", f"CellFluxRL+best-of-{k}", "real"]
-    return [c for c in wanted if c in report["columns"]]
+    return ["CellFlux", f"CellFlux+best-of-{k}", "CellFluxRL", f"CellFluxRL+best-of-{k}", "real"]
 
 
 @click.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Folder for the dataset, both runs and the evaluation (re-run to resume).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (about a minute): a smoke test, not a result.")
-@click.option("--size", type=click.IntRange(min=32), default=None, help="Crop size in px, a multiple of 16 [48].")
-@click.option("--pretrain-steps", type=click.IntRange(min=1), default=None, help="Pretraining steps [500].")
-@click.option("--posttrain-steps", type=click.IntRange(min=1), default=None, help="DiffusionNFT steps [60].")
-@click.option("--eval-pairs", type=click.IntRange(min=2), default=None, help="Evaluated test pairs [64].")
+@click.option("--size", type=click.IntRange(min=32), default=None, help=f"Crop size in px, a multiple of 16 [{DemoConfig().size}].")
+@click.option("--pretrain-steps", type=click.IntRange(min=1), default=None, help=f"Pretraining steps [{DemoConfig().pretrain_steps}].")
+@click.option("--posttrain-steps", type=click.IntRange(min=1), default=None, help=f"DiffusionNFT steps [{DemoConfig().posttrain_steps}].")
+@click.option("--eval-pairs", type=click.IntRange(min=2), default=None, help=f"Evaluated test pairs per split [{DemoConfig().eval_pairs}].")
+@click.option("--seed", type=int, default=None, help="Seed of every stage (data, pretraining, RL, evaluation) [0].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, device):
+def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, seed, device):
     """The main job: prepare synthetic -> pretrain -> posttrain -> evaluate, then print the table.
 
     \b
@@ -175,12 +179,11 @@ def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, device):
       cellfluxrl demo --size 96 --device cuda --out runs/demo96
       cellfluxrl demo --quick --out /tmp/demo-quick
     """
-    from cellfluxrl.commands.evaluate import resolve_device
-    from cellfluxrl.evaluate import markdown_table
+    from cellfluxrl.commands.evaluate import print_report, resolve_device
 
     cfg, device, began = DEMO_PRESETS["quick" if quick else "default"], resolve_device(device), time.perf_counter()
     overrides = {"size": size, "pretrain_steps": pretrain_steps, "posttrain_steps": posttrain_steps,
-                 "eval_pairs": eval_pairs}
+                 "eval_pairs": eval_pairs, "seed": seed}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     _settings_file(out, cfg)
     timings = {}
@@ -192,7 +195,6 @@ def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, device):
         click.echo(f"== {name}", err=True)
         result = stage()
         timings[name] = time.perf_counter() - t0
-    click.echo(markdown_table(result, columns=demo_columns(result)))
-    click.echo(f"\n{result['distance']['note']}")
+    click.echo(print_report(result, columns=demo_columns(result)))
     click.echo(f"stages: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; "
                f"total {time.perf_counter() - began:.0f} s; report {out / 'eval' / 'report.md'}")

@@ -23,7 +23,8 @@ def _options(f):
         ("--rollout-grid", click.Choice(["edm", "uniform"]), "Rollout time grid [edm]."),
         ("--rollout-batch", POS_INT, "Rollouts per sampler call / reward job [64]."),
         ("--sigma", NONNEG_FLOAT, "Noise std injected into the control [1.0]."),
-        ("--cfg-scale", NONNEG_FLOAT, "CFG weight in rollouts [0 = CFG-free, as DiffusionNFT]."),
+        ("--cfg-scale", NONNEG_FLOAT, "CFG weight of the rollouts and of the trained guided velocity; the run "
+                                      "records it for sampling [the base run's recorded CFG]."),
         ("--train-source", click.Choice(["fresh", "rollout"]),
          "Source x_0 of the forward process: control + fresh noise, or the rollout's own [fresh]."),
         ("--forward-noise", click.Choice(["group", "independent"]),

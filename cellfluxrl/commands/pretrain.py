@@ -39,6 +39,10 @@ def resolve_config(config_file: Path | None, **options):
 @click.option("--log-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="stats.jsonl interval. [default: 10]")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers. [default: 0]")
 @click.option("--seed", type=int, default=None, help="Seed of data order, pairing, noise and dropout. [default: 0]")
+@click.option("--sample-steps", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Heun steps this run is meant to be sampled with (recorded; used by sample/evaluate). [default: 50]")
+@click.option("--sample-cfg-scale", type=click.FloatRange(min=0), default=None, metavar="W",
+              help="CFG weight this run is meant to be sampled with (recorded). [default: 0.2]")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
               help="TOML overrides (PretrainConfig keys; a [unet] table overrides the preset).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -47,7 +51,7 @@ def resolve_config(config_file: Path | None, **options):
 @click.option("--init-from", type=click.Path(path_type=Path), default=None, metavar="CKPT",
               help="Initialise a new run from a CellFlux checkpoint (ADM UNet names).")
 def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every, log_every, num_workers, seed,
-             config_file, device, compile_, init_from):
+             sample_steps, sample_cfg_scale, config_file, device, compile_, init_from):
     """Pretrain the CellFlux base model on DATASET into RUN.
 
     Re-running the same command on a RUN that has a checkpoint resumes it exactly. Several
@@ -64,7 +68,8 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
 
     cfg, unet = resolve_config(config_file, preset=preset, steps=steps, batch_size=batch_size,
                                grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every, log_every=log_every,
-                               num_workers=num_workers, seed=seed)
+                               num_workers=num_workers, seed=seed, sample_steps=sample_steps,
+                               sample_cfg_scale=sample_cfg_scale)
     dist = init_distributed(device)
     bars: list = []
     try:

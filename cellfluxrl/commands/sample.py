@@ -46,17 +46,22 @@ def write_outputs(out: Path, samples, meta: dict) -> tuple[Path, Path]:
 @click.option("--best-of", "best_of_k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Candidates per request; keep the highest weighted reward (paper Eq. 10).")
 @weights_option
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Solver steps.")
-@click.option("--solver", type=click.Choice(["heun", "euler"]), default="heun", show_default=True)
-@click.option("--grid", type=click.Choice(["edm", "uniform"]), default="edm", show_default=True, help="Time grid.")
-@click.option("--cfg-scale", type=float, default=0.2, show_default=True, help="CFG weight w.")
+@click.option("--split", type=click.Choice(["id", "ood", "all"]), default=None,
+              help="Compounds of the test pairs: in-distribution, held-out (OOD) or all. "
+                   "[default: id; all with --conditions]")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Solver steps. [default: the run's recorded setting]")
+@click.option("--solver", type=click.Choice(["heun", "euler"]), default=None, help="ODE solver. [default: the run's]")
+@click.option("--grid", type=click.Choice(["edm", "uniform"]), default=None, help="Time grid. [default: the run's]")
+@click.option("--cfg-scale", type=click.FloatRange(min=0), default=None,
+              help="CFG weight w. [default: the run's recorded setting]")
 @click.option("--weights-from", "which", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
               help="Network weights to sample with.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the control draw and source noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per solver batch.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.npz")
-def sample(run, n, conditions, best_of_k, weights, steps, solver, grid, cfg_scale, which, seed, batch_size, device, out):
+def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, cfg_scale, which, seed, batch_size,
+           device, out):
     """Generate perturbed cells from RUN for the first N treated test rows (same-plate controls).
 
     Writes FILE.npz (uint8 generated/control/target images and metadata) and FILE.png.
@@ -67,7 +72,9 @@ def sample(run, n, conditions, best_of_k, weights, steps, solver, grid, cfg_scal
     """
     from tqdm import tqdm
 
-    from cellfluxrl.checkpoint import load_run
+    from dataclasses import replace
+
+    from cellfluxrl.checkpoint import load_run, resolve_sampling
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.distributed import resolve_device
     from cellfluxrl.generate import sample_pairs, test_pairs
@@ -76,7 +83,11 @@ def sample(run, n, conditions, best_of_k, weights, steps, solver, grid, cfg_scal
     loaded = load_run(run, device=dev, weights=which)
     dataset = load_dataset(loaded.dataset_dir)
     names = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
-    target_idx, control_idx = test_pairs(dataset, n, seed, names)
+    split = split or ("all" if names else "id")
+    target_idx, control_idx = test_pairs(dataset, n, seed, names, split=split)
+    sampling, source = resolve_sampling(loaded.recorded, steps, cfg_scale)
+    sampling = replace(sampling, **{k: v for k, v in (("solver", solver), ("grid", grid)) if v is not None})
+    click.echo(f"sampling {run} with {sampling.describe()} ({source}); {split} test pairs", err=True)
     if len(target_idx) < n:
         click.echo(f"note: only {len(target_idx)} treated test rows match; sampling {len(target_idx)}", err=True)
     suite = None
@@ -85,11 +96,14 @@ def sample(run, n, conditions, best_of_k, weights, steps, solver, grid, cfg_scal
 
         suite = RewardSuite.from_dataset(loaded.dataset_dir, parse_weights(weights), device=str(dev))
     with tqdm(total=len(target_idx), desc="sample", unit="img", dynamic_ncols=True) as bar:
-        samples = sample_pairs(loaded.net, dataset, target_idx, control_idx, seed=seed, num_steps=steps,
-                               cfg_scale=cfg_scale, grid=grid, solver=solver, batch_size=batch_size,
-                               best_of_k=best_of_k, suite=suite, device=dev, on_batch=bar.update)
+        samples = sample_pairs(loaded.net, dataset, target_idx, control_idx, seed=seed, num_steps=sampling.steps,
+                               cfg_scale=sampling.cfg_scale, grid=sampling.grid, solver=sampling.solver,
+                               sigma=sampling.sigma, batch_size=batch_size, best_of_k=best_of_k, suite=suite,
+                               device=dev, on_batch=bar.update)
     meta = {"run": str(run), "kind": loaded.kind, "step": loaded.step, "weights_from": loaded.weights,
-            "num_steps": steps, "solver": solver, "grid": grid, "cfg_scale": cfg_scale, "seed": seed,
+            "num_steps": sampling.steps, "solver": sampling.solver, "grid": sampling.grid,
+            "cfg_scale": sampling.cfg_scale, "sigma": sampling.sigma, "sampling_source": source, "split": split,
+            "seed": seed,
             "best_of": best_of_k, "reward_weights": format_weights(suite.weights) if suite is not None else ""}
     npz, png = write_outputs(Path(out), samples, meta)
     extra = f"; mean reward {samples.rewards.mean():.4f}" if samples.rewards is not None else ""
