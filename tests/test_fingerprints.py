@@ -15,10 +15,9 @@ from cellfluxrl.data.fingerprints import (cellflux_embeddings, compound_embeddin
                                           resolve_embedding)
 from cellfluxrl.data.layout import load_dataset
 from cellfluxrl.data.synthetic import prepare_synthetic
-from cellfluxrl.errors import CellfluxError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_bbbc021 import impa_rows, write_impa  # noqa: E402
+from test_bbbc021 import _one_line_error, impa_rows, write_impa  # noqa: E402
 from test_cli import assert_one_line_error, run_main  # noqa: E402
 
 PACKAGE_CSV = Path(fingerprints.__file__).with_name("bbbc021_emb_fp.csv")
@@ -43,14 +42,6 @@ def user_rows(width: int = 8, seed: int = 0) -> dict[str, list[float]]:
     return {c.name: [float(v) for v in rng.normal(size=width).astype(np.float32)] for c in bbbc021_compounds()}
 
 
-def _one_line_error(call, *needles: str) -> str:
-    with pytest.raises(CellfluxError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def resolve_device(device: str) -> str:
 @weights_option
 @click.option("--inception", type=click.Path(path_type=Path), default=None,
               help="FID InceptionV3 weights (pytorch-fid/torch-fidelity .pth or TorchScript .pt). "
-                   "Without it: the offline FD-MoA/KD-MoA substitute (not FID/KID).")
+                   "Without it: the offline FD-judge/KD-judge substitute on the judge classifier's features (not FID/KID).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps for every run. [default: each run's recorded setting]")
 @click.option("--cfg-scale", type=click.FloatRange(min=0), default=None,
