@@ -356,3 +356,15 @@ def test_cli_end_to_end_with_real_rewards(tmp_path):
     records = [json.loads(line) for line in (rl / "stats.jsonl").read_text().splitlines()]
     assert len(records) == 1 and set(DEFAULT_WEIGHTS) <= {k.split("/")[1] for k in records[0] if k.startswith("reward/")}
     assert (rl / "samples" / "step_000001.png").is_file() and (tmp_path / "s.npz").is_file()
+
+
+def test_bad_or_empty_weights_are_refused_before_anything_runs(base_run, tmp_path, capsys):
+    """`--dry-run` validates the weights like the real run; an explicitly empty --weights is an error."""
+    from test_cli import run_main, visible_lines
+
+    out = tmp_path / "rl"
+    code, _, err = run_main(capsys, "posttrain", str(base_run), str(out), "--weights", "moa=inf", "--dry-run")
+    assert code == 1 and visible_lines(err) == [l for l in visible_lines(err) if l.startswith("error: ")]
+    assert "moa" in err and "finite" in err and not out.exists()
+    code, _, err = run_main(capsys, "posttrain", str(base_run), str(out), "--weights", "", "--dry-run")
+    assert code == 2 and len(visible_lines(err)) == 1 and "--weights" in err and "empty" in err

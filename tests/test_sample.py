@@ -136,3 +136,12 @@ def test_test_pairs_keep_in_distribution_and_held_out_compounds_apart(tmp_path):
     assert np.array_equal(test_pairs(ds, 3, seed=0, split="ood")[0], oods[:3])  # first rows in CSV order
     with pytest.raises(CellfluxError, match="unknown split"):
         test_pairs(ds, 3, seed=0, split="mixed")
+
+
+def test_sample_out_must_be_an_npz_so_the_png_cannot_overwrite_it(trained, tmp_path, capsys):
+    from test_cli import run_main, visible_lines
+
+    _, run = trained
+    code, _, err = run_main(capsys, "sample", str(run), "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s.png"))
+    assert code == 2 and len(visible_lines(err)) == 1 and ".npz" in err
+    assert not (tmp_path / "s.png").exists()

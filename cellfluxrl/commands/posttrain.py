@@ -73,6 +73,9 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, **option
     if config_file is not None:
         cfg = replace_validated(cfg, **load_toml_overrides(config_file, PosttrainConfig))
     cfg = replace_validated(cfg, weights=weights, **options)
+    from cellfluxrl.rewards.weights import parse_weights
+
+    parse_weights(cfg.weights)  # a bad weight (moa=inf, unknown name) is refused before anything runs
     if dry_run:
         click.echo(json.dumps(config_to_dict(cfg), indent=2))
         return

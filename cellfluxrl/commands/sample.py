@@ -79,6 +79,8 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     from cellfluxrl.distributed import resolve_device
     from cellfluxrl.generate import sample_pairs, test_pairs
 
+    if Path(out).suffix != ".npz":  # FILE.png is written beside it: another suffix would be overwritten
+        raise click.BadParameter(f"{out} must end in .npz (the PNG grid is written beside it)", param_hint="--out")
     dev = resolve_device(device)
     loaded = load_run(run, device=dev, weights=which)
     dataset = load_dataset(loaded.dataset_dir)

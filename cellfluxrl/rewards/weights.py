@@ -87,6 +87,14 @@ def format_weights(weights: Mapping[str, float]) -> str:
     return ",".join(f"{name}={w:.10g}" for name, w in weights.items())
 
 
+def _given_weights(ctx, param, value: str | None) -> str | None:
+    """Refuse an explicitly empty ``--weights ""`` (it used to mean the defaults without a word)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty; give NAME=W,... or leave the option out for the paper's weights")
+    return value
+
+
 def weights_option(f):
     """Click decorator adding ``--weights TEXT``; the command receives the raw string (or None)."""
-    return click.option("--weights", "weights", default=None, metavar="NAME=W,...", help=WEIGHTS_HELP)(f)
+    return click.option("--weights", "weights", default=None, metavar="NAME=W,...", help=WEIGHTS_HELP,
+                        callback=_given_weights)(f)
