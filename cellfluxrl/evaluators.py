@@ -301,13 +301,10 @@ def disjoint_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarr
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng([int(seed), 0x7A1F])
-    first, second = [], []
+    first = np.zeros(labels.size, dtype=bool)
     for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        first.append(members[0::2])
-        second.append(members[1::2])
-    cat = lambda parts: np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
-    return cat(first), cat(second)
+        first[rng.permutation(np.flatnonzero(labels == c))[0::2]] = True
+    return np.flatnonzero(first), np.flatnonzero(~first)
 
 
 def _fit_one(dataset, train_idx: np.ndarray, train_labels: np.ndarray, test_idx: np.ndarray,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -36,7 +35,7 @@ from tqdm import tqdm
 from cellfluxrl.data.compounds import CONTROL, MOAS, OOD_COMPOUNDS
 from cellfluxrl.data.fingerprints import EmbeddingTable, has_embedding_row, load_user_embeddings, resolve_embedding
 from cellfluxrl.data.layout import SPLITS, DatasetWriter
-from cellfluxrl.errors import CellfluxError
+from cellfluxrl.errors import CellfluxError, finite_float
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +112,7 @@ def _canonical_moa(moa: str, where: str) -> str:
 
 
 def _parse_float(value: str, column: str, where: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise CellfluxError(f"{where}: {column} {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise CellfluxError(f"{where}: {column} {value!r} is not finite")
-    return number
+    return finite_float(value, f"{where}: {column}")
 
 
 @dataclass

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,7 +38,7 @@ from typing import Mapping
 
 import numpy as np
 
-from cellfluxrl.errors import CellfluxError
+from cellfluxrl.errors import CellfluxError, finite_float
 
 FINGERPRINT_BITS = 1024
 FINGERPRINT_RADIUS = 2
@@ -100,13 +99,7 @@ class EmbeddingTable:
 
 def _parse_value(text: str, column: int, name: str, where: str) -> float:
     """One cell (1-based CSV ``column``) -> a finite float, or a one-line error naming the compound."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise CellfluxError(f"{where}: compound {name!r}: value {text!r} in column {column} is not a number") from None
-    if not math.isfinite(value):
-        raise CellfluxError(f"{where}: compound {name!r}: value {text!r} in column {column} is not finite")
-    return value
+    return finite_float(text, f"{where}: compound {name!r}: column {column} value")
 
 
 def _looks_like_data(header: list[str]) -> bool:
