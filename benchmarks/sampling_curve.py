@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 
+REWARDS = ("moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count")
+
+
 def parse_list(text: str, kind=float) -> list:
     return [kind(item) for item in text.split(",") if item.strip()]
 
@@ -49,7 +52,8 @@ def curve(data: Path, run: Path, steps: list[int], cfgs: list[float], n: int, sp
                                            kid_subsets=10, seed=seed)
             cells = build_report(results, split=split)["table"]
             rows.append({"steps": s, "cfg_scale": w, "seconds": time.perf_counter() - t0,
-                         **{k: cells[name][k] for k in ("moa_accuracy", "moa_accuracy_reward", "overall", "moa")},
+                         **{k: cells[name][k] for k in ("moa_accuracy", "moa_accuracy_reward", "overall") + REWARDS},
+                         "real": {k: cells["real"][k] for k in ("moa_accuracy", "overall") + REWARDS},
                          "fd_judge": cells[name]["FD-judge_o"]["mean"],
                          "real_moa_accuracy": cells["real"]["moa_accuracy"]["mean"]})
             print(f"{name}: judge accuracy {rows[-1]['moa_accuracy']['mean']:.3f}", flush=True)
@@ -58,14 +62,20 @@ def curve(data: Path, run: Path, steps: list[int], cfgs: list[float], n: int, sp
 
 
 def markdown(rows: list[dict], n: int, split: str) -> str:
+    """Two tables: accuracies/overall/FD per setting, then every reward per setting beside the real images'."""
     f = lambda c: f"{c['mean']:.3f} ± {c['sem']:.3f}"  # noqa: E731
     lines = [f"{n} {split} test pairs, same pairs and source noise for every setting; real images: judge accuracy "
              f"{rows[0]['real_moa_accuracy']:.3f}.", "",
-             "| Heun steps | CFG | MoA accuracy (judge) | MoA accuracy (reward clf) | MoA reward | Overall | FD-judge | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Heun steps | CFG | MoA accuracy (judge) | MoA accuracy (reward clf) | Overall | FD-judge | s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['steps']} | {r['cfg_scale']:g} | {f(r['moa_accuracy'])} | {f(r['moa_accuracy_reward'])} | "
-                     f"{f(r['moa'])} | {f(r['overall'])} | {r['fd_judge']:.2f} | {r['seconds']:.0f} |")
+                     f"{f(r['overall'])} | {r['fd_judge']:.2f} | {r['seconds']:.0f} |")
+    g = lambda c: f"{c['mean']:.3f}"  # noqa: E731
+    lines += ["", "| Heun steps | CFG | " + " | ".join(REWARDS) + " |", "|---|---|" + "---|" * len(REWARDS)]
+    for r in rows:
+        lines.append(f"| {r['steps']} | {r['cfg_scale']:g} | " + " | ".join(g(r[k]) for k in REWARDS) + " |")
+    lines.append("| real | - | " + " | ".join(g(rows[0]["real"][k]) for k in REWARDS) + " |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ A run directory::
 (int), ``config`` (the run config dict), ``model`` and ``ema`` (:class:`VelocityUNet` state dicts).
 Pretraining adds ``optimizer`` and ``rng`` (generator and dropout RNG states) for an exact resume.
 
-The run config dict holds ``dataset`` (absolute path of the dataset folder), ``preset`` (name or
+The run config dict holds ``dataset`` (absolute path of the dataset folder), ``image_size`` (its
+H = W; absent in older runs), ``preset`` (name or
 ``"custom"``), ``unet`` (the :class:`UNetConfig` as a dict) and ``condition_dim`` (int), which is
 all :func:`load_run` needs to rebuild the network, plus the training settings of its kind, and
 ``sampling``: how the run is meant to be sampled (:class:`Sampling`: Heun steps, CFG scale, grid,
@@ -23,6 +24,7 @@ defaults and a notice.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -124,13 +126,72 @@ def resolve_sampling(run_sampling: Sampling | None, steps: int | None = None, cf
     return sampling, source
 
 
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME)
+
+
+def stale_temps(folder: str | os.PathLike, names: tuple[str, ...] = RUN_FILES) -> list[Path]:
+    """The temp files ``.NAME.tmp-PID`` of ``names`` in ``folder`` left by other processes (killed writes)."""
+    found = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid():
+                found.append(tmp)
+    return sorted(found)
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: tuple[str, ...] = RUN_FILES) -> list[Path]:
+    """Delete :func:`stale_temps` (the process writing a run is its only writer, so another
+    process's temp file is what a killed write left behind); returns what was removed."""
+    removed = []
+    for tmp in stale_temps(folder, names):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:  # gone already, or not ours to delete: harmless
+            continue
+    if removed:
+        log.info("removed %d stale temp file(s) of killed writes: %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+def truncate_stats(path: str | os.PathLike, step: int) -> int:
+    """Keep the ``stats.jsonl`` records up to ``step`` (the resumed checkpoint); returns how many were dropped.
+
+    A run killed after its last checkpoint logged steps it will run (and log) again on resume;
+    they are removed, as is a line cut short by the kill.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            ok = int(record["step"]) <= step
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if ok:
+            keep.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+        log.info("%s: dropped %d record(s) after step %d (logged again on resume)", path, dropped, step)
+    return dropped
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` with ``torch.save`` to a temp file in the same folder, then rename over ``path``.
 
-    A kill at any moment leaves either the old or the new checkpoint, never a partial one.
+    A kill at any moment leaves either the old or the new checkpoint, never a partial one; the
+    temp files a killed write left (another PID's ``.checkpoint.pt.tmp-PID``) are removed here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, tuple(dict.fromkeys((path.name, *RUN_FILES))))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(state, tmp)
@@ -248,6 +309,65 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", wei
     return LoadedRun(net=net, config=config, dataset_dir=Path(dataset) if dataset else Path(),
                      step=int(state.get("step", 0)), kind=str(state["kind"]), run_dir=run_dir, weights=key,
                      recorded=recorded_sampling(config, str(path)))
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """A run's config without loading its weights: ``RUN/config.json`` (else the checkpoint's).
+
+    Raises:
+        CellfluxError: no run folder, or neither a readable config.json nor a checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CellfluxError(f"run folder {run_dir} does not exist")
+    path = run_dir / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        config = load_checkpoint(run_dir / CHECKPOINT_NAME).get("config")
+    if not isinstance(config, dict):
+        raise CellfluxError(f"{run_dir}: no run config in {CONFIG_NAME} or {CHECKPOINT_NAME}")
+    return config
+
+
+def _dataset_meta(folder: str | os.PathLike) -> dict | None:
+    """A dataset's parsed ``meta.json``, or ``None`` when it is gone or unreadable."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def trained_on_problem(config: dict, run: str, dataset_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """Whether a run fits another dataset than its own (``evaluate --data``).
+
+    Args:
+        config: the run config (:func:`read_run_config`).
+        run: how to name the run in the message.
+        dataset_dir: the dataset it is about to be evaluated on.
+
+    Returns:
+        ``None`` when it is the dataset the run was trained on (same folder); else
+        ``("warning", line)`` for another dataset of the same image size and condition width, or
+        ``("error", line)`` when the image size or condition-embedding width differ (it cannot work).
+    """
+    trained = config.get("dataset")
+    if trained and Path(trained).resolve() == Path(dataset_dir).resolve():
+        return None
+    meta, old = _dataset_meta(dataset_dir) or {}, _dataset_meta(trained) if trained else None
+    size = config.get("image_size") or (old or {}).get("image_size")
+    if size and meta.get("image_size") and int(size) != int(meta["image_size"]):
+        return "error", (f"run {run} was trained on {size} px images ({trained}); --data {dataset_dir} has "
+                         f"{meta['image_size']} px images: evaluate it on a dataset of its image size")
+    dim = config.get("condition_dim")
+    if dim and meta.get("embedding_dim") and int(dim) != int(meta["embedding_dim"]):
+        return "error", (f"run {run} was trained with {dim}-dim condition embeddings ({trained}); --data "
+                         f"{dataset_dir} has {meta['embedding_dim']}-dim ones: it cannot be evaluated there")
+    return "warning", (f"run {run} was trained on {trained or 'an unrecorded dataset'}, not on --data {dataset_dir}: "
+                       f"its column uses that dataset's test pairs and condition embeddings")
 
 
 def load_cellflux_weights(path: str | os.PathLike, net: VelocityUNet) -> None:

@@ -53,6 +53,7 @@ from cellfluxrl.images import to_model, to_uint8
 from cellfluxrl.candidates import (CandidateFn, MoAFeatures, Pairs, pair_noise, quantize, real_images,  # noqa: F401
                                    run_candidates)
 from cellfluxrl.metrics import FeatureSet, best_of_n, compare_many
+from cellfluxrl.refstats import empty_columns_warning
 from cellfluxrl.report import (CONTROL_COLUMN, REAL, REWARD_LABELS, build_report, combine, headline,  # noqa: F401
                                markdown_report, markdown_table, write_report, write_section_figures)
 
@@ -65,20 +66,21 @@ class _Scores:
     """Per-pair (and per-candidate) scores of one source: arrays ``(P, K)`` (K = 1 for real).
 
     ``correct``: the judge's top-1 MoA equals the target's; ``correct_reward``: the same for the
-    reward classifier.
+    reward classifier; ``nuc_count``: the nuclei the segmenter found.
     """
 
     total: np.ndarray
     components: dict[str, np.ndarray]
     correct: np.ndarray
     correct_reward: np.ndarray
+    nuc_count: np.ndarray
     seconds: float = 0.0
 
     @classmethod
     def empty(cls, n_pairs: int, k: int, names: Sequence[str]) -> "_Scores":
         nan = np.full((n_pairs, k), np.nan)
         return cls(nan.copy(), {name: nan.copy() for name in names}, np.zeros((n_pairs, k), dtype=bool),
-                   np.zeros((n_pairs, k), dtype=bool))
+                   np.zeros((n_pairs, k), dtype=bool), nan.copy())
 
 
 @dataclass
@@ -125,6 +127,7 @@ def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor,
     scores.total[rows, k] = total
     scores.correct[rows, k] = _hits(judge, images, moa)
     scores.correct_reward[rows, k] = _hits(classifier, images, moa)
+    scores.nuc_count[rows, k] = result.stats["nuc_count"]
 
 
 def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Sequence[str], names: np.ndarray,
@@ -139,13 +142,13 @@ def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Seque
             out.setdefault(column, {})[str(names[c])] = result
 
 
-def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, scores: _Scores, streams: _Streams,
-                  grid: dict, moa: np.ndarray, cond: np.ndarray, suite, weights: Mapping[str, float], classifier,
+def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, tts_n: int, scores: _Scores,
+                  streams: _Streams, grid: dict, moa: np.ndarray, cond: np.ndarray, suite, weights: Mapping[str, float], classifier,
                   judge, features) -> None:
     """Generate and score the ``k_max`` candidates of a batch; stream the features of the picked ones.
 
-    The column ``s`` takes candidate 0 (a plain sample); ``s+best-of-K`` takes the best of all K by
-    the overall reward. Only ``batch x K`` images are held at once.
+    The column ``s`` takes candidate 0 (a plain sample); ``s+best-of-N`` (``N = tts_n``) takes the
+    best of the first N by the overall reward. Only ``batch x K`` images are held at once.
     """
     images = []
     for k in range(k_max):
@@ -153,8 +156,8 @@ def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, 
         _score_into(scores, pos, k, x, moa, suite, weights, classifier, judge)
         images.append(x)
     picks = {s: np.zeros(len(pos), dtype=np.int64)}
-    if k_max > 1:
-        picks[f"{s}+best-of-{k_max}"] = best_of_n(scores.total[pos], k_max)
+    if tts_n > 1:
+        picks[f"{s}+best-of-{tts_n}"] = best_of_n(scores.total[pos], tts_n)
     stacked = torch.stack(images, dim=1)  # (B, K, C, H, W)
     for column, pick in picks.items():
         chosen = stacked[torch.arange(len(pos)), torch.as_tensor(pick)]
@@ -165,7 +168,7 @@ def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, 
 def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], *, suite, weights: Mapping[str, float],
                      features, classifier, judge, best_of: Sequence[int] = (1,), batch_size: int = 32,
                      kid_subset_size: int = 100, kid_subsets: int = 100, reservoir_size: int = 1000,
-                     seed: int = 0, grid_conditions: int = 6,
+                     seed: int = 0, grid_conditions: int = 6, tts_n: int | None = None,
                      on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Score candidate sources and the real targets on the same pairs; the core of :func:`evaluate`.
 
@@ -182,6 +185,8 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
             ``moa_accuracy_reward`` row.
         judge: the independent MoA classifier: the ``moa_accuracy`` row.
         best_of: the N values of the best-of-N curves (K = max candidates per pair; 1 is always added).
+        tts_n: the N of the table's and Figure 4's best-of column (paper Table 1: 4; one of
+            ``best_of``; ``None``: the largest).
         batch_size: pairs per batch.
         kid_subset_size, kid_subsets: KID subsets (CellFlux: 100, 100).
         reservoir_size: feature rows kept per column (per condition) for KID.
@@ -196,11 +201,14 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     if best_of[0] < 1:
         raise CellfluxError(f"--best-of values must be >= 1, got {best_of}")
     k_max, n_pairs = best_of[-1], len(pairs)
+    tts_n = k_max if tts_n is None else int(tts_n)
+    if tts_n not in best_of:
+        raise CellfluxError(f"evaluate: the table's best-of-{tts_n} is not one of the best-of-N values {best_of}")
     names = list(suite.weights)
     missing = [w for w in weights if w not in names]
     if missing:
         raise CellfluxError(f"evaluate: weighted reward(s) {', '.join(missing)} are not in the reward suite")
-    fd_columns = [c for s in sources for c in ([s, f"{s}+best-of-{k_max}"] if k_max > 1 else [s])]
+    fd_columns = [c for s in sources for c in ([s, f"{s}+best-of-{tts_n}"] if tts_n > 1 else [s])]
     streams = _Streams(features.dim, reservoir_size, seed)
     scores = {s: _Scores.empty(n_pairs, k_max, names) for s in sources}
     scores[REAL] = _Scores.empty(n_pairs, 1, names)
@@ -223,7 +231,7 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         _remember(grid, pos, CONTROL_COLUMN, to_model(np.asarray(dataset.images[pairs.control[pos]]), dequantize=False))
         for s, candidates in sources.items():
             t0 = time.perf_counter()
-            _source_batch(s, candidates, pos, k_max, scores[s], streams, grid, moa, cond, suite, weights, classifier,
+            _source_batch(s, candidates, pos, k_max, tts_n, scores[s], streams, grid, moa, cond, suite, weights, classifier,
                           judge, features)
             scores[s].seconds += time.perf_counter() - t0
         done = [c for c in np.unique(cond) if last_position[int(c)] < start + len(pos)]
@@ -234,7 +242,11 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
 
     overall = compare_many(streams.overall[REAL], {c: streams.overall[c] for c in fd_columns}, kid_subset_size,
                            kid_subsets, seed)
-    return {"pairs": pairs, "sources": list(sources), "best_of": best_of, "k_max": k_max, "names": names,
+    warning = empty_columns_warning({c: s.nuc_count for c, s in scores.items()}, suite.segmenter.settings)
+    if warning:  # more than 5 % of a column's images (all K candidates of a run) without a nucleus
+        logger.warning("evaluate: %s", warning)
+    return {"pairs": pairs, "sources": list(sources), "best_of": best_of, "k_max": k_max, "tts_n": tts_n,
+            "names": names,
             "weights": dict(weights), "scores": scores, "fd_columns": fd_columns, "overall_fd": overall,
             "per_condition_fd": per_condition_fd, "feature_name": features.name, "kid_name": features.kid_name,
             "feature_source": getattr(features, "source", ""), "grid": [(int(p), grid[int(p)]) for p in grid_pairs],
@@ -300,7 +312,7 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
              batch_size: int = 32, steps: int | None = None, cfg_scale: float | None = None,
              sigma: float | None = None, split: str = "both", inception: str | os.PathLike | None = None,
              device: str = "cpu", out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
-             kid_subset_size: int = 100, kid_subsets: int = 100,
+             kid_subset_size: int = 100, kid_subsets: int = 100, tts_n: int | None = None,
              on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Evaluate runs on a dataset's test pairs (see the module docstring for the protocol).
 
@@ -308,7 +320,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
         dataset_dir: the dataset folder (with fitted evaluators: reward classifier and judge).
         run_dirs: pretrain/posttrain run folders (EMA weights are used).
         n: test pairs per split (CellFlux: 5,120; fewer if the split is smaller).
-        best_of: N values of the best-of-N curves; the table's TTS column uses the largest.
+        best_of: N values of the best-of-N curves.
+        tts_n: the N of the table's best-of (TTS) column, one of ``best_of`` (``None``: the largest).
         weights: reward weights of the overall reward (``"moa=5,..."`` or a dict; None = the paper's).
         seed: seeds the control draw, the source noise of every candidate, reservoirs and KID subsets.
         batch_size: pairs per batch.
@@ -353,7 +366,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
     else:
         features = MoAFeatures(judge, source=str(suite.evaluators.judge_path))
     settings = {"dataset": str(dataset_dir), "runs": [r["info"] for r in runs], "n": int(n), "split": split,
-                "best_of": sorted({1, *(int(b) for b in best_of)}), "weights": weights, "seed": int(seed),
+                "best_of": sorted({1, *(int(b) for b in best_of)}),
+                "tts_n": int(tts_n or max(best_of)), "weights": weights, "seed": int(seed),
                 "batch_size": int(batch_size), "device": str(device),
                 "inception": None if inception is None else str(inception),
                 "graders": {"rewards": str(suite.evaluators.classifier_path), "judge": str(suite.evaluators.judge_path)},
@@ -373,11 +387,11 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
                 results = evaluate_sources(dataset, pairs, sources, suite=suite, weights=weights, features=features,
                                            classifier=classifier, judge=judge, best_of=best_of,
                                            batch_size=batch_size, kid_subset_size=kid_subset_size,
-                                           kid_subsets=kid_subsets, seed=seed, on_progress=progress)
+                                           kid_subsets=kid_subsets, seed=seed, tts_n=tts_n, on_progress=progress)
             sections[part] = build_report(results, split=part, split_description=SPLITS[part])
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)
-                sections[part]["files"] = write_section_figures(sections[part], results, Path(out))
+                sections[part]["files"] = write_section_figures(sections[part], results, Path(out), dataset=dataset)
     finally:
         suite.close()
     report = combine(sections, settings)

@@ -18,7 +18,9 @@ in-distribution compounds only (CellFlux's OOD compounds are held out)::
 
 The rewards compare a generated image's statistic with the reference of its MoA (Eqs. 5-6), so
 the reference must be measured with the same segmenter and settings; :class:`Evaluators` records
-them and :meth:`Evaluators.check_segmenter` refuses a different one.
+them and :meth:`Evaluators.check_segmenter` refuses a different one. A reference in which the
+segmenter found nothing for some MoA is refused (:mod:`cellfluxrl.refstats`). Every file is written
+atomically; ``prepare`` run again keeps those fitted with its settings (:mod:`cellfluxrl.evaluators_resume`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ from typing import Any
 import numpy as np
 
 from cellfluxrl.data.compounds import CONTROL, MOAS
+from cellfluxrl.data.layout import follow_umask
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.evaluators_resume import stored_classifier_report, stored_reference
+from cellfluxrl.refstats import (POOLED, STATS, check_reference, empty_fraction_warning,  # noqa: F401 (re-exported)
+                                 measure_images, moa_labels, reference_statistics, segmenter_label)
 
-STATS = ("nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count")
 REFERENCE_FILE = "reference_stats.json"
 CLASSIFIER_FILE = "moa_classifier.pt"
 CLASSIFIER_REPORT = "classifier.json"
@@ -45,16 +50,9 @@ JUDGE_FILE = "judge.pt"
 JUDGE_WIDTHS = (32, 64, 128)  # another architecture than the reward classifier's (24, 48, 96)
 JUDGE_SEED_OFFSET = 1000  # the judge's seed is the dataset seed + this
 REFERENCE_FORMAT = "cellfluxrl-reference-stats/1"
-POOLED = "all treated"  # fallback reference for an MoA without train images
-SEGMENT_BATCH = 512
 FIT_HINT = "run `cellfluxrl prepare ...` (which fits them) or `cellfluxrl rewards fit DATASET`"
 
 logger = logging.getLogger(__name__)
-
-
-def moa_labels() -> tuple[str, ...]:
-    """Row order of the reference arrays: DMSO first, then the 12 MoAs (row = moa_index + 1)."""
-    return (CONTROL, *MOAS)
 
 
 def moa_index(moa) -> np.ndarray:
@@ -191,6 +189,7 @@ def _write_json(path: Path, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(payload, indent=2) + "\n")
+    follow_umask(tmp)  # mkstemp files are private whatever the umask
     os.replace(tmp, path)
 
 
@@ -211,46 +210,10 @@ def load_evaluators(dataset_dir: str | os.PathLike) -> Evaluators:
         raise CellfluxError(f"{path}: not valid JSON ({exc}); {FIT_HINT}") from None
     if reference.get("format") != REFERENCE_FORMAT:
         raise CellfluxError(f"{path}: format {reference.get('format')!r}, expected {REFERENCE_FORMAT!r}; {FIT_HINT}")
+    check_reference(reference["moas"], reference["segmenter"]["settings"], str(path))
     report_path = root / CLASSIFIER_REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     return Evaluators(root, reference, root / CLASSIFIER_FILE, report)
-
-
-def measure_images(images_uint8: np.ndarray, segmenter, batch_size: int = SEGMENT_BATCH,
-                   progress: bool = False, desc: str = "segment") -> dict[str, np.ndarray]:
-    """Segment uint8 ``(N, H, W, C)`` images and measure them: dict of float64 ``(N,)`` per stat."""
-    from cellfluxrl.images import to_model
-    from cellfluxrl.morphology import measure
-
-    n = images_uint8.shape[0]
-    out = {k: np.zeros(n, dtype=np.float64) for k in STATS}
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
-    for start in starts:
-        x = to_model(np.asarray(images_uint8[start:start + batch_size]), dequantize=False).numpy()
-        nuclei, cells = segmenter.segment(x)
-        stats = measure(nuclei, cells)
-        for k in STATS:
-            out[k][start:start + batch_size] = stats[k]
-    return out
-
-
-def reference_statistics(stats: dict[str, np.ndarray], moa: np.ndarray) -> dict[str, dict]:
-    """Per-MoA ``{"n", "mean": {stat: x}, "std": {stat: x}}`` (population std), plus the pooled treated."""
-    moa = np.asarray(moa).astype(str)
-    groups = {name: moa == name for name in moa_labels() if np.any(moa == name)}
-    groups[POOLED] = moa != CONTROL
-    out = {}
-    for name, keep in groups.items():
-        if not np.any(keep):
-            continue
-        out[name] = {"n": int(keep.sum()),
-                     "mean": {k: float(stats[k][keep].mean()) for k in STATS},
-                     "std": {k: float(stats[k][keep].std()) for k in STATS}}
-    return out
 
 
 def _treated_in_distribution(dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -268,6 +231,11 @@ def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | N
         segmenter: segmentation backend (``"classical"`` or ``"cellpose"``).
         cellpose_model: Cellpose model name or local path (``segmenter="cellpose"``).
         progress: draw a tqdm bar.
+
+    Raises:
+        CellfluxError: an empty train split, or a degenerate reference (a statistic 0 on every image
+            of an MoA: the segmenter found nothing; :func:`cellfluxrl.refstats.check_reference`),
+            which is then not written. More than 5 % of an MoA's images without a nucleus is a warning.
     """
     options = segmenter_options(segmenter, cellpose_model)
     seg = build_segmenter(segmenter, options)
@@ -281,6 +249,11 @@ def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | N
                  "segmenter": {"name": segmenter, "options": options, "settings": _jsonable(seg.settings)},
                  "seconds": round(time.perf_counter() - start, 2),
                  "moas": reference_statistics(stats, dataset.table["moa"][idx])}
+    check_reference(reference["moas"], seg.settings, str(dataset.root))
+    warning = empty_fraction_warning(stats["nuc_count"], dataset.table["moa"][idx], what="train images of MoA",
+                                     segmenter=segmenter_label(seg.settings))
+    if warning:
+        logger.warning("%s: %s", dataset.root, warning)
     dataset.evaluators_dir.mkdir(exist_ok=True)
     _write_json(dataset.evaluators_dir / REFERENCE_FILE, reference)
     return reference
@@ -328,14 +301,16 @@ def _fit_one(dataset, train_idx: np.ndarray, train_labels: np.ndarray, test_idx:
 
 
 def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: str = "cpu",
-                   progress: bool = False) -> dict:
+                   progress: bool = False, resume: bool = False) -> dict:
     """Train the reward's MoA classifier and the independent judge; write both and ``classifier.json``.
 
     The treated, in-distribution train images are split into two disjoint halves stratified by
     MoA (:func:`disjoint_halves`): the reward classifier learns from the first (seed ``seed``,
     the default stages), the judge from the second (seed ``seed + 1000``, wider stages), so the
     judge shares neither data, initialisation nor architecture with the network RL optimises.
-    Both are tested on the treated in-distribution test images, clean and degraded.
+    Both are tested on the treated in-distribution test images, clean and degraded. With
+    ``resume``, a classifier file already fitted with ``seed`` is kept (its stored report reused;
+    one fitted with another seed is refused, :mod:`cellfluxrl.evaluators_resume`).
 
     Returns:
         The report written to classifier.json: the reward classifier's figures at the top level
@@ -348,12 +323,18 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
         raise CellfluxError(f"{dataset.root}: too few treated train images to fit two MoA classifiers "
                             f"({train_idx.size} images)")
     dataset.evaluators_dir.mkdir(exist_ok=True)
-    common = dict(epochs=epochs, device=device, progress=progress)
-    report = _fit_one(dataset, train_idx[first], train_labels[first], test_idx, test_labels, seed=seed, widths=None,
-                      path=dataset.evaluators_dir / CLASSIFIER_FILE, **common)
-    report["judge"] = _fit_one(dataset, train_idx[second], train_labels[second], test_idx, test_labels,
-                               seed=seed + JUDGE_SEED_OFFSET, widths=JUDGE_WIDTHS,
-                               path=dataset.evaluators_dir / JUDGE_FILE, **common)
+    from cellfluxrl.moa_classifier import FORMAT
+
+    reports = []
+    for name, half, offset, widths in ((CLASSIFIER_FILE, first, 0, None),
+                                       (JUDGE_FILE, second, JUDGE_SEED_OFFSET, JUDGE_WIDTHS)):
+        path = dataset.evaluators_dir / name
+        kept = stored_classifier_report(path, seed, epochs, FORMAT, offset) if resume else None
+        reports.append(kept if kept is not None else _fit_one(
+            dataset, train_idx[half], train_labels[half], test_idx, test_labels, seed=seed + offset, widths=widths,
+            path=path, epochs=epochs, device=device, progress=progress))
+    report = reports[0]
+    report["judge"] = reports[1]
     report["halves"] = (f"treated in-distribution train images split by disjoint_halves(seed={seed}): "
                         f"{first.size} for the reward classifier, {second.size} for the judge")
     _write_json(dataset.evaluators_dir / CLASSIFIER_REPORT, report)
@@ -362,7 +343,7 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
 
 def fit_evaluators(dataset_dir: str | os.PathLike, segmenter: str = "classical", cellpose_model: str | None = None,
                    seed: int = 0, progress: bool = True, classifier_epochs: int | None = None,
-                   device: str = "cpu") -> dict[str, str]:
+                   device: str = "cpu", resume: bool = False) -> dict[str, str]:
     """Fit the reference statistics and the MoA classifier of a dataset; write ``DATASET/evaluators``.
 
     Args:
@@ -374,19 +355,30 @@ def fit_evaluators(dataset_dir: str | os.PathLike, segmenter: str = "classical",
         classifier_epochs: passes over the training images (``None``: about 300 optimizer steps,
             see :func:`cellfluxrl.moa_classifier.default_epochs`).
         device: torch device for the classifier (``"cuda"`` when available is faster).
+        resume: keep every evaluator file already fitted with these settings and fit only the
+            missing ones (``prepare`` run again; :mod:`cellfluxrl.evaluators_resume`); False
+            refits everything (``rewards fit``).
 
     Returns:
         A short summary, e.g. ``{"reference stats": "13 MoAs on 9,876 train images (classical)",
         "MoA classifier": "test accuracy 0.950 on 2,345 images (12 classes, 4 epochs, 41 s)"}``.
 
     Raises:
-        CellfluxError: unreadable dataset, no train images, fewer than two MoAs to classify.
+        CellfluxError: unreadable dataset, no train images, fewer than two MoAs to classify, a
+            degenerate reference (the segmenter found nothing in an MoA's images), or (``resume``)
+            a file fitted with another segmenter or seed.
     """
     from cellfluxrl.data.layout import load_dataset
 
     dataset = load_dataset(dataset_dir)
-    reference = fit_reference(dataset, segmenter, cellpose_model, progress=progress)
-    report = fit_classifier(dataset, seed=seed, epochs=classifier_epochs, device=device, progress=progress)
+    reference = None
+    if resume:
+        reference = stored_reference(dataset.evaluators_dir / REFERENCE_FILE, segmenter,
+                                     segmenter_options(segmenter, cellpose_model), REFERENCE_FORMAT)
+    if reference is None:
+        reference = fit_reference(dataset, segmenter, cellpose_model, progress=progress)
+    report = fit_classifier(dataset, seed=seed, epochs=classifier_epochs, device=device, progress=progress,
+                            resume=resume)
     logger.info("fitted evaluators of %s: %s", dataset.root, report)
     n_moas = len([m for m in reference["moas"] if m != POOLED])
     accuracy = f"{report['test_accuracy']:.3f}" if report["n_test"] else "n/a (no test images)"

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from cellfluxrl.data.compounds import MOAS
 from cellfluxrl.degradations import DEFAULT_DEGRADATION, ROBUSTNESS_CONDITIONS, DegradationConfig, random_degradation
+from cellfluxrl.data.layout import follow_umask
 from cellfluxrl.errors import CellfluxError
 
 FORMAT = "cellfluxrl-moa-classifier/1"
@@ -260,9 +261,9 @@ def train_moa_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int 
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.15)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from cellfluxrl.progress import progress as progress_bar
 
-        bar = tqdm(total=total, desc="MoA classifier", unit="step", leave=False)
+        bar = progress_bar(total=total, desc="MoA classifier", unit="step", leave=False)
     start, correct, seen = time.perf_counter(), 0, 0
     model.train()
     for epoch in range(epochs):
@@ -312,6 +313,7 @@ def save_moa_classifier(model: MoAClassifier, path: str | os.PathLike, info: dic
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        follow_umask(tmp)  # mkstemp files are private whatever the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

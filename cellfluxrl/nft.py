@@ -65,6 +65,38 @@ def group_advantages(rewards: torch.Tensor, adv_clip: float = 5.0,
     return torch.clamp(centred / (std + ADV_EPS), -adv_clip, adv_clip)
 
 
+def per_reward_advantages(components: torch.Tensor, weights: torch.Tensor, group_size: int,
+                          adv_clip: float = 5.0) -> torch.Tensor:
+    """Advantages of a weighted sum of rewards with every reward standardised first.
+
+    ``z_k = (R_k - mean_group(R_k)) / (std(R_k) + 1e-4)`` for each reward ``k`` (std over every
+    rollout of the iteration), ``S = sum_k w_k z_k``, and ``A = clip(S / (std(S) + 1e-4))``. Each
+    reward then moves the advantages in proportion to its weight, whatever its scale or tails; with
+    the raw sum (:func:`group_advantages` of ``sum_k w_k R_k``) a reward's share is ``w_k^2 Var(R_k)``,
+    and one heavy-tailed reward (a clipped squared deviation reaching -25) can drown the others
+    (benchmarks/RESULTS.md, "Why RL on the raw sum lowered MoA"). This is the paper's App. E idea
+    (each reward normalised before weighting), with the std instead of the min-max range, which one
+    outlier would set.
+
+    Args:
+        components: ``(N, K)`` rewards of every rollout (``N = G m``, group order, all ranks).
+        weights: ``(K,)`` weights ``w_k`` (a reward with weight 0 does not count).
+        group_size: ``m``.
+        adv_clip: clip bound ``C``.
+
+    Returns:
+        float64 ``(G, m)`` advantages in ``[-adv_clip, adv_clip]``, group-centred.
+    """
+    comps = torch.as_tensor(components, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if comps.ndim != 2 or comps.shape[1] != w.numel() or comps.shape[0] % group_size:
+        raise ValueError(f"components {tuple(comps.shape)} do not fit {w.numel()} weights and groups of {group_size}")
+    grouped = comps.reshape(-1, group_size, comps.shape[1])
+    z = (grouped - grouped.mean(dim=1, keepdim=True)) / (comps.std(dim=0, correction=0) + ADV_EPS)
+    combined = (z * w).sum(dim=2)
+    return torch.clamp(combined / (combined.std(correction=0) + ADV_EPS), -adv_clip, adv_clip)
+
+
 def optimality(A: torch.Tensor, adv_clip: float = 5.0) -> torch.Tensor:
     """Optimality probability ``r = clamp(0.5 + A / (2 adv_clip), 0, 1)`` (Algorithm 1 line 6).
 

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from cellfluxrl import nft
+from cellfluxrl.checkpoint import truncate_stats
 from cellfluxrl.config import config_from_dict, config_to_dict, dump_json
 from cellfluxrl.distributed import all_gather_tensor
 from cellfluxrl.errors import CellfluxError
@@ -66,7 +67,7 @@ class PosttrainConfig:
     """Post-training settings; defaults follow the paper, then DiffusionNFT (see docs/posttrain.md)."""
 
     weights: str | None = None  # reward weights NAME=W,... merged into the paper's sum (None: paper's 7 rewards)
-    steps: int = 1200  # optimizer steps = RL iterations (paper: 1200)
+    steps: int = 1200  # RL iterations (each takes grad_steps optimizer steps; paper: 1200 x 1)
     group_size: int = 8  # m rollouts per fixed (x_0, c) group
     groups_per_step: int = 16  # groups per iteration over all ranks (16 x 8 = 128 rollouts per step)
     rollout_steps: int = 10  # Heun steps of the rollout sampler (DiffusionNFT: 10; Heun NFE = 2 steps)
@@ -79,9 +80,11 @@ class PosttrainConfig:
     forward_noise: str = "group"  # "group": a group's rollouts share their fresh source noise and t (common random numbers); "independent"
     train_timesteps: int | None = None  # t values per rollout per step (None: int(0.99 rollout_steps), as DiffusionNFT)
     train_batch: int = 32  # (rollout, t) items per forward/backward micro-batch
+    grad_steps: int = 1  # optimizer steps per iteration: the shuffled items split into this many chunks (DiffusionNFT OCR: 2)
     nft_beta: float = 1.0  # DiffusionNFT guidance strength beta (implicit policies, Eqs. 8-9); 1.0 = their default
     kl_weight: float = 1.0  # weight of ||v_theta - v_ref||^2 to the frozen base (the paper's "KL weight beta = 1")
     adv_clip: float = 5.0  # advantage clip C; r = 0.5 + clip(A) / (2 C) (DiffusionNFT: 5)
+    reward_norm: str = "none"  # "none": advantages of the raw weighted sum (paper Table 1); "per_reward": each reward standardised first
     adaptive: bool = False  # DiffusionNFT's self-normalised (adaptive-weighting) loss instead of plain velocity MSE
     lr: float = 2e-5  # AdamW learning rate (paper App. B)
     weight_decay: float = 1e-4  # AdamW weight decay (DiffusionNFT)
@@ -98,7 +101,7 @@ class PosttrainConfig:
 
     def __post_init__(self):
         positive = ("steps", "group_size", "groups_per_step", "rollout_steps", "rollout_batch", "train_batch",
-                    "nft_beta", "adv_clip", "save_every", "lr")
+                    "grad_steps", "nft_beta", "adv_clip", "save_every", "lr")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise CellfluxError(f"posttrain: {name} must be > 0, got {getattr(self, name)!r}")
@@ -113,6 +116,8 @@ class PosttrainConfig:
         for name in ("old_max", "eval_ema_max"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise CellfluxError(f"posttrain: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.reward_norm not in ("none", "per_reward"):
+            raise CellfluxError(f"posttrain: reward_norm must be none or per_reward, got {self.reward_norm!r}")
         if self.train_source not in ("fresh", "rollout"):
             raise CellfluxError(f"posttrain: train_source must be fresh or rollout, got {self.train_source!r}")
         if self.forward_noise not in ("group", "independent"):
@@ -283,8 +288,12 @@ def forward_draws(cfg: PosttrainConfig, n: int, rng: np.random.Generator
 
 
 def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: PosttrainConfig,
-                 rng: np.random.Generator, device: torch.device) -> dict[str, float]:
+                 rng: np.random.Generator, device: torch.device, chunk: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Accumulate the gradient of the iteration's loss (Algorithm 1 lines 9-13) into ``theta``.
+
+    ``chunk = (k, K)`` takes only the ``k``-th of ``K`` contiguous chunks of the shuffled items (one
+    optimizer step each, ``cfg.grad_steps = K``); ``rng`` must then be the same fresh generator for
+    every ``k`` so that the chunks partition one draw of items, times and source noise.
 
     Every velocity (``v_theta``, ``v_old``, ``v_ref``) is the guided one the rollouts were sampled
     with, ``(1 + w) v(x, t, c) - w v(x, t, None)`` at ``w = cfg.cfg_scale`` (one batched pass of
@@ -308,9 +317,11 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
         owner[draw] = sample
         x_src = add_source_noise(ro.x_ctrl[torch.as_tensor(owner, device=device)], cfg.sigma, gen)
     sums = dict.fromkeys(("loss", "policy_loss", "kl", "kl_old", "fm_old"), 0.0)
-    batches = range(0, sample.size, cfg.train_batch)
+    bounds = np.linspace(0, sample.size, chunk[1] + 1).round().astype(np.int64)
+    lo, hi = int(bounds[chunk[0]]), int(bounds[chunk[0] + 1])
+    batches = range(lo, hi, cfg.train_batch)
     for k, start in enumerate(batches):
-        items = slice(start, start + cfg.train_batch)
+        items = slice(start, min(start + cfg.train_batch, hi))
         idx = torch.as_tensor(sample[items], device=device)
         t = torch.as_tensor(t_flat[items], dtype=torch.float32, device=device)
         x_1, cond = ro.x_1[idx], ro.cond[idx]
@@ -326,14 +337,14 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
                                   adaptive=cfg.adaptive, t=t)
             kl = nft.kl_loss(v_theta, v_ref)
             loss = policy + cfg.kl_weight * kl
-            (loss.sum() / sample.size).backward()
+            (loss.sum() / (hi - lo)).backward()
         with torch.no_grad():
             sums["loss"] += float(loss.sum())
             sums["policy_loss"] += float(policy.sum())
             sums["kl"] += float(kl.sum())
             sums["kl_old"] += float(nft.kl_loss(v_old, v_ref).sum())
             sums["fm_old"] += float(((v_old - v) ** 2).mean(dim=(1, 2, 3)).sum())
-    return {key: value / sample.size for key, value in sums.items()}
+    return {key: value / (hi - lo) for key, value in sums.items()}
 
 
 class RewardWorker:
@@ -435,18 +446,28 @@ def run_iteration(policies: Policies, optimizer: torch.optim.Optimizer, pairs, e
     # Advantages: group mean here, std over every rollout of every rank.
     local = torch.as_tensor(np.concatenate([total[:, None], comps], axis=1), device=device)
     everything = all_gather_tensor(local).double().cpu()
-    A = nft.group_advantages(torch.as_tensor(total).reshape(-1, m), cfg.adv_clip, std=everything[:, 0].std(correction=0))
+    if cfg.reward_norm == "per_reward":  # every rank computes all advantages, then keeps its own rows
+        w = torch.tensor([float(worker.suite.weights.get(name, 0.0)) for name in names], dtype=torch.float64)
+        A = nft.per_reward_advantages(everything[:, 1:], w, m, cfg.adv_clip).reshape(-1)
+        A = A[rank * len(total):(rank + 1) * len(total)].reshape(-1, m)
+    else:
+        A = nft.group_advantages(torch.as_tensor(total).reshape(-1, m), cfg.adv_clip,
+                                 std=everything[:, 0].std(correction=0))
     r = nft.optimality(A, cfg.adv_clip).reshape(-1).to(device=device, dtype=torch.float32)
 
-    # Accumulate the NFT + KL gradient, clip, step.
-    optimizer.zero_grad(set_to_none=True)
-    losses = nft_backward(policies, ro, r, cfg, _rng(cfg, step, rank, 1), device)
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(policies.theta.parameters(), max_norm))
-    if not (math.isfinite(losses["loss"]) and math.isfinite(grad_norm)):
-        raise CellfluxError(f"posttrain: non-finite loss {losses['loss']} / grad norm {grad_norm} at step "
-                            f"{step + 1}; the last checkpoint is kept (try a lower --lr)")
-    optimizer.step()
+    # Accumulate the NFT + KL gradient of each chunk of items, clip, step (v_old stays the sampler's).
+    losses, grad_norms = {}, []
+    for k in range(cfg.grad_steps):
+        optimizer.zero_grad(set_to_none=True)
+        part = nft_backward(policies, ro, r, cfg, _rng(cfg, step, rank, 1), device, chunk=(k, cfg.grad_steps))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policies.theta.parameters(), max_norm)))
+        if not (math.isfinite(part["loss"]) and math.isfinite(grad_norms[-1])):
+            raise CellfluxError(f"posttrain: non-finite loss {part['loss']} / grad norm {grad_norms[-1]} at step "
+                                f"{step + 1}; the last checkpoint is kept (try a lower --lr)")
+        optimizer.step()
+        losses = {key: losses.get(key, 0.0) + value / cfg.grad_steps for key, value in part.items()}
+    grad_norm = float(np.mean(grad_norms))
 
     # Update the evaluation EMA and the old (sampling) policy.
     nft.ema_update(_weights(policies.ema), _weights(policies.theta), nft.eval_ema_decay(step, cfg.eval_ema_max))
@@ -503,16 +524,6 @@ def _resumed_config(state: dict, cfg: PosttrainConfig) -> PosttrainConfig:
     if changed:
         log.warning("resuming: keeping the stored %s (ignoring the new values)", ", ".join(changed))
     return replace(stored, steps=cfg.steps)
-
-
-def _truncate_stats(path: Path, step: int) -> None:
-    """Drop the ``stats.jsonl`` records after ``step`` (work lost by a kill is logged again)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 def _checkpoint(policies: Policies, optimizer, step: int, run_config: dict, cfg: PosttrainConfig,
@@ -639,7 +650,7 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
     if info.is_main:
         out_run.mkdir(parents=True, exist_ok=True)
         dump_json(run_config, out_run / "config.json")
-        _truncate_stats(out_run / STATS_FILE, start)
+        truncate_stats(out_run / STATS_FILE, start)
     grid = SampleGrid(dataset, policies.ref, cfg, dev) if info.is_main and cfg.grid_every else None
     embeddings = torch.as_tensor(np.array(dataset.embeddings), device=dev)
     worker = RewardWorker(suite)

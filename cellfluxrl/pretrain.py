@@ -32,13 +32,13 @@ from torch import nn
 
 from cellfluxrl import __version__, losses
 from cellfluxrl.checkpoint import (CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME, Sampling, load_cellflux_weights,
-                                   load_checkpoint, load_state_strict, save_checkpoint)
+                                   load_checkpoint, load_state_strict, save_checkpoint, truncate_stats)
 from cellfluxrl.config import PretrainConfig, config_to_dict, dump_json
 from cellfluxrl.distributed import DistInfo, all_reduce_sum, barrier
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.generate import autocast_for
 from cellfluxrl.path import add_source_noise, interpolate, sample_t_skewed, sample_t_uniform
-from cellfluxrl.unet import PRESETS, UNetConfig, VelocityUNet
+from cellfluxrl.unet import PRESETS, UNetConfig, VelocityUNet, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,10 @@ def fm_batch_loss(net: nn.Module, batch: dict, embeddings: torch.Tensor, cfg: Pr
 # Run set-up and resume.
 
 def run_config(dataset_dir: Path, cfg: PretrainConfig, unet: UNetConfig, condition_dim: int,
-               init_from: str | None) -> dict:
+               init_from: str | None, image_size: int | None = None) -> dict:
     """The resolved run config stored in ``config.json`` and in every checkpoint."""
     preset = cfg.preset if PRESETS.get(cfg.preset) == unet else "custom"
-    return {"kind": "pretrain", "dataset": str(Path(dataset_dir).resolve()), "preset": preset,
+    return {"kind": "pretrain", "dataset": str(Path(dataset_dir).resolve()), "image_size": image_size, "preset": preset,
             "unet": unet.to_dict(), "condition_dim": int(condition_dim), "train": config_to_dict(cfg),
             "init_from": init_from, "cellfluxrl_version": __version__,
             "sampling": Sampling(steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, sigma=cfg.noise_sigma).to_dict()}
@@ -216,7 +216,8 @@ def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
 
 def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
           unet: UNetConfig | None = None, dist: DistInfo | None = None, compile: bool | None = None,
-          init_from: str | Path | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          init_from: str | Path | None = None, on_step: Callable[[dict], None] | None = None,
+          on_start: Callable[[dict], None] | None = None) -> TrainResult:
     """Pretrain (or resume pretraining) a CellFlux velocity model in ``run_dir``.
 
     Args:
@@ -228,6 +229,8 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
         compile: ``torch.compile`` the network (default: :func:`default_compile` of the device).
         init_from: a CellFlux checkpoint to initialise a fresh run from (ignored when resuming).
         on_step: called on rank 0 after every optimizer step with that step's stats dict.
+        on_start: called on rank 0 once everything is checked and loaded, before the first step, with
+            ``{"parameters", "device", "start", "steps"}`` (the command says what it is about to train).
 
     Returns:
         :class:`TrainResult`.
@@ -247,7 +250,8 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
         if cfg.preset not in PRESETS:
             raise CellfluxError(f"unknown UNet preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
         unet = PRESETS[cfg.preset]
-    config = run_config(dataset_dir, cfg, unet, dataset.embeddings.shape[1], str(init_from) if init_from else None)
+    config = run_config(dataset_dir, cfg, unet, dataset.embeddings.shape[1], str(init_from) if init_from else None,
+                        image_size=int(dataset.images.shape[1]))
     ckpt_path = run_dir / CHECKPOINT_NAME
 
     # Build the networks and the optimizer.
@@ -274,6 +278,7 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_json(config, run_dir / CONFIG_NAME)
+        truncate_stats(run_dir / STATS_NAME, start)  # steps logged after the checkpoint are run (and logged) again
     net.to(device)
     ema.to(device)
     _optimizer_to(optimizer, device)
@@ -302,6 +307,8 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
     embeddings = torch.tensor(np.asarray(dataset.embeddings, dtype=np.float32), device=device)
     bpe = batches_per_epoch(len(paired), cfg.batch_size, dist.world_size)
     images_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
+    if dist.is_main and on_start is not None:
+        on_start({"parameters": count_parameters(net), "device": str(device), "start": start, "steps": cfg.steps})
 
     # Train, with dropout drawing from a forked (saved and restored) global RNG.
     fork_devices = [device] if device.type == "cuda" else []

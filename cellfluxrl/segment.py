@@ -19,10 +19,11 @@ spirit of CellProfiler's IdentifyPrimaryObjects / IdentifySecondaryObjects:
    min)`` with the Otsu threshold taken on log intensity (robust when a crop is mostly cytoplasm
    with a few very bright cells) and a contrast floor, holes filled (background pockets that do
    not touch the frame, or smaller than ``cell_max_hole_area`` px: the nucleus is usually a dim
-   pocket of the cytoplasm stains); nuclei closer than ``cell_seed_merge`` px share one seed (the
-   fragments and micronuclei of one cell); seeded watershed from those seeds (the nucleus pixels
-   inside the foreground) over the inverted cytoplasm intensity, by a 256-level bucket queue,
-   4-connected, inside the foreground. The nuclei are *not* forced into the foreground
+   pocket of the cytoplasm stains); a nucleus smaller than ``cell_fragment_area`` px (a fragment
+   or micronucleus) shares the seed of the nearest nucleus within ``cell_seed_merge`` px, but two
+   whole nuclei never share one (:mod:`cellfluxrl.cell_seeds`); seeded watershed from those seeds
+   (the nucleus pixels inside the foreground) over the inverted cytoplasm intensity, by a 256-level
+   bucket queue, 4-connected, inside the foreground. The nuclei are *not* forced into the foreground
    (``nuclei_in_cells=False``), otherwise every nucleus would be contained in its cell by
    construction and the nuc_in_cyto reward would be constant. Cells below ``min_cell_area`` and
    cytoplasm without a nucleus are dropped.
@@ -39,6 +40,8 @@ from typing import Any, Protocol
 import numba as nb
 import numpy as np
 
+from cellfluxrl.cell_seeds import _root as _find  # union-find root, shared with the cell seeds
+from cellfluxrl.cell_seeds import group_nuclei
 from cellfluxrl.errors import CellfluxError
 
 log = logging.getLogger(__name__)
@@ -130,9 +133,12 @@ class ClassicalSegmenter:
             the frame (pockets that do not touch it are always filled).
         nuclei_in_cells: add the nuclei to the cell foreground (makes nuc_in_cyto 1 by
             construction; off by default).
-        cell_seed_merge: nuclei whose gap is at most this (px, chessboard distance, even values
-            count) seed one cell together (the fragments and micronuclei of one cell); 0 or 1 gives
-            one cell per nucleus.
+        cell_seed_merge: a fragment nucleus joins the seed of the nearest nucleus whose gap is at
+            most this (px, chessboard distance, even values count); 0 or 1 gives one cell per
+            nucleus.
+        cell_fragment_area: nuclei smaller than this (px) are fragments (micronuclei, pieces of a
+            fragmented nucleus) that share a neighbour's cell; two nuclei of at least this area
+            never share a cell (dense tissue). 0 gives one cell per nucleus.
         min_cell_area: cells smaller than this (px) are dropped.
     """
 
@@ -146,15 +152,17 @@ class ClassicalSegmenter:
     cell_max_hole_area: int = 400
     nuclei_in_cells: bool = False
     cell_seed_merge: int = 4
+    cell_fragment_area: int = 60
     min_cell_area: int = 8
 
     def __post_init__(self):
-        if self.declump_h < 0 or self.min_nucleus_area < 1 or self.min_cell_area < 1 or self.cell_max_hole_area < 0:
+        if self.declump_h < 0 or self.min_nucleus_area < 1 or self.min_cell_area < 1 or self.cell_max_hole_area < 0 \
+                or self.cell_fragment_area < 0:
             raise CellfluxError(f"classical segmenter: invalid parameters {asdict(self)}")
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"backend": "classical", "version": 1, **asdict(self)}
+        return {"backend": "classical", "version": 2, **asdict(self)}
 
     def segment(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Segment a batch.
@@ -174,7 +182,7 @@ class ClassicalSegmenter:
             _segment_batch(images, float(self.threshold_clip), bool(self.cyto_log_threshold), float(self.min_contrast), float(self.nucleus_threshold_scale),
                            float(self.declump_h), int(self.min_nucleus_area), float(self.cyto_threshold_scale),
                            int(self.cell_max_hole_area), bool(self.nuclei_in_cells), int(self.cell_seed_merge),
-                           int(self.min_cell_area),
+                           int(self.cell_fragment_area), int(self.min_cell_area),
                            nuclei, cells)
         return nuclei, cells
 
@@ -191,38 +199,6 @@ def _smooth(img, out, tmp):
         for x in range(W):
             x0, x1, x3, x4 = max(x - 2, 0), max(x - 1, 0), min(x + 1, W - 1), min(x + 2, W - 1)
             out[y, x] = (tmp[y, x0] + tmp[y, x4] + 4.0 * (tmp[y, x1] + tmp[y, x3]) + 6.0 * tmp[y, x]) * 0.0625
-
-
-@nb.njit(cache=True, nogil=True)
-def _dilate_square(mask, r, out, tmp):
-    """``out`` = ``mask`` (uint8 0/1) dilated by a (2r+1) x (2r+1) square, separable; the column
-    pass keeps the last / next set row per column, so both passes run row-major."""
-    H, W = mask.shape
-    for y in range(H):
-        last_x = -(r + 1)
-        for x in range(W):
-            if mask[y, x] != 0:
-                last_x = x
-            tmp[y, x] = 1 if x - last_x <= r else 0
-        next_x = W + r + 1
-        for x in range(W - 1, -1, -1):
-            if mask[y, x] != 0:
-                next_x = x
-            if next_x - x <= r:
-                tmp[y, x] = 1
-    last = np.full(W, -(r + 1), np.int64)
-    for y in range(H):
-        for x in range(W):
-            if tmp[y, x] != 0:
-                last[x] = y
-            out[y, x] = 1 if y - last[x] <= r else 0
-    nxt = np.full(W, H + r + 1, np.int64)
-    for y in range(H - 1, -1, -1):
-        for x in range(W):
-            if tmp[y, x] != 0:
-                nxt[x] = y
-            if nxt[x] - y <= r:
-                out[y, x] = 1
 
 
 @nb.njit(cache=True, nogil=True)
@@ -306,15 +282,6 @@ def _otsu(img, clip, log_offset):
             best, best_k, best_m0, best_m1 = between, k, m0, m1
     threshold = lo + (best_k + 1) * width  # upper edge of the last background bin
     return threshold, lo, hi, best_m1 - best_m0
-
-
-@nb.njit(cache=True, nogil=True)
-def _find(parent, i):
-    """Root of ``i`` in a union-find forest, with path halving."""
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -660,14 +627,13 @@ def _any_close_pair(labels, k, gap):
 
 @nb.njit(cache=True, nogil=True)
 def _segment_one(img, clip, log_cyto, min_contrast, nuc_scale, h, min_nuc_area, cyto_scale, cell_hole, nuclei_in_cells,
-                 merge, min_cell_area, nuclei_out, cells_out):
+                 merge, fragment_area, min_cell_area, nuclei_out, cells_out):
     """Segment one (3, H, W) image into ``nuclei_out`` and ``cells_out`` (int32, zero-filled)."""
     _, H, W = img.shape
     tmp = np.empty((H, W), np.float32)
     smooth = np.empty((H, W), np.float32)
     mask = np.zeros((H, W), np.uint8)
     ids = np.zeros((H, W), np.int64)
-    seen = np.empty((H, W), np.uint8)
     parent = np.empty(H * W + 2, np.int64)
     area = np.empty(H * W + 2, np.int64)
     touches = np.empty(H * W + 2, np.uint8)
@@ -720,35 +686,25 @@ def _segment_one(img, clip, log_cyto, min_contrast, nuc_scale, h, min_nuc_area, 
         for x in range(W):
             q = int((hi - cyto[y, x]) / span * (_N_LEVELS - 1) + 0.5)
             quant[y, x] = min(max(q, 0), _N_LEVELS - 1)
-    # Cell seeds: nuclei (inside the foreground) closer than `merge` px share one seed, so the
-    # fragments of one nucleus (micronuclei) make one cell. The dilation + labelling is skipped
-    # when no two nucleus bounding boxes are that close.
+    # Cell seeds: a nucleus smaller than `fragment_area` (micronucleus, fragment) shares the seed
+    # of the nearest nucleus within `merge` px; whole nuclei never share one (cell_seeds.py). The
+    # grouping is skipped when no two nucleus bounding boxes are that close.
+    group = np.arange(k_nuc + 1)
     if _any_close_pair(nuclei_out, k_nuc, 2 * (merge // 2)):
-        nuc_fg = np.empty((H, W), np.uint8)
-        for y in range(H):
-            for x in range(W):
-                nuc_fg[y, x] = 1 if nuclei_out[y, x] != 0 else 0
-        near = np.empty((H, W), np.uint8)
-        _dilate_square(nuc_fg, merge // 2, near, seen)  # nuclei with a chessboard gap <= merge touch
-        _label_cc(near, 1, True, ids, parent)
-        for y in range(H):
-            for x in range(W):
-                if mask[y, x] == 0 or nuclei_out[y, x] == 0:
-                    ids[y, x] = 0
-    else:
-        for y in range(H):
-            for x in range(W):
-                ids[y, x] = nuclei_out[y, x] if mask[y, x] != 0 else 0
+        group = group_nuclei(nuclei_out, k_nuc, 2 * (merge // 2), fragment_area)
+    for y in range(H):
+        for x in range(W):
+            ids[y, x] = group[nuclei_out[y, x]] if mask[y, x] != 0 else 0
     _seeded_watershed(quant, mask, ids)
     _relabel(ids, min_cell_area, cells_out)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
 def _segment_batch(images, clip, log_cyto, min_contrast, nuc_scale, h, min_nuc_area, cyto_scale, cell_hole, nuclei_in_cells,
-                   merge, min_cell_area, nuclei, cells):
+                   merge, fragment_area, min_cell_area, nuclei, cells):
     for b in nb.prange(images.shape[0]):
         _segment_one(images[b], clip, log_cyto, min_contrast, nuc_scale, h, min_nuc_area, cyto_scale, cell_hole,
-                     nuclei_in_cells, merge, min_cell_area, nuclei[b], cells[b])
+                     nuclei_in_cells, merge, fragment_area, min_cell_area, nuclei[b], cells[b])
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ PRESETS: dict[str, UNetConfig] = {
     # CPU-sized: 32/64/64 channels, 2 ResBlocks per level, attention only in the middle (about 1.5M).
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
                        attention_resolutions=(), dropout=0.1),
+    # The demo's: "tiny" with 1 ResBlock per level (about 1.15M): 1.8x the training images/s of
+    # "tiny" on 2 CPU cores, and at lr 1e-3 a better base per minute (benchmarks/RESULTS.md).
+    "micro": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(), dropout=0.1),
 }
 
 
@@ -272,7 +276,7 @@ class VelocityUNet(nn.Module):
 
 
 def build_unet(preset_or_config: str | UNetConfig | dict, condition_dim: int) -> VelocityUNet:
-    """A fresh :class:`VelocityUNet` from a preset name (``"paper"``, ``"tiny"``), config or dict."""
+    """A fresh :class:`VelocityUNet` from a preset name (``"paper"``, ``"tiny"``, ``"micro"``), config or dict."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise CellfluxError(f"unknown UNet preset {preset_or_config!r}; choose one of {', '.join(PRESETS)}")

@@ -516,6 +516,123 @@ def test_raw_meta_records_preparation(raw_prepared):
 
 
 # ---------------------------------------------------------------------------------------------
+# Raw images at another magnification (--pixel-size / --scale) and touching nuclei.
+
+
+def test_field_scale_validation():
+    from cellfluxrl.data.raw_fields import BBBC021_PIXEL_SIZE_UM, field_scale
+
+    assert field_scale() == 1.0 and field_scale(scale=0.5) == 0.5
+    assert field_scale(pixel_size_um=2 * BBBC021_PIXEL_SIZE_UM) == pytest.approx(2.0)
+    for bad in (float("nan"), float("inf"), 0.0, -0.3):
+        _one_line_error(lambda: field_scale(pixel_size_um=bad), "--pixel-size", "positive finite")
+        _one_line_error(lambda: field_scale(scale=bad), "--scale", "positive finite")
+    _one_line_error(lambda: field_scale(scale="big"), "--scale", "not a number")
+    _one_line_error(lambda: field_scale(pixel_size_um=325.0), "--pixel-size 325", "outside", "microns per pixel")
+    _one_line_error(lambda: field_scale(pixel_size_um=0.3, scale=1.0), "not both")
+
+
+def test_detect_nuclei_splits_touching_nuclei():
+    image = np.zeros((80, 100), np.float32)
+    rr, cc = np.indices(image.shape)
+    for r, c in ((40, 40), (40, 53), (20, 85)):  # two overlapping discs (r = 7, 13 px apart) + one apart
+        image[np.hypot(rr - r, cc - c) <= 7] = 1.0
+    np.testing.assert_allclose(detect_nuclei(image), [[20, 85], [40, 40], [40, 53]], atol=1.0)
+    assert len(detect_nuclei(image, declump_h_px=0)) == 2  # without splitting: one blob, one crop
+
+
+def _sources(ds) -> list[tuple[str, np.ndarray]]:
+    """(DAPI path, crop centre (row, col) in the field's px) of every crop, in dataset order."""
+    out = []
+    for source in ds.table["source"]:
+        path, centre = source.split("@")
+        out.append((path, np.array([float(v) for v in centre.split(",")])))
+    return out
+
+
+def _zoom_raw(src: Path, dst: Path, factor: int) -> None:
+    """Copy a raw folder with every TIFF enlarged ``factor`` times (pixel replication)."""
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.suffix == ".tif":
+            tifffile.imwrite(target, np.kron(tifffile.imread(path), np.ones((factor, factor), np.uint16)))
+        else:
+            target.write_bytes(path.read_bytes())
+
+
+def test_raw_at_twice_the_magnification_gives_bbbc021_crops(tmp_path):
+    from cellfluxrl.data.raw_fields import BBBC021_PIXEL_SIZE_UM
+
+    write_raw(tmp_path / "raw", n_interior=2)
+    _zoom_raw(tmp_path / "raw", tmp_path / "zoom", 2)
+    ref = load_dataset(prepare_raw(tmp_path / "raw", tmp_path / "ref", seed=0, progress=False))
+    big = load_dataset(prepare_raw(tmp_path / "zoom", tmp_path / "big", seed=0, progress=False))
+    fixed = load_dataset(prepare_raw(tmp_path / "zoom", tmp_path / "fixed", seed=0, progress=False,
+                                     pixel_size_um=BBBC021_PIXEL_SIZE_UM / 2))
+    assert fixed.meta["preparation"]["scale"] == pytest.approx(0.5)
+    assert fixed.meta["preparation"]["pixel_size_um"] == pytest.approx(BBBC021_PIXEL_SIZE_UM / 2)
+
+    def dna_area(ds):  # mean nucleus pixels per crop (DNA above mid-grey)
+        return float((np.asarray(ds.images)[..., 2] > 128).sum(axis=(1, 2)).mean())
+
+    assert dna_area(big) > 3 * dna_area(ref)  # unscaled: a crop sees a quarter of the field of view
+    assert len(fixed) == len(ref) and abs(dna_area(fixed) / dna_area(ref) - 1) < 0.15
+    # Same nuclei, the crop centre given in the pixels of the zoomed field.
+    for (path, centre), (ref_path, ref_centre) in zip(_sources(fixed), _sources(ref)):
+        assert path == ref_path and np.abs(centre - 2 * ref_centre).max() <= 2, (path, centre, ref_centre)
+    diff = np.abs(np.asarray(fixed.images, np.float32) - np.asarray(ref.images, np.float32)).mean()
+    assert diff < 10, diff  # grey levels: the same crops, up to resampling
+
+
+def test_raw_touching_nuclei_get_their_own_crops(tmp_path):
+    truth, rows = write_raw(tmp_path / "raw", n_interior=2)
+    rr, cc = np.indices((256, 320))
+    for rel, centres in truth.items():  # a touching neighbour 14 px to the right of each nucleus
+        path = tmp_path / "raw" / rel
+        dna = tifffile.imread(path)
+        for r, c in centres:
+            dna[np.hypot(rr - r, cc - c - 14) <= 7] = dna[np.hypot(rr - r, cc - c) <= 5].mean()
+        tifffile.imwrite(path, dna)
+    ds = load_dataset(prepare_raw(tmp_path / "raw", tmp_path / "out", seed=0, progress=False))
+    sources = _sources(ds)
+    for rel, centres in truth.items():
+        if rel not in {p for p, _ in sources}:
+            continue  # a field that is not kept (not annotated or no SMILES)
+        found = np.array([c for p, c in sources if p == rel])
+        for centre in centres:  # unsplit, the crop would sit on the pair's centroid, 7 px off
+            assert np.hypot(*(found - centre).T).min() <= 1.5, (rel, centre, found)
+
+
+def test_prepare_command_pixel_size_and_scale(tmp_path, capsys):
+    from cellfluxrl.cli import main
+
+    def run(*args):
+        try:
+            main(["prepare", "bbbc021", *args, "--no-evaluators"])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        return code, capsys.readouterr().err
+
+    write_raw(tmp_path / "raw", n_interior=1)
+    _zoom_raw(tmp_path / "raw", tmp_path / "zoom", 2)
+    for args, needle in ((["--pixel-size", "nan"], "--pixel-size must be a positive finite number"),
+                         (["--scale", "-2"], "--scale must be a positive finite number"),
+                         (["--scale", "0.5", "--pixel-size", "0.3"], "not both")):
+        code, err = run(str(tmp_path / "bad"), "--raw", str(tmp_path / "zoom"), *args)
+        assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, err = run(str(tmp_path / "bad"), "--impa", str(tmp_path), "--scale", "0.5")
+    assert code == 1 and "apply to --raw only" in err
+    assert not (tmp_path / "bad").exists()
+    code, err = run(str(tmp_path / "out"), "--raw", str(tmp_path / "zoom"), "--pixel-size", "0.1625")
+    assert code == 0, err
+    prep = load_dataset(tmp_path / "out").meta["preparation"]
+    assert prep["scale"] == pytest.approx(0.1625 / 0.325) and prep["pixel_size_um"] == 0.1625
+
+
+# ---------------------------------------------------------------------------------------------
 # Compounds without SMILES: embedded from CellFlux's shipped table when it has them.
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,15 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+PROGRESS_LINE = re.compile(r"^[^:]+: \d+(/\d+)? \S+( \(\d+%\))?, \d+:\d\d:\d\d elapsed")
+
+
 def visible_lines(text: str) -> list[str]:
-    """The non-blank lines a terminal shows: a carriage return overwrites the line (progress bars)."""
+    """The non-blank lines a terminal shows (a carriage return overwrites the line: progress bars),
+    without the plain progress lines a bar prints in a log (``cellfluxrl.progress``): they report
+    work done before the error, they are not part of it."""
     lines = [line.split("\r")[-1] for line in text.split("\n")]
-    return [line for line in lines if line.strip()]
+    return [line for line in lines if line.strip() and not PROGRESS_LINE.match(line)]
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

@@ -123,6 +123,62 @@ def test_best_of_n_is_nested_and_selects_by_the_overall_reward(image_results):
     assert (picked[2] > picked[0]).any()
 
 
+def test_table_best_of_column_is_the_hand_computed_best_of_the_first_n(dataset_dir):
+    """``tts_n = 2`` with curves to N = 3: the table's ``+best-of-2`` column holds, pair by pair, the
+    candidate with the higher overall reward of the first two (ties: the first), every reward row
+    taken from that same candidate; the curve still reaches N = 3."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, real_images
+    from cellfluxrl.report import build_report
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+
+    dataset = load_dataset(dataset_dir)
+    pairs = Pairs.from_dataset(dataset, 8, seed=1)
+    suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
+    judge = suite.evaluators.judge("cpu")
+
+    def noised(pos, k):
+        x = real_images(dataset, pairs, pos)
+        return (x + (0.2 + 0.3 * k) * torch.randn(x.shape, generator=torch.Generator().manual_seed(k))).clamp(-1, 1)
+
+    results = evaluate_sources(dataset, pairs, {"x": noised}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
+                               features=MoAFeatures(judge), classifier=suite.evaluators.moa_classifier("cpu"),
+                               judge=judge, best_of=(1, 2, 3), batch_size=4, kid_subset_size=2, kid_subsets=2,
+                               tts_n=2)
+    suite.close()
+    report = build_report(results, split="id")
+    assert "x+best-of-2" in report["table"] and "x+best-of-3" not in report["table"]
+    assert set(report["best_of_n"]["x"]) == {"1", "2", "3"}
+    sc = results["scores"]["x"]
+    pick = np.where(sc.total[:, 1] > sc.total[:, 0], 1, 0)
+    rows = np.arange(len(pairs))
+    assert abs(report["table"]["x+best-of-2"]["overall"]["mean"] - sc.total[rows, pick].mean()) < 1e-9
+    for name in results["names"]:
+        assert abs(report["table"]["x+best-of-2"][name]["mean"] - sc.components[name][rows, pick].mean()) < 1e-9
+    with pytest.raises(CellfluxError, match="best-of-5"):
+        evaluate_sources(dataset, pairs, {"x": noised}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
+                         features=MoAFeatures(judge), classifier=None, judge=judge, best_of=(1, 2), tts_n=5)
+
+
+def test_fig4_rows_show_every_grid_column_and_caption_the_picked_candidates_reward(dataset_dir, image_results):
+    """Figure 4 from evaluate's results: compound, MoA and dose label; the overall reward of the image shown."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.report import grid_columns, grid_rows
+
+    dataset, pairs, scores = load_dataset(dataset_dir), image_results["pairs"], image_results["scores"]
+    rows = grid_rows(image_results, dataset)
+    columns = grid_columns(image_results["sources"], image_results["k_max"])
+    assert columns == ["control", "noised", "shuffled", "noised+best-of-3", "shuffled+best-of-3", "real"]
+    assert len(rows) == len(image_results["grid"]) > 1
+    for row, (p, images) in zip(rows, image_results["grid"]):
+        assert set(images) == set(columns) and all(im.shape == (48, 48, 3) for im in images.values())
+        dose = dataset.table["dose"][pairs.target[p]]
+        assert row.label.split("\n") == [pairs.compound[p], pairs.moa[p], f"{dose:g} µM"]
+        assert row.captions["noised"] == f"overall {scores['noised'].total[p, 0]:.2f}"
+        assert row.captions["shuffled+best-of-3"] == f"overall {scores['shuffled'].total[p].max():.2f}"
+        assert row.captions["real"] == f"overall {scores['real'].total[p, 0]:.2f}" and "control" not in row.captions
+
+
 def test_per_condition_distances_cover_every_condition_with_enough_images(image_results):
     pairs = image_results["pairs"]
     names, counts = np.unique(pairs.compound, return_counts=True)

@@ -264,3 +264,52 @@ def test_check_controls_errors(tmp_path):
     ds = load_dataset(write_toy(tmp_path / "notest", images[keep], [rows[i] for i in keep]))
     with pytest.raises(CellfluxError, match="split 'test' has no treated images"):
         check_controls(ds, "test", ds.select("test", "treated"))
+
+
+def test_resume_dataset_compares_the_recorded_settings(tmp_path):
+    from cellfluxrl.data.layout import resume_dataset
+
+    assert resume_dataset(tmp_path / "absent", "synthetic", "note", {}) is False
+    (tmp_path / "empty").mkdir()
+    assert resume_dataset(tmp_path / "empty", "synthetic", "note", {}) is False
+    conditions, embeddings = toy_conditions()
+    images, rows = toy_rows()
+    with DatasetWriter(tmp_path / "ds", SIZE, ("actin", "tubulin", "dna"), "synthetic") as writer:
+        writer.add(images, rows)
+        writer.finish(conditions, embeddings, extra_meta={"generator": {"seed": 3, "size": SIZE, "csv": None}})
+    assert resume_dataset(tmp_path / "ds", "synthetic", "generator", {"seed": 3, "size": SIZE, "csv": None}) is True
+    assert resume_dataset(tmp_path / "ds", "synthetic", "generator", {"seed": 3}) is True  # only the given keys
+    for settings, needle in (({"seed": 4}, "already prepared with seed 3, not 4"),
+                             ({"csv": "/a.csv"}, 'csv null, not "/a.csv"'),
+                             ({"pixel_size": 0.5}, "pixel_size null, not 0.5")):  # a setting it did not record
+        with pytest.raises(CellfluxError, match=needle):
+            resume_dataset(tmp_path / "ds", "synthetic", "generator", settings)
+    with pytest.raises(CellfluxError, match='source "synthetic", not "bbbc021-raw"'):
+        resume_dataset(tmp_path / "ds", "bbbc021-raw", "generator", {"seed": 3})
+    (tmp_path / "ds" / "images.npy").write_bytes(b"\x93NUMPY")  # a damaged dataset is named, not resumed
+    with pytest.raises(CellfluxError, match="images.npy: corrupt or truncated"):
+        resume_dataset(tmp_path / "ds", "synthetic", "generator", {"seed": 3})
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x").write_text("")
+    with pytest.raises(CellfluxError, match="already exists and is not empty"):
+        resume_dataset(tmp_path / "junk", "synthetic", "generator", {})
+
+
+def test_writer_removes_the_build_folders_of_killed_runs(tmp_path):
+    """A kill while the images are written leaves .OUT.partial-HOST-PID-*; the next build removes it
+    when PID is gone, never one of a running process."""
+    import os
+    import subprocess
+    import sys
+
+    from cellfluxrl.data.layout import partial_prefix
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{partial_prefix(tmp_path / 'ds')}{int(dead.stdout)}-abc"
+    running = tmp_path / f"{partial_prefix(tmp_path / 'ds')}{os.getpid()}-def"
+    other = tmp_path / ".other.partial-x-1-ghi"
+    for folder in (stale, running, other):
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"half")
+    write_toy(tmp_path / "ds")
+    assert not stale.exists() and running.is_dir() and other.is_dir()

@@ -172,3 +172,43 @@ def test_decay_schedules():
     assert eval_ema_decay(0) == pytest.approx(0.1)
     assert eval_ema_decay(8) == pytest.approx(0.5)
     assert eval_ema_decay(1000) == 0.9
+
+
+def test_per_reward_advantages_by_hand():
+    """Two rewards, two groups of two: z-scores per reward (population std over all rollouts),
+    weighted sum, rescaled by its own std."""
+    from cellfluxrl.nft import per_reward_advantages
+
+    comps = torch.tensor([[1.0, 10.0], [3.0, 10.0], [0.0, -30.0], [2.0, 50.0]], dtype=torch.float64)
+    w = torch.tensor([5.0, 1.0], dtype=torch.float64)
+    std = comps.std(dim=0, correction=0)
+    z = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [-1.0, -40.0], [1.0, 40.0]], dtype=torch.float64) / (std + 1e-4)
+    s = (z * w).sum(dim=1)
+    expected = (s / (s.std(correction=0) + 1e-4)).reshape(2, 2)
+    torch.testing.assert_close(per_reward_advantages(comps, w, 2), expected)
+
+
+def test_per_reward_advantages_ignore_scale_and_zero_weights():
+    """Rescaling one reward (or shifting it) leaves the advantages unchanged (up to the std eps), a weight-0 reward has
+    no say, and a heavy-tailed reward no longer drowns a weighted one, unlike the raw sum."""
+    from cellfluxrl.nft import group_advantages, per_reward_advantages
+
+    g = torch.Generator().manual_seed(0)
+    moa = torch.rand(32, generator=g, dtype=torch.float64)
+    tail = -torch.distributions.Exponential(0.2).sample((32,)).double().clamp(max=25.0)
+    noise = torch.randn(32, generator=g, dtype=torch.float64)
+    comps = torch.stack([moa, tail, noise], dim=1)
+    w = torch.tensor([5.0, 1.0, 0.0], dtype=torch.float64)
+    A = per_reward_advantages(comps, w, 4)
+    scaled = comps * torch.tensor([1.0, 7.0, 3.0], dtype=torch.float64) + torch.tensor([2.0, -5.0, 1.0])
+    torch.testing.assert_close(per_reward_advantages(scaled, w, 4), A, rtol=1e-3, atol=1e-3)  # up to the 1e-4 eps
+    comps_other_noise = comps.clone()
+    comps_other_noise[:, 2] = torch.randn(32, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(per_reward_advantages(comps_other_noise, w, 4), A)
+    centred_moa = (moa.reshape(8, 4) - moa.reshape(8, 4).mean(dim=1, keepdim=True)).reshape(-1)
+
+    def corr(a, b):
+        return float(torch.corrcoef(torch.stack([a.reshape(-1), b]))[0, 1])
+
+    raw = group_advantages((comps[:, :2] @ w[:2]).reshape(8, 4))
+    assert corr(A, centred_moa) > 0.8 > corr(raw, centred_moa)

@@ -368,3 +368,39 @@ def test_bad_or_empty_weights_are_refused_before_anything_runs(base_run, tmp_pat
     assert "moa" in err and "finite" in err and not out.exists()
     code, _, err = run_main(capsys, "posttrain", str(base_run), str(out), "--weights", "", "--dry-run")
     assert code == 2 and len(visible_lines(err)) == 1 and "--weights" in err and "empty" in err
+
+
+@pytest.mark.parametrize("k_chunks", [2, 3])
+def test_grad_step_chunks_partition_the_iteration_items(k_chunks):
+    """With ``grad_steps = K`` the K chunks of one iteration are a partition of its items: their
+    size-weighted gradients and losses add up to the single-step ones (same draws, same noise)."""
+    g, m, shape = torch.Generator().manual_seed(0), 4, (2, 4, 4)
+    x_ctrl = torch.rand((3, *shape), generator=g).repeat_interleave(m, dim=0)
+    x_1 = torch.randn((3 * m, *shape), generator=g)
+    r = (0.5 + torch.randn(3 * m, generator=g).clamp(-5, 5) / 10).float()
+    ro = Rollouts(x_ctrl, x_ctrl, x_1, torch.zeros(3 * m, 1), ["m"] * (3 * m), [])
+    theta = torch.randn(shape, generator=g)
+    cfg = PosttrainConfig(group_size=m, rollout_steps=4, train_timesteps=3, train_batch=5, grad_steps=k_chunks)
+    n_items = 3 * m * 3
+
+    def run(chunk):
+        nets = [_ConstantField(theta) for _ in range(3)]
+        with torch.no_grad():
+            nets[1].theta.add_(0.05)  # old != theta: the proximal part of the loss is active
+        policies = Policies(theta=nets[0], train=nets[0], old=nets[1], ref=nets[2], ema=nets[1])
+        out = nft_backward(policies, ro, r, cfg, np.random.default_rng(7), torch.device("cpu"), chunk=chunk)
+        return out, nets[0].theta.grad.clone()
+
+    whole, grad = run((0, 1))
+    bounds = np.linspace(0, n_items, k_chunks + 1).round().astype(int)
+    parts = [run((k, k_chunks)) for k in range(k_chunks)]
+    sizes = np.diff(bounds)
+    assert sizes.min() > 0
+    torch.testing.assert_close(sum(s * gr for s, (_, gr) in zip(sizes, parts)) / n_items, grad, rtol=1e-5, atol=1e-7)
+    assert abs(sum(s * out["loss"] for s, (out, _) in zip(sizes, parts)) / n_items - whole["loss"]) < 1e-5
+    assert not torch.allclose(parts[0][1], parts[1][1])  # the chunks hold different items
+
+
+def test_grad_steps_must_be_positive():
+    with pytest.raises(CellfluxError, match="grad_steps"):
+        PosttrainConfig(grad_steps=0)

@@ -211,3 +211,20 @@ def test_every_compound_gets_a_real_embedding(dataset):
     assert dataset.meta["embedding_dim"] == 1024 and dataset.meta["generator"]["embeddings_csv"] is None
     for c, vector in zip(compounds, dataset.embeddings):
         np.testing.assert_array_equal(vector, shipped[c.name], err_msg=c.name)
+
+
+def test_recorded_settings_are_what_a_rerun_compares(dataset):
+    """meta.json["generator"] is exactly synthetic_settings(...), so `prepare synthetic` run again with the
+    same options resumes the folder and with another option is refused."""
+    from pathlib import Path
+
+    from cellfluxrl.data.layout import resume_dataset
+    from cellfluxrl.data.synthetic import synthetic_settings
+
+    settings = synthetic_settings(420, 3, 48, 3)
+    assert dataset.meta["generator"] == settings
+    assert resume_dataset(dataset.root, "synthetic", "generator", settings) is True
+    with pytest.raises(CellfluxError, match="already prepared with n_plates 3, not 4"):
+        resume_dataset(dataset.root, "synthetic", "generator", synthetic_settings(420, 3, 48, 4))
+    relative = synthetic_settings(420, 3, 48, 3, embeddings="emb.csv")["embeddings_csv"]
+    assert relative == str((Path.cwd() / "emb.csv").resolve())

@@ -44,7 +44,10 @@ def resolve_device(device: str) -> str:
               help="Compound split: in-distribution (the headline) and held-out OOD compounds as separate "
                    "sections (both), one of them, or all mixed in one section.")
 @click.option("--best-of", "best_of", default="1,2,4", show_default=True, metavar="N,N,...",
-              help="N values of the best-of-N curves (Figure 5); the table's TTS column uses the largest.")
+              help="N values of the best-of-N curves (Figure 5).")
+@click.option("--table-best-of", "tts_n", type=click.IntRange(min=1), default=None, metavar="N",
+              help="N of the table's best-of (TTS) column and of Figure 4, one of --best-of (paper Table 1: 4). "
+                   "[default: the largest]")
 @weights_option
 @click.option("--inception", type=click.Path(path_type=Path), default=None,
               help="FID InceptionV3 weights (pytorch-fid/torch-fidelity .pth or TorchScript .pt). "
@@ -60,8 +63,8 @@ def resolve_device(device: str) -> str:
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=100, show_default=True)
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-def evaluate(runs, dataset, out, n, split, best_of, weights, inception, steps, cfg_scale, sigma, seed, batch_size,
-             kid_subset_size, kid_subsets, device):
+def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, steps, cfg_scale, sigma, seed,
+             batch_size, kid_subset_size, kid_subsets, device):
     """Score RUNs on the same test pairs and seeds: rewards, MoA accuracy, FID/KID, best-of-N.
 
     In-distribution and held-out (OOD) compounds are reported in separate sections; each run is
@@ -72,29 +75,94 @@ def evaluate(runs, dataset, out, n, split, best_of, weights, inception, steps, c
     Example:
       cellfluxrl evaluate --data data/synthetic runs/base runs/rl --best-of 1,2,4,8 --out runs/eval
     """
-    from tqdm import tqdm
-
     from cellfluxrl.evaluate import evaluate as run_evaluation
+    from cellfluxrl.progress import progress
+    from cellfluxrl.rewards import parse_weights
 
+    best = parse_best_of(best_of)
+    if tts_n is not None and tts_n not in {1, *best}:
+        raise click.UsageError(f"--table-best-of {tts_n} is not one of --best-of {best_of}")
+    parse_weights(weights)  # a bad weight is refused before anything is loaded
+    for line in preflight(list(runs), dataset, n=n, split=split, best_of=best, steps=steps, cfg_scale=cfg_scale,
+                          sigma=sigma, seed=seed, device=resolve_device(device)):
+        click.echo(line, err=True)
     bars: dict = {}
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if stage not in bars:  # created on the first batch, so an early error prints no bar
             for bar in bars.values():
                 bar.close()
-            bars[stage] = tqdm(total=total, desc=f"evaluate ({stage})", unit="pair")
+            bars[stage] = progress(total=total, desc=f"evaluate ({stage})", unit="pair")
         bars[stage].update(done - bars[stage].n)
 
     try:
-        report = run_evaluation(dataset, list(runs), n=n, split=split, best_of=parse_best_of(best_of), weights=weights,
+        report = run_evaluation(dataset, list(runs), n=n, split=split, best_of=best, weights=weights,
                                 seed=seed, batch_size=batch_size, steps=steps, cfg_scale=cfg_scale, sigma=sigma,
                                 inception=inception, device=resolve_device(device), out=out,
-                                kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, on_progress=on_progress)
+                                kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, tts_n=tts_n,
+                                on_progress=on_progress)
     finally:
         for bar in bars.values():
             bar.close()
     click.echo(print_report(report))
     click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures")
+
+
+def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: tuple[int, ...], steps: int | None,
+              cfg_scale: float | None, sigma: float | None, seed: int, device: str) -> list[str]:
+    """Check the runs against --data and say what is about to happen, before the slow part.
+
+    Reads only the run configs and the dataset's tables (no weights). A run trained on another
+    dataset gets a warning line; one trained on another image size or condition width is refused.
+
+    Returns:
+        the lines to print: warnings, then what is evaluated (pairs per split, columns, each run's
+        sampling settings and the images it generates).
+
+    Raises:
+        CellfluxError: a missing run, or a run that cannot work on --data.
+    """
+    from dataclasses import replace
+
+    from cellfluxrl.checkpoint import read_run_config, recorded_sampling, resolve_sampling, trained_on_problem
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.evaluate import EVAL_SPLITS, run_names
+    from cellfluxrl.generate import test_pairs
+
+    data = load_dataset(dataset)
+    lines, configs = [], []
+    for run in runs:
+        config = read_run_config(run)
+        problem = trained_on_problem(config, str(run), dataset)
+        if problem is not None and problem[0] == "error":
+            raise CellfluxError(problem[1])
+        if problem is not None:
+            lines.append(f"warning: {problem[1]}")
+        configs.append(config)
+    counts = {}
+    for part in EVAL_SPLITS[split]:
+        try:
+            counts[part] = len(test_pairs(data, n, seed, split=part)[0])
+        except CellfluxError:
+            if split != "both" or part != "ood":
+                raise
+            # no held-out compounds: evaluate reports in-distribution only (and says so)
+    k = max(best_of)
+    names = run_names(runs)
+    columns = ", ".join([*names, *([f"{name}+best-of-{k}" for name in names] if k > 1 else []), "real"])
+    pairs = " + ".join(f"{c} {part}" for part, c in counts.items())
+    lines.append(f"evaluate: {len(runs)} run(s) on {dataset} ({device}): {pairs} test pairs, best-of "
+                 f"{','.join(map(str, best_of))}; columns {columns}")
+    for name, config in zip(names, configs):
+        sampling, source = resolve_sampling(recorded_sampling(config, name), steps, cfg_scale)
+        if sigma is not None:
+            sampling = replace(sampling, sigma=float(sigma))
+        evals = 2 * sampling.steps * (2 if sampling.cfg_scale > 0 else 1)
+        images = sum(counts.values()) * k
+        lines.append(f"  {name} ({config.get('kind', '?')}): {sampling.describe()} ({source}); {images} images, "
+                     f"about {images * evals} network evaluations")
+    return lines
 
 
 def print_report(report: dict, columns=None) -> str:

@@ -16,7 +16,7 @@ NONNEG_FLOAT = click.FloatRange(min=0)
 def _options(f):
     """The PosttrainConfig fields as options (defaults shown are the config's; None = keep)."""
     specs = [
-        ("--steps", POS_INT, "RL iterations = optimizer steps [1200]."),
+        ("--steps", POS_INT, "RL iterations (x --grad-steps optimizer steps) [1200]."),
         ("--group-size", click.IntRange(min=2), "Rollouts m per fixed (x_0, c) group [8]."),
         ("--groups-per-step", POS_INT, "Groups per iteration over all ranks [16]."),
         ("--rollout-steps", POS_INT, "Heun steps of the rollout sampler [10]."),
@@ -32,9 +32,13 @@ def _options(f):
         ("--t-sampling", click.Choice(["grid", "uniform"]), "Training times: the rollout grid's, or U[0,1) [grid]."),
         ("--train-timesteps", POS_INT, "Training times per rollout per step [0.99 x rollout steps]."),
         ("--train-batch", POS_INT, "(rollout, t) items per micro-batch [32]."),
+        ("--grad-steps", POS_INT, "Optimizer steps per iteration (the items split into this many chunks) [1]."),
         ("--nft-beta", POS_FLOAT, "DiffusionNFT guidance strength beta of the implicit policies [1.0]."),
         ("--kl-weight", NONNEG_FLOAT, "Weight of ||v_theta - v_ref||^2 to the frozen base [1.0]."),
         ("--adv-clip", POS_FLOAT, "Advantage clip C [5]."),
+        ("--reward-norm", click.Choice(["none", "per_reward"]),
+         "Advantages of the raw weighted reward sum, or of the weighted sum of each reward standardised "
+         "over the iteration (every reward moves them in proportion to its weight) [none]."),
         ("--lr", POS_FLOAT, "AdamW learning rate [2e-5]."),
         ("--grad-clip", NONNEG_FLOAT, "Max gradient norm, 0 = off [1.0]."),
         ("--old-rate", NONNEG_FLOAT, "Old-policy decay growth: eta_i = min(rate i, old-max) [0.001]."),
@@ -47,6 +51,21 @@ def _options(f):
         f = click.option(name, type=kind, default=None, help=text)(f)
     f = click.option("--adaptive/--no-adaptive", default=None, help="DiffusionNFT's adaptive loss weighting [off].")(f)
     return f
+
+
+def base_notice(base_run: Path) -> str | None:
+    """A one-line notice when BASE_RUN is itself a posttrain run (allowed: RL continues from RL)."""
+    from cellfluxrl.checkpoint import read_run_config
+    from cellfluxrl.errors import CellfluxError
+
+    try:
+        config = read_run_config(base_run)
+    except CellfluxError:  # posttrain itself reports a bad base run
+        return None
+    if config.get("kind") != "posttrain":
+        return None
+    return (f"note: BASE_RUN {base_run} is itself a posttrain run (from {config.get('base_run', '?')}): RL continues "
+            f"from its EMA weights, which are also the KL reference")
 
 
 @click.command("posttrain")
@@ -76,20 +95,29 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, **option
     from cellfluxrl.rewards.weights import parse_weights
 
     parse_weights(cfg.weights)  # a bad weight (moa=inf, unknown name) is refused before anything runs
+    notice = base_notice(base_run) if is_main() else None
+    if notice:
+        click.echo(notice, err=True)
     if dry_run:
         click.echo(json.dumps(config_to_dict(cfg), indent=2))
         return
-    from tqdm import tqdm
+    from cellfluxrl.progress import progress
 
-    bar = tqdm(total=cfg.steps, desc="posttrain", unit="step", disable=not is_main())
+    bars: list = []
 
     def on_step(stats: dict) -> None:
-        bar.n = stats["step"]
-        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2e}", img_s=f"{stats['images_per_s']:.1f}",
-                        wait=f"{stats['reward_wait_share']:.0%}", refresh=False)
-        bar.refresh()
+        if not bars:  # created on the first step, so an error before it prints no bar
+            bars.append(progress(total=cfg.steps, desc="posttrain", unit="step", disable=not is_main()))
+        bars[0].n = stats["step"]
+        bars[0].set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2e}",
+                            img_s=f"{stats['images_per_s']:.1f}", wait=f"{stats['reward_wait_share']:.0%}",
+                            refresh=False)
+        bars[0].refresh()
 
-    run(base_run, out_run, cfg, device=device, on_step=on_step)
-    bar.close()
+    try:
+        run(base_run, out_run, cfg, device=device, on_step=on_step)
+    finally:
+        for bar in bars:
+            bar.close()
     if is_main():
         click.echo(f"posttrain run written to {out_run} (stats.jsonl, checkpoint.pt, samples/)")

@@ -27,15 +27,39 @@ def _embeddings_option(f):
              "Morgan counts from the SMILES, else CellFlux's shipped BBBC021 row.")(f)
 
 
+def _absolute(path: Path | None) -> str | None:
+    """A path option as the dataset's meta.json records it (absolute), or None."""
+    return None if path is None else str(Path(path).resolve())
+
+
+def _resume(out: Path, source: str, section: str, settings: dict, segmenter: str, cellpose_model: str | None,
+            no_evaluators: bool, seed: int) -> bool:
+    """Whether OUT already holds this dataset (``prepare`` run again after a kill, or twice): then say
+    what is left to do on stderr. A dataset or evaluator made with other settings is refused (one
+    line naming the setting)."""
+    from cellfluxrl.data.layout import resume_dataset
+    from cellfluxrl.evaluators import segmenter_options
+    from cellfluxrl.evaluators_resume import evaluators_to_fit
+
+    if not resume_dataset(out, source, section, settings):
+        return False
+    missing = [] if no_evaluators else evaluators_to_fit(out / "evaluators", segmenter,
+                                                          segmenter_options(segmenter, cellpose_model), seed)
+    todo = f"fitting the missing evaluators ({', '.join(missing)})" if missing else "nothing left to do"
+    click.echo(f"resuming {out}: its images were already written with these settings; {todo}", err=True)
+    return True
+
+
 def _finish(out: Path, segmenter: str, cellpose_model: str | None, no_evaluators: bool, seed: int) -> None:
-    """Fit the evaluators on the new dataset (unless skipped) and print its summary."""
+    """Fit the evaluators the dataset lacks (unless skipped; those already fitted with these settings
+    are kept) and print its summary."""
     from cellfluxrl.data.layout import load_dataset
 
     evaluators = None
     if not no_evaluators:
         from cellfluxrl.evaluators import fit_evaluators
 
-        evaluators = fit_evaluators(out, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed)
+        evaluators = fit_evaluators(out, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed, resume=True)
     click.echo(summarize(load_dataset(out), evaluators))
 
 
@@ -69,11 +93,17 @@ def prepare() -> None:
 @_embeddings_option
 @_evaluator_options
 def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, segmenter, cellpose_model, no_evaluators):
-    """The embedded default: a BBBC021-like cell-painting simulator with ground-truth masks."""
-    from cellfluxrl.data.synthetic import prepare_synthetic
+    """The embedded default: a BBBC021-like cell-painting simulator with ground-truth masks.
 
-    prepare_synthetic(out, n_images=n_images, seed=seed, size=size, n_plates=plates, progress=True,
-                      embeddings=embeddings)
+    Run again on the same OUT with the same settings, it resumes: a finished dataset is kept and
+    only missing evaluators are fitted; a dataset made with other settings is refused.
+    """
+    from cellfluxrl.data.synthetic import prepare_synthetic, synthetic_settings
+
+    settings = synthetic_settings(n_images, seed, size, plates, embeddings)
+    if not _resume(out, "synthetic", "generator", settings, segmenter, cellpose_model, no_evaluators, seed):
+        prepare_synthetic(out, n_images=n_images, seed=seed, size=size, n_plates=plates, progress=True,
+                          embeddings=embeddings)
     _finish(out, segmenter, cellpose_model, no_evaluators, seed)
 
 
@@ -83,21 +113,44 @@ def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, seg
               help="Folder in the IMPA/CellFlux layout (metadata/bbbc021_df_all.csv + per-cell .npy).")
 @click.option("--raw", type=click.Path(path_type=Path), default=None,
               help="Folder in the Broad BBBC021 v1 layout (three CSVs + per-channel TIFFs).")
+@click.option("--pixel-size", type=float, default=None, metavar="UM",
+              help="With --raw: microns per pixel of the images when they are not BBBC021's (0.325); the "
+                   "fields are resized so a 96 px crop holds a BBBC021 crop's field of view.")
+@click.option("--scale", type=float, default=None,
+              help="With --raw, instead of --pixel-size: resize factor of the fields before cropping "
+                   "(e.g. 0.5 for images at twice BBBC021's magnification).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_embeddings_option
 @_evaluator_options
-def prepare_bbbc021_command(out, impa, raw, seed, embeddings, segmenter, cellpose_model, no_evaluators):
-    """Real BBBC021, from the IMPA/CellFlux crops (--impa) or the raw Broad images (--raw)."""
+def prepare_bbbc021_command(out, impa, raw, pixel_size, scale, seed, embeddings, segmenter, cellpose_model,
+                            no_evaluators):
+    """Real BBBC021, from the IMPA/CellFlux crops (--impa) or the raw Broad images (--raw).
+
+    Run again on the same OUT with the same settings, it resumes like `prepare synthetic`.
+    """
     from cellfluxrl.errors import CellfluxError
 
     if (impa is None) == (raw is None):
         raise CellfluxError("give exactly one of --impa DIR or --raw DIR")
+    if impa is not None and (pixel_size is not None or scale is not None):
+        raise CellfluxError("--pixel-size and --scale apply to --raw only (IMPA crops are already cut)")
     from cellfluxrl.data import bbbc021
+    from cellfluxrl.data.raw_fields import field_scale
 
-    if impa is not None:
+    factor = field_scale(pixel_size, scale)  # a bad value fails here, before anything is read
+
+    if impa is not None:  # the settings meta.json["preparation"] records, compared when OUT exists
+        source, settings = "bbbc021-impa", {"impa_dir": _absolute(impa), "embeddings_csv": _absolute(embeddings)}
+    else:
+        source, settings = "bbbc021-raw", {"raw_dir": _absolute(raw), "seed": seed,
+                                           "embeddings_csv": _absolute(embeddings), "scale": factor}
+    if _resume(out, source, "preparation", settings, segmenter, cellpose_model, no_evaluators, seed):
+        pass  # finished with these settings: on to the evaluators it lacks
+    elif impa is not None:
         bbbc021.prepare_impa(impa, out, progress=True, embeddings=embeddings)
     else:
-        bbbc021.prepare_raw(raw, out, seed=seed, progress=True, embeddings=embeddings)
+        bbbc021.prepare_raw(raw, out, seed=seed, progress=True, embeddings=embeddings, pixel_size_um=pixel_size,
+                            scale=scale)
     _finish(out, segmenter, cellpose_model, no_evaluators, seed)
 
 

@@ -25,11 +25,42 @@ def resolve_config(config_file: Path | None, **options):
     return cfg, dataclasses.replace(PRESETS[cfg.preset], **unet_over)
 
 
+BIG_ON_CPU = 10_000_000  # parameters above which a CPU run gets the "slow" notice
+
+
+def model_line(info: dict, unet, cfg) -> str:
+    """What is about to be trained, before the first (possibly very long) step: size, preset, device.
+
+    Args:
+        info: what :func:`cellfluxrl.pretrain.train` reports before its first step (``parameters``,
+            ``device``, ``start``).
+    """
+    from cellfluxrl.unet import PRESETS
+
+    preset = cfg.preset if PRESETS.get(cfg.preset) == unet else "custom"
+    cpu = info["device"] == "cpu"
+    line = (f"pretrain: {info['parameters'] / 1e6:.1f}M-parameter UNet ({preset}) on {'a CPU' if cpu else info['device']}, "
+            f"steps {info['start'] + 1}-{cfg.steps} of {cfg.batch_size * cfg.grad_accum} images per process")
+    if cpu and info["parameters"] >= BIG_ON_CPU:
+        line += "; slow on a CPU (--preset tiny or a GPU is much faster): timing the first step"
+    return line
+
+
+def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
+    """After the first step on a CPU: how long it took and what all the remaining steps would take."""
+    from cellfluxrl.progress import format_duration
+
+    seconds = cfg.batch_size * cfg.grad_accum * world_size / max(stats["images_per_s"], 1e-9)
+    left = cfg.steps - stats["step"]
+    return (f"pretrain: step {stats['step']} took {format_duration(seconds)}; the {left} remaining steps need "
+            f"about {format_duration(left * seconds)} at this speed")
+
+
 @click.command("pretrain")
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["paper", "tiny"]), default=None,
-              help="UNet preset: paper (CellFlux, 56.2M) or tiny (CPU). [default: paper]")
+@click.option("--preset", type=click.Choice(["paper", "tiny", "micro"]), default=None,
+              help="UNet preset: paper (CellFlux, 56.2M), tiny (CPU, 1.7M) or micro (the demo's, 1.2M). [default: paper]")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps in total. [default: 100000]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per process per micro-batch. [default: 32]")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimizer step. [default: 1]")
@@ -61,10 +92,9 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
     Example:
       cellfluxrl pretrain data/synth runs/base --preset tiny --steps 2000 --batch-size 16
     """
-    from tqdm import tqdm
-
     from cellfluxrl.distributed import cleanup, init_distributed
     from cellfluxrl.pretrain import train
+    from cellfluxrl.progress import progress
 
     cfg, unet = resolve_config(config_file, preset=preset, steps=steps, batch_size=batch_size,
                                grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every, log_every=log_every,
@@ -75,13 +105,17 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
     try:
         def on_step(stats: dict) -> None:
             if not bars:  # created on the first step, so errors before training print no bar
-                bars.append(tqdm(total=cfg.steps, initial=stats["step"] - 1, desc="pretrain", unit="step",
-                                 dynamic_ncols=True))
+                if dist.device.type == "cpu":
+                    click.echo(first_step_line(stats, cfg, dist.world_size), err=True)
+                bars.append(progress(total=cfg.steps, initial=stats["step"] - 1, desc="pretrain", unit="step"))
             bars[0].update(1)
             bars[0].set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.1f}")
 
+        def on_start(info: dict) -> None:
+            click.echo(model_line(info, unet, cfg), err=True)
+
         result = train(dataset, run, cfg, unet=unet, dist=dist, compile=compile_, init_from=init_from,
-                       on_step=on_step if dist.is_main else None)
+                       on_step=on_step if dist.is_main else None, on_start=on_start if dist.is_main else None)
     finally:
         for bar in bars:
             bar.close()

@@ -38,6 +38,36 @@ def write_outputs(out: Path, samples, meta: dict) -> tuple[Path, Path]:
     return out, png
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written, before anything is generated (one line naming it).
+
+    Creates nothing: an existing folder gets a probe file (removed at once); a folder still to be
+    made needs a writable nearest existing parent.
+    """
+    import os
+
+    from cellfluxrl.errors import CellfluxError
+
+    for path in (out, out.with_suffix(".png")):
+        if path.is_dir():
+            raise CellfluxError(f"--out {out}: {path} is a folder; give a FILE.npz path")
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CellfluxError(f"--out {out}: cannot write in {folder} (not a folder)")
+    if folder != out.absolute().parent:  # created when writing: the parent must let us
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise CellfluxError(f"--out {out}: cannot write in {folder} (Permission denied)")
+        return
+    probe = folder / f".{out.name}.probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise CellfluxError(f"--out {out}: cannot write in {folder} ({exc.strerror or type(exc).__name__})") from None
+
+
 @click.command("sample")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True,
@@ -70,17 +100,17 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     Example:
       cellfluxrl sample runs/base --n 32 --conditions taxol,AZ138 --best-of 4 --out samples.npz
     """
-    from tqdm import tqdm
-
     from dataclasses import replace
 
     from cellfluxrl.checkpoint import load_run, resolve_sampling
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.distributed import resolve_device
     from cellfluxrl.generate import sample_pairs, test_pairs
+    from cellfluxrl.progress import progress
 
     if Path(out).suffix != ".npz":  # FILE.png is written beside it: another suffix would be overwritten
         raise click.BadParameter(f"{out} must end in .npz (the PNG grid is written beside it)", param_hint="--out")
+    check_writable(Path(out))
     dev = resolve_device(device)
     loaded = load_run(run, device=dev, weights=which)
     dataset = load_dataset(loaded.dataset_dir)
@@ -97,7 +127,7 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
         from cellfluxrl.rewards import RewardSuite, format_weights, parse_weights
 
         suite = RewardSuite.from_dataset(loaded.dataset_dir, parse_weights(weights), device=str(dev))
-    with tqdm(total=len(target_idx), desc="sample", unit="img", dynamic_ncols=True) as bar:
+    with progress(total=len(target_idx), desc="sample", unit="img") as bar:
         samples = sample_pairs(loaded.net, dataset, target_idx, control_idx, seed=seed, num_steps=sampling.steps,
                                cfg_scale=sampling.cfg_scale, grid=sampling.grid, solver=sampling.solver,
                                sigma=sampling.sigma, batch_size=batch_size, best_of_k=best_of_k, suite=suite,

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from cellfluxrl.data.compounds import CONTROL, MOAS, OOD_COMPOUNDS
 from cellfluxrl.data.fingerprints import EmbeddingTable, has_embedding_row, load_user_embeddings, resolve_embedding
 from cellfluxrl.data.layout import SPLITS, DatasetWriter
+from cellfluxrl.data.raw_fields import DECLUMP_H_PX, field_scale, rescale_field, split_touching
 from cellfluxrl.errors import CellfluxError, finite_float
+from cellfluxrl.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: 
     max_bad = int(MAX_BAD_FRACTION * n_rows)
     skipped, first_bad = Counter(), None
     with DatasetWriter(out, size, CHANNELS_BBBC021, "bbbc021-impa") as writer, \
-            tqdm(total=n_rows, disable=not progress, desc="bbbc021 (impa)", unit="cell", leave=False) as bar:
+            progress_bar(total=n_rows, disable=not progress, desc="bbbc021 (impa)", unit="cell", leave=False) as bar:
         buffer = _ChunkBuffer(writer)
         for line, raw in _csv_rows(csv_path, IMPA_COLUMNS):
             bar.update(1)
@@ -512,13 +513,15 @@ def illumination_function(mean_image: np.ndarray, sigma_px: float) -> np.ndarray
 
 
 def detect_nuclei(dna: np.ndarray, sigma_px: float = NUCLEUS_SIGMA_PX,
-                  min_area_px: int = MIN_NUCLEUS_AREA_PX) -> np.ndarray:
-    """Nucleus centroids in a (corrected) DNA image: Gaussian smoothing, Otsu threshold, labels.
+                  min_area_px: int = MIN_NUCLEUS_AREA_PX, declump_h_px: float = DECLUMP_H_PX) -> np.ndarray:
+    """Nucleus centroids in a (corrected) DNA image: Gaussian smoothing, Otsu threshold, touching
+    nuclei split (:func:`~cellfluxrl.data.raw_fields.split_touching`), labels.
 
     Args:
         dna: float ``(H, W)`` DNA (DAPI) intensities, any units.
         sigma_px: Gaussian smoothing sigma (px).
         min_area_px: objects smaller than this (px^2) are dropped as debris.
+        declump_h_px: saddle depth (px) that keeps two touching nuclei apart; 0 = no splitting.
 
     Returns:
         float64 ``(K, 2)`` centroids as (row, col) in px, in label order (raster order of first pixel).
@@ -529,7 +532,8 @@ def detect_nuclei(dna: np.ndarray, sigma_px: float = NUCLEUS_SIGMA_PX,
     smooth = ndimage.gaussian_filter(np.asarray(dna, dtype=np.float32), sigma_px)
     if smooth.max() <= smooth.min():
         return np.zeros((0, 2))
-    labels, k = ndimage.label(smooth > threshold_otsu(smooth))
+    mask = smooth > threshold_otsu(smooth)
+    labels, k = split_touching(mask, declump_h_px) if declump_h_px > 0 else ndimage.label(mask)
     rows, cols = np.indices(labels.shape)
     flat = labels.ravel()
     area = np.bincount(flat, minlength=k + 1)[1:]
@@ -571,7 +575,7 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return image[:, :h * factor, :w * factor].reshape(c, h, factor, w, factor).mean(axis=(2, 4))
 
 
-def _plate_statistics(fields: list[_Field], bar: tqdm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _plate_statistics(fields: list[_Field], bar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Illumination functions ``(3, H, W)`` and percentile ranges ``lo, hi`` ``(3,)`` of one plate.
 
     One pass over the plate's fields. The illumination function is the per-pixel median over the
@@ -605,16 +609,18 @@ def _plate_statistics(fields: list[_Field], bar: tqdm) -> tuple[np.ndarray, np.n
 
 
 def _crop_field(field: _Field, illumination: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                crop_size: int, skipped: Counter) -> Iterator[tuple[np.ndarray, dict]]:
-    """Yield ``(uint8 (crop_size, crop_size, 3) crop, metadata row)`` for every nucleus of a field."""
-    corrected = _read_field(field, illumination.shape[1:]) / illumination
+                crop_size: int, skipped: Counter, scale: float = 1.0) -> Iterator[tuple[np.ndarray, dict]]:
+    """Yield ``(uint8 (crop_size, crop_size, 3) crop, metadata row)`` for every nucleus of a field,
+    after resizing the corrected field by ``scale``; the row's ``source`` gives the crop centre in
+    the pixels of the original field."""
+    corrected = rescale_field(_read_field(field, illumination.shape[1:]) / illumination, scale)
     centroids = detect_nuclei(corrected[2])
     corners = crop_windows(centroids, corrected.shape[1:], crop_size)
     skipped["crops_leaving_field"] += len(centroids) - len(corners)
     image = np.moveaxis(corrected, 0, -1)  # (H, W, 3)
     for k, (r, c) in enumerate(corners, start=1):
         crop = scale_to_uint8(image[r:r + crop_size, c:c + crop_size], lo, hi)
-        centre = (r + crop_size // 2, c + crop_size // 2)
+        centre = (round((r + crop_size // 2) / scale), round((c + crop_size // 2) / scale))
         yield crop, {"id": f"{field.field_id}_{k}", "split": field.split, "batch": field.batch,
                      "compound": field.compound, "dose": field.dose, "moa": field.moa, "state": field.state,
                      "source": f"{field.dapi_rel}@{centre[0]},{centre[1]}"}
@@ -622,7 +628,8 @@ def _crop_field(field: _Field, illumination: np.ndarray, lo: np.ndarray, hi: np.
 
 def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 0, progress: bool = True,
                 crop_size: int = 96, test_fraction: float = 0.2,
-                embeddings: str | os.PathLike | None = None) -> Path:
+                embeddings: str | os.PathLike | None = None, pixel_size_um: float | None = None,
+                scale: float | None = None) -> Path:
     """Crop single cells from the raw Broad BBBC021 v1 images into a cellfluxrl dataset at ``out``.
 
     Input layout: ``DIR/BBBC021_v1_image.csv`` (one row per field of view: ``Image_FileName_*`` and
@@ -634,8 +641,10 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
 
     Pipeline, per plate: illumination function per channel = per-pixel median of the plate's
     fields (block-averaged to about 160 px wide) smoothed with a Gaussian of sigma = width / 20,
-    normalised to mean 1, divided out; nuclei = Otsu
-    foreground of the smoothed corrected DAPI, objects of at least 20 px^2, centroids;
+    normalised to mean 1, divided out; the corrected field resized to BBBC021's pixel size when
+    ``pixel_size_um`` or ``scale`` is given; nuclei = Otsu foreground of the smoothed corrected
+    DAPI, touching nuclei split (distance-transform watershed, h = 2 px), objects of at least
+    20 px^2, centroids;
     ``crop_size`` crops centred on each centroid (crops that leave the field are skipped and
     counted); intensities scaled per plate and channel so the 0.1 and 99.9 percentiles of the
     corrected plate map to 0 and 255 (clipped). Channels (actin, tubulin, dna).
@@ -661,18 +670,25 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
         test_fraction: fraction of fields of view in the test split, in (0, 1).
         embeddings: a user's embeddings CSV, used instead of SMILES and the shipped table; every
             kept compound with SMILES (and DMSO) needs a row. None: the default embeddings.
+        pixel_size_um: microns per pixel of the images, when not BBBC021's (0.325 um/px): fields
+            are resized by ``pixel_size_um / 0.325`` before nuclei are detected, so a ``crop_size``
+            crop holds the field of view of a BBBC021 crop.
+        scale: the resize factor itself, instead of ``pixel_size_um`` (e.g. 0.5 for images at
+            twice BBBC021's magnification).
 
     Returns:
         The dataset folder.
 
     Raises:
-        CellfluxError: any of the problems above, as one line naming the file (and CSV line).
+        CellfluxError: any of the problems above, as one line naming the file (and CSV line); a
+            pixel size or scale that is not a positive finite number, or both given.
     """
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise CellfluxError(f"raw BBBC021 folder {raw_dir} does not exist")
     if not 0 < test_fraction < 1 or crop_size < 8:
         raise CellfluxError(f"need 0 < test_fraction < 1 and crop_size >= 8, got {test_fraction} and {crop_size}")
+    factor = field_scale(pixel_size_um, scale)
     fields, table, skipped = _raw_fields(raw_dir, load_user_embeddings(embeddings))
     splits = split_fields([(f.batch, f.state) for f in fields], test_fraction, seed)
     fields = [_Field(**{**f.__dict__, "split": s}) for f, s in zip(fields, splits)]
@@ -685,14 +701,14 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
         plates[f.batch].append(f)
     ranges = {}
     with DatasetWriter(out, crop_size, CHANNELS_BBBC021, "bbbc021-raw") as writer, \
-            tqdm(total=2 * len(fields), disable=not progress, desc="bbbc021 (raw)", unit="field",
+            progress_bar(total=2 * len(fields), disable=not progress, desc="bbbc021 (raw)", unit="field",
                  leave=False) as bar:
         buffer = _ChunkBuffer(writer)
         for batch, plate_fields in plates.items():
             illumination, lo, hi = _plate_statistics(plate_fields, bar)
             ranges[batch] = {"lo": lo.tolist(), "hi": hi.tolist()}
             for field in plate_fields:
-                for crop, row in _crop_field(field, illumination, lo, hi, crop_size, skipped):
+                for crop, row in _crop_field(field, illumination, lo, hi, crop_size, skipped, factor):
                     buffer.add(crop, row)
                 bar.update(1)
         buffer.flush()
@@ -703,6 +719,7 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
             "raw_dir": str(raw_dir.resolve()), "seed": seed, "test_fraction": test_fraction,
             "embeddings_csv": str(Path(table.user.path).resolve()) if table.user else None,
             "crop_size": crop_size, "n_fields": len(fields), "nucleus_sigma_px": NUCLEUS_SIGMA_PX,
+            "pixel_size_um": pixel_size_um, "scale": factor, "declump_h_px": DECLUMP_H_PX,
             "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "illumination_sigma_fraction": ILLUMINATION_SIGMA_FRACTION,
             "percentiles": list(PERCENTILES), "intensity_ranges": ranges}}
         return writer.finish(conditions, embeddings, extra_meta=extra)

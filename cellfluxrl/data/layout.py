@@ -13,7 +13,10 @@ A dataset is a folder (documented in ``data/README.md``)::
       evaluators/        reference statistics and MoA classifier (written by `prepare`)
 
 :class:`DatasetWriter` builds it in a temporary sibling folder and renames it into place only when
-complete, so an interrupted ``prepare`` never leaves a dataset that looks finished. Images are
+complete, so an interrupted ``prepare`` never leaves a dataset that looks finished (the sibling
+``.OUT.partial-HOST-PID-*`` of a killed run is removed by the next one on that host).
+:func:`resume_dataset` tells ``prepare`` run again whether ``OUT`` already holds the dataset it
+asks for (then only the missing evaluators are fitted) or one made with other settings (refused). Images are
 appended chunk by chunk straight into ``images.npy`` (whose header is written last), so peak memory
 does not grow with N. :func:`load_dataset` checks every file and raises a one-line
 :class:`~cellfluxrl.errors.CellfluxError` naming the file and row on any problem.
@@ -33,6 +36,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from cellfluxrl import __version__
+from cellfluxrl.data.resume import partial_prefix, remove_stale_partials, resume_dataset  # noqa: F401 (re-exported)
 from cellfluxrl.errors import CellfluxError
 
 FORMAT_VERSION = 1
@@ -74,6 +78,27 @@ class _NpyAppender:
         self._file.close()
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a folder or file made by ``tempfile.mkdtemp``/``mkstemp`` (always private: 0o700/0o600)
+    the mode a plain ``mkdir``/``open`` would have given it: 0o777 / 0o666 minus the umask."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class DatasetWriter:
     """Stream images and metadata into a new dataset folder; rename into place on :meth:`finish`.
 
@@ -93,7 +118,9 @@ class DatasetWriter:
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise CellfluxError(f"output {self.out} already exists and is not empty; choose a new folder")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        remove_stale_partials(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{partial_prefix(self.out)}{os.getpid()}-", dir=self.out.parent))
+        follow_umask(self.tmp)  # mkdtemp makes it drwx------ whatever the umask; colleagues must read it
         self.image_size, self.channels, self.source = int(image_size), tuple(channels), source
         shape = (self.image_size, self.image_size)
         self._images = _NpyAppender(self.tmp / "images.npy", np.uint8, (*shape, len(self.channels)))

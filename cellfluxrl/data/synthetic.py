@@ -311,6 +311,19 @@ def _metadata_row(i: int, seed: int, rows: dict[str, np.ndarray], compounds) -> 
     }
 
 
+def synthetic_settings(n_images: int, seed: int, size: int, n_plates: int,
+                       embeddings: str | os.PathLike | None = None) -> dict[str, object]:
+    """The JSON settings recorded in ``meta.json["generator"]``: the arguments of :func:`prepare_synthetic`
+    (``embeddings`` as an absolute path), the simulator version and its constants. The dataset is a
+    pure function of them; ``prepare`` run again compares them (:func:`cellfluxrl.data.layout.resume_dataset`).
+    """
+    return {"seed": int(seed), "n_images": int(n_images), "n_plates": int(n_plates), "size": int(size),
+            "simulator_version": SIMULATOR_VERSION, "doses_uM": list(DOSES_UM),
+            "dose_strengths": list(DOSE_STRENGTHS), "control_fraction": CONTROL_FRACTION,
+            "test_fraction": TEST_FRACTION,
+            "embeddings_csv": str(Path(embeddings).resolve()) if embeddings is not None else None}
+
+
 def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int = 0, size: int = 96,
                       n_plates: int = 6, progress: bool = True,
                       embeddings: str | os.PathLike | None = None) -> Path:
@@ -365,10 +378,10 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
     dose_col = np.maximum(rows["dose"], 0)
     seeds = R.crop_seeds_for(np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), 0, n_images)
 
-    from tqdm import tqdm
+    from cellfluxrl.progress import progress as progress_bar
 
     with DatasetWriter(out, size, CHANNELS_BBBC021, "synthetic", with_masks=True) as writer, \
-            tqdm(total=n_images, desc="synthetic", unit="crop", disable=not progress) as bar:
+            progress_bar(total=n_images, desc="synthetic", unit="crop", disable=not progress) as bar:
         for start in range(0, n_images, CHUNK):
             sl = slice(start, min(start + CHUNK, n_images))
             images, nuclei, cells = render(seeds[sl], sig_table[rows["compound"][sl], dose_col[sl]],
@@ -376,10 +389,7 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
             writer.add(images, [_metadata_row(i, seed, rows, compounds) for i in range(sl.start, sl.stop)],
                        nuclei, cells)
             bar.update(sl.stop - sl.start)
-        settings = {"seed": int(seed), "n_images": int(n_images), "n_plates": int(n_plates), "size": int(size),
-                    "simulator_version": SIMULATOR_VERSION, "doses_uM": list(DOSES_UM),
-                    "dose_strengths": list(DOSE_STRENGTHS), "control_fraction": CONTROL_FRACTION,
-                    "test_fraction": TEST_FRACTION, "embeddings_csv": str(Path(user.path).resolve()) if user else None}
+        settings = synthetic_settings(n_images, seed, size, n_plates, user.path if user else None)
         path = writer.finish(conditions, np.stack(vectors), extra_meta={"generator": settings})
     log.info("wrote %d synthetic crops to %s", n_images, path)
     return path

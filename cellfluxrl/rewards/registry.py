@@ -10,6 +10,8 @@ Discover cheaply, load lazily, fail loudly and by name:
   error, exception in the factory, something that is not callable) becomes a one-line
   :class:`RewardPluginError` naming the reward, its package and version and the entry point.
 - :func:`check_output` validates what a reward returned (float64 ``(B,)``, finite).
+- :func:`check_reward` imports and builds one reward for ``rewards --check`` (with a dataset's
+  evaluators, or :class:`NoEvaluators` that tells "needs a dataset" apart from a failure).
 
 The project declares its seven built-in rewards through the very same group (see pyproject.toml),
 so built-ins and third-party plugins follow one code path.
@@ -145,6 +147,41 @@ def load_reward(info: RewardInfo, context: Any) -> Callable:
                                 f"{type(reward).__name__}, not a callable reward")
     logger.debug("loaded reward %s from %s", info.name, info.origin)
     return reward
+
+
+class NeedsDataset(Exception):
+    """Raised by :class:`NoEvaluators` when a factory asks for a dataset's evaluators."""
+
+
+class NoEvaluators:
+    """Stands in for a dataset's evaluators in ``rewards --check`` without ``--data``: any use raises
+    :class:`NeedsDataset`, so a factory that needs them is told apart from one that fails."""
+
+    def __getattr__(self, name: str):
+        raise NeedsDataset(name)
+
+
+def check_reward(info: RewardInfo, context: Any) -> bool:
+    """Import and build one reward as ``rewards --check`` does.
+
+    Args:
+        info: the reward.
+        context: a :class:`~cellfluxrl.rewards.RewardContext` (its evaluators may be :class:`NoEvaluators`).
+
+    Returns:
+        ``True`` when the factory built a callable reward, ``False`` when it stopped only because
+        it needs a dataset's evaluators that ``context`` lacks.
+
+    Raises:
+        RewardPluginError: the import fails, the factory raises, or it returns a non-callable.
+    """
+    try:
+        load_reward(info, context)
+    except RewardPluginError as exc:
+        if isinstance(exc.__cause__, NeedsDataset):
+            return False
+        raise
+    return True
 
 
 def check_output(info: RewardInfo, value: Any, batch_size: int) -> np.ndarray:

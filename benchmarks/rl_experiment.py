@@ -1,0 +1,100 @@
+"""One post-training experiment and its paired evaluation against the base (RESULTS.md, "RL experiments").
+
+    python benchmarks/rl_experiment.py DATA BASE OUT --set reward_norm=per_reward,lr=3e-4 --steps 20
+
+Post-trains ``BASE`` into ``OUT`` with the demo's settings (``cellfluxrl.commands.demo.posttrain_config``)
+rolled out and trained at the base's recorded sampling, changed by ``--set`` (PosttrainConfig keys),
+then samples base and RL on the same ``--n`` in-distribution test pairs and source noise (one
+candidate each, at the RL run's recorded setting, which is the base's) and prints every reward,
+the overall (paper-weighted) reward and the judge's MoA accuracy: base, RL, paired difference
+RL - base (mean ± s.e. over pairs) and the real targets. Re-running resumes the RL run; the base's
+scores are cached in ``BASE/evalcache_*.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gradient_snr import parse_set  # noqa: E402
+from rl_table import REWARDS  # noqa: E402
+
+
+def scores(data: Path, run: Path, n: int, seed: int, sampling=None, cache: Path | None = None) -> dict:
+    """Per-pair values (n,) of every reward, ``overall``, ``judge`` and ``real_*`` for one run."""
+    from cellfluxrl.checkpoint import load_run
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, run_candidates
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+
+    if cache is not None and cache.is_file():
+        return dict(np.load(cache))
+    dataset = load_dataset(data)
+    suite = RewardSuite.from_dataset(str(data), {name: 1.0 for name in REWARDS})
+    classifier, judge = suite.evaluators.moa_classifier("cpu"), suite.evaluators.judge("cpu")
+    pairs = Pairs.from_dataset(dataset, n, seed, split="id")
+    loaded = load_run(run)
+    s = sampling or loaded.sampling
+    source = run_candidates(loaded.net, dataset, pairs, seed=seed, steps=s.steps, cfg_scale=s.cfg_scale,
+                            sigma=s.sigma, grid=s.grid)
+    with torch.no_grad():
+        res = evaluate_sources(dataset, pairs, {"x": source}, suite=suite, weights=DEFAULT_WEIGHTS,
+                               features=MoAFeatures(judge), classifier=classifier, judge=judge, best_of=(1,),
+                               batch_size=32, kid_subset_size=max(2, min(50, n // 2)), kid_subsets=10, seed=seed)
+    suite.close()
+    sc, real = res["scores"]["x"], res["scores"]["real"]
+    out = {r: sc.components[r][:, 0] for r in REWARDS} | {"overall": sc.total[:, 0],
+                                                          "judge": sc.correct[:, 0].astype(float)}
+    out |= {f"real_{r}": real.components[r][:, 0] for r in REWARDS}
+    out |= {"real_overall": real.total[:, 0], "real_judge": real.correct[:, 0].astype(float)}
+    if cache is not None:
+        np.savez(cache, **out)
+    return out
+
+
+def mean_se(v: np.ndarray) -> str:
+    v = np.asarray(v, dtype=np.float64)
+    return f"{v.mean():+.3f} ± {v.std(ddof=1) / np.sqrt(v.size):.3f}"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", type=Path)
+    p.add_argument("base", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--set", dest="overrides", default="", help="PosttrainConfig overrides KEY=VALUE,...")
+    p.add_argument("--steps", type=int, default=20, help="RL iterations")
+    p.add_argument("--n", type=int, default=64, help="in-distribution test pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from cellfluxrl.checkpoint import load_run
+    from cellfluxrl.commands.demo import DemoConfig, posttrain_config
+    from cellfluxrl.posttrain import posttrain
+
+    base_sampling = load_run(args.base).sampling
+    cfg = posttrain_config(DemoConfig(), steps=args.steps, rollout_steps=base_sampling.steps,
+                           cfg_scale=base_sampling.cfg_scale, seed=args.seed, save_every=5,
+                           **parse_set(args.overrides))
+    start = time.perf_counter()
+    posttrain(args.base, args.out, cfg, device="cpu", on_step=lambda st: print(
+        f"step {st['step']}: reward {st['reward']:.3f} kl {st['kl']:.2e} ({st['t_step']:.1f} s)", flush=True))
+    print(f"posttrain {time.perf_counter() - start:.0f} s")
+    s = load_run(args.out).sampling
+    cache = args.base / f"evalcache_n{args.n}_s{args.seed}_k{s.steps}_w{s.cfg_scale:g}.npz"
+    b = scores(args.data, args.base, args.n, args.seed, sampling=s, cache=cache)
+    r = scores(args.data, args.out, args.n, args.seed)
+    print(f"{args.n} in-distribution pairs at {s.describe()}\n\n| row | base | RL | RL - base | real |\n|---|---|---|---|---|")
+    for k in (*REWARDS, "overall", "judge"):
+        print(f"| {k} | {mean_se(b[k])} | {mean_se(r[k])} | {mean_se(r[k] - b[k])} | {mean_se(b['real_' + k])} |")
+
+
+if __name__ == "__main__":
+    main()
