@@ -4,11 +4,15 @@
 
 Post-trains ``BASE`` into ``OUT`` with the demo's settings (``cellfluxrl.commands.demo.posttrain_config``)
 rolled out and trained at the base's recorded sampling, changed by ``--set`` (PosttrainConfig keys),
-then samples base and RL on the same ``--n`` in-distribution test pairs and source noise (one
-candidate each, at the RL run's recorded setting, which is the base's) and prints every reward,
+then samples base and RL on the same ``--n`` in-distribution test pairs and source noise (``--k``
+candidates each, at the RL run's recorded setting, which is the base's) and prints every reward,
 the overall (paper-weighted) reward and the judge's MoA accuracy: base, RL, paired difference
-RL - base (mean ± s.e. over pairs) and the real targets. Re-running resumes the RL run; the base's
-scores are cached in ``BASE/evalcache_*.npz``.
+RL - base (per pair the mean over the k candidates; mean ± s.e. over pairs) and the real targets.
+Re-running resumes the RL run; the base's scores are cached in ``BASE/evalcache_*.npz``.
+
+``--null`` is the control for drift: the iteration's reward vectors are shuffled across its
+rollouts before the advantages are computed (a fixed permutation per iteration), so the updates
+have the same size and distribution of advantages but carry no reward signal.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from gradient_snr import parse_set  # noqa: E402
 from rl_table import REWARDS  # noqa: E402
 
 
-def scores(data: Path, run: Path, n: int, seed: int, sampling=None, cache: Path | None = None) -> dict:
-    """Per-pair values (n,) of every reward, ``overall``, ``judge`` and ``real_*`` for one run."""
+def scores(data: Path, run: Path, n: int, seed: int, sampling=None, cache: Path | None = None, k: int = 1) -> dict:
+    """Per-pair values of every reward, ``overall`` and ``judge`` (``(n, k)``: k candidates per pair)
+    and ``real_*`` (``(n,)``) for one run."""
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, run_candidates
@@ -45,12 +50,11 @@ def scores(data: Path, run: Path, n: int, seed: int, sampling=None, cache: Path 
                             sigma=s.sigma, grid=s.grid)
     with torch.no_grad():
         res = evaluate_sources(dataset, pairs, {"x": source}, suite=suite, weights=DEFAULT_WEIGHTS,
-                               features=MoAFeatures(judge), classifier=classifier, judge=judge, best_of=(1,),
+                               features=MoAFeatures(judge), classifier=classifier, judge=judge, best_of=(1, k),
                                batch_size=32, kid_subset_size=max(2, min(50, n // 2)), kid_subsets=10, seed=seed)
     suite.close()
     sc, real = res["scores"]["x"], res["scores"]["real"]
-    out = {r: sc.components[r][:, 0] for r in REWARDS} | {"overall": sc.total[:, 0],
-                                                          "judge": sc.correct[:, 0].astype(float)}
+    out = {r: sc.components[r] for r in REWARDS} | {"overall": sc.total, "judge": sc.correct.astype(float)}
     out |= {f"real_{r}": real.components[r][:, 0] for r in REWARDS}
     out |= {"real_overall": real.total[:, 0], "real_judge": real.correct[:, 0].astype(float)}
     if cache is not None:
@@ -59,8 +63,28 @@ def scores(data: Path, run: Path, n: int, seed: int, sampling=None, cache: Path 
 
 
 def mean_se(v: np.ndarray) -> str:
+    """``mean ± s.e.`` over pairs of a ``(n,)`` or ``(n, k)`` array (then first the mean over k)."""
     v = np.asarray(v, dtype=np.float64)
+    v = v.mean(axis=1) if v.ndim == 2 else v
     return f"{v.mean():+.3f} ± {v.std(ddof=1) / np.sqrt(v.size):.3f}"
+
+
+def shuffle_rewards() -> None:
+    """Make every iteration's advantages signal-free: permute the reward rows across rollouts."""
+    import cellfluxrl.nft as nft
+
+    per_reward, group = nft.per_reward_advantages, nft.group_advantages
+    rng = np.random.default_rng(12345)
+
+    def shuffled(components, weights, group_size, adv_clip=5.0):
+        c = torch.as_tensor(components)
+        return per_reward(c[torch.as_tensor(rng.permutation(len(c)))], weights, group_size, adv_clip)
+
+    def shuffled_sum(rewards, adv_clip=5.0, std=None):
+        flat = torch.as_tensor(rewards).reshape(-1)
+        return group(flat[torch.as_tensor(rng.permutation(flat.numel()))].reshape(rewards.shape), adv_clip, std=std)
+
+    nft.per_reward_advantages, nft.group_advantages = shuffled, shuffled_sum
 
 
 def main(argv=None) -> None:
@@ -71,6 +95,8 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", default="", help="PosttrainConfig overrides KEY=VALUE,...")
     p.add_argument("--steps", type=int, default=20, help="RL iterations")
     p.add_argument("--n", type=int, default=64, help="in-distribution test pairs")
+    p.add_argument("--k", type=int, default=4, help="candidates per pair (their mean is paired)")
+    p.add_argument("--null", action="store_true", help="shuffle the rewards across rollouts (drift control)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -83,15 +109,18 @@ def main(argv=None) -> None:
     cfg = posttrain_config(DemoConfig(), steps=args.steps, rollout_steps=base_sampling.steps,
                            cfg_scale=base_sampling.cfg_scale, seed=args.seed, save_every=5,
                            **parse_set(args.overrides))
+    if args.null:
+        shuffle_rewards()
     start = time.perf_counter()
     posttrain(args.base, args.out, cfg, device="cpu", on_step=lambda st: print(
         f"step {st['step']}: reward {st['reward']:.3f} kl {st['kl']:.2e} ({st['t_step']:.1f} s)", flush=True))
     print(f"posttrain {time.perf_counter() - start:.0f} s")
     s = load_run(args.out).sampling
-    cache = args.base / f"evalcache_n{args.n}_s{args.seed}_k{s.steps}_w{s.cfg_scale:g}.npz"
-    b = scores(args.data, args.base, args.n, args.seed, sampling=s, cache=cache)
-    r = scores(args.data, args.out, args.n, args.seed)
-    print(f"{args.n} in-distribution pairs at {s.describe()}\n\n| row | base | RL | RL - base | real |\n|---|---|---|---|---|")
+    cache = args.base / f"evalcache_n{args.n}_s{args.seed}_k{s.steps}_w{s.cfg_scale:g}_c{args.k}.npz"
+    b = scores(args.data, args.base, args.n, args.seed, sampling=s, cache=cache, k=args.k)
+    r = scores(args.data, args.out, args.n, args.seed, k=args.k)
+    print(f"{args.n} in-distribution pairs x {args.k} candidates at {s.describe()}\n\n"
+          "| row | base | RL | RL - base | real |\n|---|---|---|---|---|")
     for k in (*REWARDS, "overall", "judge"):
         print(f"| {k} | {mean_se(b[k])} | {mean_se(r[k])} | {mean_se(r[k] - b[k])} | {mean_se(b['real_' + k])} |")
 

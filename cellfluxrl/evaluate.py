@@ -12,9 +12,12 @@ Protocol (CellFlux's, plus CellFluxRL's best-of-N, graded so that it cannot flat
   batch it lands in.
 * Sampling: each run is sampled the way it was trained to be (its recorded sampler steps and CFG,
   :class:`cellfluxrl.checkpoint.Sampling`) unless the caller overrides them for every run.
-* Candidates: ``K = max(best_of)`` per pair, generated and scored once. Best-of-N for every N
-  asked takes the best of the *first* N candidates by the overall (weighted) reward, so the
-  curves are nested: per pair, the selected overall reward never decreases with N.
+* Candidates: ``K = max(best_of)`` per pair, generated and scored once. The reward rows use all
+  K: a run's plain column is the mean over its K candidates (the expected single-sample reward),
+  best-of-N weighs each candidate by its probability of being the best, by the overall (weighted)
+  reward, of N drawn from the K (:func:`cellfluxrl.metrics.best_of_n_weights`, unbiased; per pair
+  the expected best overall never decreases with N). Images (Figure 4) and distances take one
+  image per pair: candidate 0, and the best of the first N.
 * Images are quantised to 8 bits before scoring (generated images are as they would be saved;
   real images are exactly their uint8 pixels), then mapped to ``[-1, 1]``.
 * Graders: the rewards (the MoA reward included) use the reward classifier RL optimises; the

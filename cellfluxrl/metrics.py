@@ -17,6 +17,7 @@ own fresh state; nothing accumulates across conditions.
 
 from __future__ import annotations
 
+import math
 import logging
 from dataclasses import dataclass, field
 
@@ -342,3 +343,26 @@ def best_of_n(scores: np.ndarray, n: int) -> np.ndarray:
     if not 1 <= n <= scores.shape[1]:
         raise ValueError(f"best_of_n needs 1 <= n <= {scores.shape[1]}, got {n}")
     return np.argmax(scores[:, :n], axis=1).astype(np.int64)
+
+
+def best_of_n_weights(scores: np.ndarray, n: int) -> np.ndarray:
+    """Probability that each candidate is the best of ``n`` drawn from the ``K``: ``(P, K) -> (P, K)``.
+
+    For a uniformly random ``n``-subset of a pair's ``K`` candidates, the candidate ranked ``j``-th
+    from the bottom (``j = 0..K-1``, by ``scores``; ties go to the earlier candidate, as in
+    :func:`best_of_n`) is the subset's best with probability ``C(j, n-1) / C(K, n)``. The rows sum
+    to 1; ``(weights * values).sum(1)`` is then the unbiased estimate of the best-of-``n`` value of
+    any per-candidate quantity from ``K >= n`` draws, the estimator of pass@k, with less variance
+    than taking the first ``n`` (every candidate counts). ``n = 1`` gives the plain mean over ``K``.
+    The expected best overall is non-decreasing in ``n`` for every pair.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    k = scores.shape[1]
+    if not 1 <= n <= k:
+        raise ValueError(f"best_of_n_weights needs 1 <= n <= {k}, got {n}")
+    # rank from the bottom; a later candidate with an equal score ranks below (ties -> earliest)
+    order = np.lexsort((-np.arange(k)[None, :].repeat(len(scores), 0), scores), axis=1)
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(k)[None, :].repeat(len(scores), 0), axis=1)
+    by_rank = np.array([math.comb(j, n - 1) for j in range(k)], dtype=np.float64) / math.comb(k, n)
+    return by_rank[ranks]

@@ -6,14 +6,16 @@ a full table::
 
     {"format": "cellfluxrl-evaluate/2", "settings": {...}, "versions": {...},
      "splits": ["id", "ood"], "sections": {"id": SECTION, "ood": SECTION}, "files": {...}}
-    SECTION = {"split", "split_description", "columns", "rows", "labels", "table", "best_of_n",
+    SECTION = {"split", "split_description", "columns", "rows", "labels", "table", "best_of_n", "paired",
                "per_condition", "distance", "n_pairs", "n_conditions", "throughput", "files"}
 
-Rows: every reward (mean and standard error over pairs), ``overall`` (the weighted sum),
+Rows: every reward (per pair its expectation over the K candidates, plain or best-of-N, see
+:func:`~cellfluxrl.metrics.best_of_n_weights`; then mean and standard error over pairs), ``overall`` (the weighted sum),
 ``moa_accuracy`` (the **judge**'s top-1 accuracy: an MoA classifier fitted independently of the
 reward's), ``moa_accuracy_reward`` (the reward classifier's accuracy, so reward hacking shows as
 the gap between the two), then the distances ``<FD>_o``, ``<FD>_c``, ``<KD>_o``, ``<KD>_c`` on the
-judge's features (or FID/KID with the Inception weights).
+judge's features (or FID/KID with the Inception weights). ``paired``: per N (1 and the table's
+best-of) every run minus the first on the same pairs (:func:`paired_differences`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cellfluxrl.metrics import best_of_n, mean_sem
+from cellfluxrl.metrics import best_of_n, best_of_n_weights, mean_sem
 from cellfluxrl.data.layout import follow_umask
 
 REPORT_FORMAT = "cellfluxrl-evaluate/2"
@@ -56,12 +58,34 @@ def _distance_cells(result, name: str, kid_name: str, fd_c=None, kid_c=None) -> 
             f"{kid_name}_o": {"mean": kd, "sem": None, "std": kd_std}, f"{kid_name}_c": {"mean": kid_c, "sem": None}}
 
 
-def _selected(sc, names: Sequence[str], pick: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Per-pair values of the picked candidates: rewards + overall, judge and reward-classifier hits."""
-    rows = np.arange(sc.total.shape[0])
-    values = {name: sc.components[name][rows, pick] for name in names}
-    values["overall"] = sc.total[rows, pick]
-    return values, sc.correct[rows, pick], sc.correct_reward[rows, pick]
+def _selected(sc, names: Sequence[str], weights: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per-pair expected values under candidate ``weights`` ``(P, K)`` (rows sum to 1): rewards +
+    overall, judge and reward-classifier hit rates, each ``(P,)`` float64."""
+    def expect(v: np.ndarray) -> np.ndarray:
+        return (weights * np.asarray(v, dtype=np.float64)).sum(axis=1)
+
+    values = {name: expect(sc.components[name]) for name in names}
+    values["overall"] = expect(sc.total)
+    return values, expect(sc.correct), expect(sc.correct_reward)
+
+
+def paired_differences(results: dict, n: int, base: str | None = None) -> dict[str, dict[str, dict]]:
+    """Paired differences ``column - base`` over the same pairs, source noise and seeds.
+
+    For every generated source other than ``base`` (default: the first source), the per-pair
+    best-of-``n`` expectations (:func:`~cellfluxrl.metrics.best_of_n_weights`) of every reward, the
+    overall reward and the judge's accuracy minus the base's, as ``{source: {row: {"mean", "sem"}}}``
+    (mean and standard error over pairs). Sources are paired because every run draws candidate
+    ``k`` of pair ``i`` from the same control, condition and noise seed.
+    """
+    names, sources = results["names"], results["sources"]
+    base = sources[0] if base is None else base
+    per = {}
+    for s in sources:
+        sc = results["scores"][s]
+        values, correct, _ = _selected(sc, names, best_of_n_weights(sc.total, n))
+        per[s] = {**values, "moa_accuracy": correct}
+    return {s: {row: _cell(per[s][row] - per[base][row]) for row in per[s]} for s in sources if s != base}
 
 
 def build_report(results: dict, split: str = "all", split_description: str = "") -> dict:
@@ -109,7 +133,7 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
         sc = results["scores"][s]
         curves[s] = {}
         for n in best_of:
-            values, correct, correct_reward = _selected(sc, names, best_of_n(sc.total, n))
+            values, correct, correct_reward = _selected(sc, names, best_of_n_weights(sc.total, n))
             curves[s][str(n)] = {key: _cell(v) for key, v in values.items()}
             curves[s][str(n)]["moa_accuracy"] = _cell(correct.astype(np.float64))
             curves[s][str(n)]["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64))
@@ -119,7 +143,7 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
                 column = f"{s}+best-of-{tts_n}"
                 table[column] = column_cells(values, correct, correct_reward, column)
     real = results["scores"][REAL]
-    values, correct, correct_reward = _selected(real, names, np.zeros(len(pairs), dtype=np.int64))
+    values, correct, correct_reward = _selected(real, names, np.ones((len(pairs), 1)))
     table[REAL] = column_cells(values, correct, correct_reward, REAL)
 
     throughput = {}
@@ -132,6 +156,7 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
         "split": split, "split_description": split_description,
         "columns": list(table), "rows": rows, "table": table, "labels": labels,
         "best_of_n": curves, "per_condition": per_condition,
+        "paired": {str(n): paired_differences(results, n) for n in sorted({1, tts_n})} if len(results["sources"]) > 1 else {},
         "distance": {"features": fd_name, "kid": kid_name, "source": results["feature_source"],
                      "note": distance_note(fd_name), **results["kid"]},
         "n_pairs": len(pairs), "n_conditions": int(compounds.size), "throughput": throughput,
@@ -202,7 +227,7 @@ def sampling_lines(settings: dict) -> list[str]:
 
 def _section_markdown(section: dict) -> list[str]:
     out = [f"## {section_title(section)}", "", section["split_description"] + ".", "",
-           markdown_table(section), "", "### Best-of-N (selected by the overall reward)", ""]
+           markdown_table(section), "", *_paired_markdown(section), "### Best-of-N (selected by the overall reward)", ""]
     names = [r for r in section["rows"] if not r[-2:] in ("_o", "_c")]
     out.append("| Run | N | " + " | ".join(section["labels"].get(r, r) for r in names) + " |")
     out.append("|---|---|" + "---|" * len(names))
@@ -226,6 +251,22 @@ def _section_markdown(section: dict) -> list[str]:
     return out + [""]
 
 
+def _paired_markdown(section: dict) -> list[str]:
+    """The paired-differences table (every run minus the first, at N = 1 and the table's best-of)."""
+    paired = section.get("paired") or {}
+    columns = [(n, s) for n, per in paired.items() for s in per]
+    if not columns:
+        return []
+    base = section["columns"][0]
+    head = [f"{s} - {base}" + ("" if n == "1" else f" (both best-of-{n})") for n, s in columns]
+    rows = [r for r in section["rows"] if r in paired[columns[0][0]][columns[0][1]]]
+    out = [f"### Paired differences against {base} (same pairs, controls and noise seeds; mean ± s.e. over pairs)", "",
+           "| Metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for r in rows:
+        out.append(f"| {section['labels'].get(r, r)} | " + " | ".join(_fmt(paired[n][s][r], r) for n, s in columns) + " |")
+    return out + [""]
+
+
 def markdown_report(report: dict) -> str:
     """``report.md``: settings, then per split the main table, best-of-N and per-condition tables."""
     s = report["settings"]
@@ -236,8 +277,10 @@ def markdown_report(report: dict) -> str:
            "MoA accuracy (judge) is graded by a classifier that RL never optimised; MoA accuracy (reward "
            "classifier) by the one behind the MoA reward: a large gap between them is reward hacking.", "",
            "Sampling of each run:", *sampling_lines(s), "",
-           "Rewards: mean ± standard error over pairs (higher is better). Distances: lower is better "
-           "(the real column has none).", ""]
+           "Rewards (higher is better): per pair the expectation over all of a run's candidates (the plain "
+           "column: their mean; best-of-N: each candidate weighted by its chance of being the best of N drawn "
+           "from them), then mean ± standard error over pairs. Distances (lower is better; none for the real "
+           "column) and Figure 4 use one image per pair: candidate 0, and the best of the first N.", ""]
     for section in report["sections"].values():
         out += _section_markdown(section)
     return "\n".join(out)

@@ -123,10 +123,13 @@ def test_best_of_n_is_nested_and_selects_by_the_overall_reward(image_results):
     assert (picked[2] > picked[0]).any()
 
 
-def test_table_best_of_column_is_the_hand_computed_best_of_the_first_n(dataset_dir):
-    """``tts_n = 2`` with curves to N = 3: the table's ``+best-of-2`` column holds, pair by pair, the
-    candidate with the higher overall reward of the first two (ties: the first), every reward row
-    taken from that same candidate; the curve still reaches N = 3."""
+def test_table_columns_are_the_hand_computed_expectations_over_the_candidates(dataset_dir):
+    """K = 3 candidates, ``tts_n = 2``: the plain column is, pair by pair, the mean over the three
+    candidates; ``+best-of-2`` the average over the three 2-subsets of the subset's best candidate
+    by the overall reward (ties: the first), every reward row taken from that same candidate; the
+    paired differences are the per-pair differences of those expectations, run minus base."""
+    from itertools import combinations
+
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, real_images
     from cellfluxrl.report import build_report
@@ -137,24 +140,41 @@ def test_table_best_of_column_is_the_hand_computed_best_of_the_first_n(dataset_d
     suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
     judge = suite.evaluators.judge("cpu")
 
-    def noised(pos, k):
-        x = real_images(dataset, pairs, pos)
-        return (x + (0.2 + 0.3 * k) * torch.randn(x.shape, generator=torch.Generator().manual_seed(k))).clamp(-1, 1)
+    def noised(amplitude):
+        def candidates(pos, k):
+            x = real_images(dataset, pairs, pos)
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(k))
+            return (x + (amplitude + 0.3 * k) * noise).clamp(-1, 1)
+        return candidates
 
-    results = evaluate_sources(dataset, pairs, {"x": noised}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
-                               features=MoAFeatures(judge), classifier=suite.evaluators.moa_classifier("cpu"),
-                               judge=judge, best_of=(1, 2, 3), batch_size=4, kid_subset_size=2, kid_subsets=2,
-                               tts_n=2)
+    results = evaluate_sources(dataset, pairs, {"x": noised(0.2), "y": noised(0.05)}, suite=suite,
+                               weights=dict(DEFAULT_WEIGHTS), features=MoAFeatures(judge),
+                               classifier=suite.evaluators.moa_classifier("cpu"), judge=judge, best_of=(1, 2, 3),
+                               batch_size=4, kid_subset_size=2, kid_subsets=2, tts_n=2)
     suite.close()
     report = build_report(results, split="id")
     assert "x+best-of-2" in report["table"] and "x+best-of-3" not in report["table"]
     assert set(report["best_of_n"]["x"]) == {"1", "2", "3"}
-    sc = results["scores"]["x"]
-    pick = np.where(sc.total[:, 1] > sc.total[:, 0], 1, 0)
     rows = np.arange(len(pairs))
-    assert abs(report["table"]["x+best-of-2"]["overall"]["mean"] - sc.total[rows, pick].mean()) < 1e-9
-    for name in results["names"]:
-        assert abs(report["table"]["x+best-of-2"][name]["mean"] - sc.components[name][rows, pick].mean()) < 1e-9
+
+    def by_hand(sc, values):
+        """(plain, best-of-2) per pair, enumerating the subsets."""
+        best = [values[rows, np.where(sc.total[:, b] > sc.total[:, a], b, a)] for a, b in combinations(range(3), 2)]
+        return values.mean(axis=1), np.mean(best, axis=0)
+
+    for s in ("x", "y"):
+        sc = results["scores"][s]
+        for name, values in [("overall", sc.total), *sc.components.items()]:
+            plain, best2 = by_hand(sc, values)
+            assert abs(report["table"][s][name]["mean"] - plain.mean()) < 1e-9
+            assert abs(report["table"][f"{s}+best-of-2"][name]["mean"] - best2.mean()) < 1e-9
+    x, y = results["scores"]["x"], results["scores"]["y"]
+    for n, which in (("1", 0), ("2", 1)):
+        diff = by_hand(y, y.total)[which] - by_hand(x, x.total)[which]
+        cell = report["paired"][n]["y"]["overall"]
+        assert abs(cell["mean"] - diff.mean()) < 1e-9
+        assert abs(cell["sem"] - diff.std(ddof=1) / np.sqrt(diff.size)) < 1e-9
+    assert set(report["paired"]) == {"1", "2"} and set(report["paired"]["1"]) == {"y"}
     with pytest.raises(CellfluxError, match="best-of-5"):
         evaluate_sources(dataset, pairs, {"x": noised}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
                          features=MoAFeatures(judge), classifier=None, judge=judge, best_of=(1, 2), tts_n=5)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
-from cellfluxrl.metrics import (FeatureSet, Reservoir, RunningStats, best_of_n, compare, compare_many,
+from cellfluxrl.metrics import (FeatureSet, Reservoir, RunningStats, best_of_n, best_of_n_weights, compare, compare_many,
                                 conditional_distances,
                                 frechet_distance, kid, mean_sem, mmd2_unbiased, polynomial_kernel)
 
@@ -168,3 +170,21 @@ def test_mean_sem_and_best_of_n_nested():
     assert best_of_n(scores, 4).tolist() == [3, 3]
     with pytest.raises(ValueError):
         best_of_n(scores, 5)
+
+
+def test_best_of_n_weights_hand_computed_and_against_every_subset():
+    # [1, 3, 2], N = 2: subsets {0,1} -> 1, {0,2} -> 2, {1,2} -> 1.
+    np.testing.assert_allclose(best_of_n_weights(np.array([[1.0, 3.0, 2.0]]), 2), [[0, 2 / 3, 1 / 3]])
+    np.testing.assert_allclose(best_of_n_weights(np.array([[1.0, 3.0, 2.0]]), 1), [[1 / 3] * 3])
+    # Ties go to the earliest candidate, as in best_of_n: [2, 2, 0], N = 2 -> {0,1}: 0, {0,2}: 0, {1,2}: 1.
+    np.testing.assert_allclose(best_of_n_weights(np.array([[2.0, 2.0, 0.0]]), 2), [[2 / 3, 1 / 3, 0]])
+    scores = np.random.default_rng(3).integers(0, 4, (40, 5)).astype(float)
+    for n in range(1, 6):
+        counts = np.zeros_like(scores)
+        subsets = list(itertools.combinations(range(5), n))
+        for subset in subsets:
+            pick = np.array(subset)[best_of_n(scores[:, list(subset)], n)]
+            counts[np.arange(40), pick] += 1
+        np.testing.assert_allclose(best_of_n_weights(scores, n), counts / len(subsets), atol=1e-12)
+    with pytest.raises(ValueError):
+        best_of_n_weights(scores, 6)
