@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", default="", help="PosttrainConfig overrides KEY=VALUE,...")
     p.add_argument("--steps", type=int, default=20, help="RL iterations")
     p.add_argument("--n", type=int, default=64, help="in-distribution test pairs")
+    p.add_argument("--weights", default=None, help="reward weights NAME=W,... for training (default: the paper's)")
     p.add_argument("--k", type=int, default=4, help="candidates per pair (their mean is paired)")
     p.add_argument("--null", action="store_true", help="shuffle the rewards across rollouts (drift control)")
     p.add_argument("--seed", type=int, default=0)
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
 
     base_sampling = load_run(args.base).sampling
     cfg = posttrain_config(DemoConfig(), steps=args.steps, rollout_steps=base_sampling.steps,
-                           cfg_scale=base_sampling.cfg_scale, seed=args.seed, save_every=5,
+                           cfg_scale=base_sampling.cfg_scale, seed=args.seed, save_every=5, weights=args.weights,
                            **parse_set(args.overrides))
     if args.null:
         shuffle_rewards()
