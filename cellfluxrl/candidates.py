@@ -43,7 +43,7 @@ class Pairs:
     @classmethod
     def from_dataset(cls, dataset, n: int, seed: int, split: str = "id") -> "Pairs":
         """The first ``n`` treated test rows of ``split`` (``"id"``, ``"ood"``, ``"all"``) with controls."""
-        from cellfluxrl.generate import test_pairs
+        from cellfluxrl.model.generate import test_pairs
 
         target, control = test_pairs(dataset, n, seed, split=split)
         return cls(target, control, dataset.condition[target], dataset.table["compound"][target].astype(str),
@@ -90,7 +90,7 @@ def run_candidates(net: torch.nn.Module, dataset, pairs: Pairs, *, seed: int, st
     ``steps``, ``cfg_scale``, ``sigma``, ``solver`` and ``grid`` are the run's sampling settings
     (:class:`cellfluxrl.checkpoint.Sampling`).
     """
-    from cellfluxrl.generate import generate
+    from cellfluxrl.model.generate import generate
 
     embeddings = torch.tensor(np.array(dataset.embeddings), dtype=torch.float32)
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.unet import VelocityUNet, build_unet
+from cellfluxrl.model.unet import VelocityUNet, build_unet
 
 log = logging.getLogger(__name__)
 
@@ -375,12 +375,12 @@ def load_cellflux_weights(path: str | os.PathLike, net: VelocityUNet) -> None:
 
     Accepts a bare state dict or a dict with a ``model`` entry (CellFlux's ``checkpoint-*.pth``;
     ``argparse.Namespace`` entries are allowed in the safe loader), strips ``module.`` /
-    ``_orig_mod.`` / ``model.`` prefixes and maps the names (:func:`cellfluxrl.unet.map_cellflux_state_dict`).
+    ``_orig_mod.`` / ``model.`` prefixes and maps the names (:func:`cellfluxrl.model.unet.map_cellflux_state_dict`).
 
     Raises:
         CellfluxError: missing/unreadable file, unknown names, missing keys or shape mismatches.
     """
-    from cellfluxrl.unet import map_cellflux_state_dict
+    from cellfluxrl.model.unet import map_cellflux_state_dict
 
     path = Path(path)
     if not path.is_file():

@@ -13,10 +13,12 @@ import pytest
 import tifffile
 
 from cellfluxrl.data import bbbc021
+from cellfluxrl.data.bbbc021 import impa as impa_reader
+from cellfluxrl.data.bbbc021 import tables
 from cellfluxrl.data.bbbc021 import (crop_windows, detect_nuclei, illumination_function, prepare_impa,
                                      prepare_raw, scale_to_uint8, split_fields)
 from cellfluxrl.data.fingerprints import morgan_count_fingerprint
-from cellfluxrl.data.layout import load_dataset
+from cellfluxrl.data.layout import DatasetWriter, load_dataset
 from cellfluxrl.errors import CellfluxError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ExampleHuman"
@@ -205,7 +207,7 @@ def test_impa_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
     rows, images = impa_rows()
     root = write_impa(tmp_path / "impa", rows, images)
     calls = Counter()
-    real_read = bbbc021._read_crop
+    real_read = impa_reader._read_crop
 
     def interrupted(path, size):
         calls["n"] += 1
@@ -213,8 +215,8 @@ def test_impa_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_read(path, size)
 
-    monkeypatch.setattr(bbbc021, "_read_crop", interrupted)
-    monkeypatch.setattr(bbbc021, "CHUNK_IMAGES", 4)  # some chunks are already on disk when it stops
+    monkeypatch.setattr(impa_reader, "_read_crop", interrupted)
+    monkeypatch.setattr(tables, "CHUNK_IMAGES", 4)  # some chunks are already on disk when it stops
     with pytest.raises(KeyboardInterrupt):
         prepare_impa(root, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["impa"]
@@ -225,14 +227,14 @@ def test_impa_peak_chunk_is_bounded(tmp_path, monkeypatch):
     rows, images = impa_rows(cells=4)
     root = write_impa(tmp_path / "impa", rows, images)
     sizes = []
-    real_add = bbbc021.DatasetWriter.add
+    real_add = DatasetWriter.add
 
     def spy(self, chunk, chunk_rows, *args, **kwargs):
         sizes.append(len(chunk))
         return real_add(self, chunk, chunk_rows, *args, **kwargs)
 
-    monkeypatch.setattr(bbbc021, "CHUNK_IMAGES", 5)
-    monkeypatch.setattr(bbbc021.DatasetWriter, "add", spy)
+    monkeypatch.setattr(tables, "CHUNK_IMAGES", 5)
+    monkeypatch.setattr(DatasetWriter, "add", spy)
     prepare_impa(root, tmp_path / "out", progress=False)
     assert max(sizes) == 5 and sum(sizes) == len(rows)
 
@@ -520,7 +522,7 @@ def test_raw_meta_records_preparation(raw_prepared):
 
 
 def test_field_scale_validation():
-    from cellfluxrl.data.raw_fields import BBBC021_PIXEL_SIZE_UM, field_scale
+    from cellfluxrl.data.bbbc021.fields import BBBC021_PIXEL_SIZE_UM, field_scale
 
     assert field_scale() == 1.0 and field_scale(scale=0.5) == 0.5
     assert field_scale(pixel_size_um=2 * BBBC021_PIXEL_SIZE_UM) == pytest.approx(2.0)
@@ -563,7 +565,7 @@ def _zoom_raw(src: Path, dst: Path, factor: int) -> None:
 
 
 def test_raw_at_twice_the_magnification_gives_bbbc021_crops(tmp_path):
-    from cellfluxrl.data.raw_fields import BBBC021_PIXEL_SIZE_UM
+    from cellfluxrl.data.bbbc021.fields import BBBC021_PIXEL_SIZE_UM
 
     write_raw(tmp_path / "raw", n_interior=2)
     _zoom_raw(tmp_path / "raw", tmp_path / "zoom", 2)

@@ -16,8 +16,8 @@ WORKER = textwrap.dedent("""
     import os, sys, torch
     from cellfluxrl.config import PretrainConfig
     from cellfluxrl.distributed import all_gather_tensor, cleanup, init_distributed
-    from cellfluxrl.pretrain import train
-    from cellfluxrl.unet import UNetConfig
+    from cellfluxrl.model.pretrain import train
+    from cellfluxrl.model.unet import UNetConfig
 
     torch.set_num_threads(1)
     dataset, run, out = sys.argv[1:4]

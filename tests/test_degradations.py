@@ -1,4 +1,4 @@
-"""Exact and property checks of cellfluxrl.degradations (float32 (B, C, H, W) images in [-1, 1])."""
+"""Exact and property checks of cellfluxrl.rewards.degradations (float32 (B, C, H, W) images in [-1, 1])."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cellfluxrl.degradations import (ROBUSTNESS_CONDITIONS, DegradationConfig, add_noise, down_up, gain_contrast,
-                                     gaussian_blur, gaussian_kernels, random_degradation)
+from cellfluxrl.rewards.degradations import (ROBUSTNESS_CONDITIONS, DegradationConfig, add_noise, down_up,
+                                             gain_contrast, gaussian_blur, gaussian_kernels, random_degradation)
 
 
 def _images(seed: int = 0, shape=(4, 3, 32, 32)) -> torch.Tensor:

@@ -11,8 +11,9 @@ import torch
 from cellfluxrl.data.compounds import MOAS
 from cellfluxrl.data.layout import load_dataset
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.evaluators import STATS, fit_evaluators, load_evaluators, moa_index
-from cellfluxrl.moa_classifier import MoAClassifier, load_moa_classifier, save_moa_classifier, train_moa_classifier
+from cellfluxrl.rewards.evaluators import STATS, fit_evaluators, load_evaluators, moa_index
+from cellfluxrl.rewards.moa_classifier import (MoAClassifier, load_moa_classifier, save_moa_classifier,
+                                               train_moa_classifier)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,8 @@ def test_summary_and_files(fitted):
 
 
 def test_reference_statistics_match_the_train_split(fitted):
-    from cellfluxrl.evaluators import measure_images
-    from cellfluxrl.segment import make_segmenter
+    from cellfluxrl.rewards.evaluators import measure_images
+    from cellfluxrl.rewards.segmentation.base import make_segmenter
 
     root, _ = fitted
     dataset = load_dataset(root)
@@ -78,7 +79,7 @@ def test_classifier_accuracy_on_held_out_images(fitted):
 
 def test_judge_is_fitted_independently_of_the_reward_classifier(fitted):
     """Other half of the train images, other seed, other architecture; both graded on the same test set."""
-    from cellfluxrl.evaluators import _treated_in_distribution, disjoint_halves
+    from cellfluxrl.rewards.evaluators import _treated_in_distribution, disjoint_halves
 
     root, _ = fitted
     report = json.loads((root / "evaluators" / "classifier.json").read_text())

@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from cellfluxrl.degradations import ROBUSTNESS_CONDITIONS
-from cellfluxrl.moa_classifier import robustness_report, train_moa_classifier
+from cellfluxrl.rewards.degradations import ROBUSTNESS_CONDITIONS
+from cellfluxrl.rewards.moa_classifier import robustness_report, train_moa_classifier
 
 SEED = 0
 K_SE = 3.0
@@ -27,7 +27,7 @@ FLOOR = 0.70
 def reports(tmp_path_factory):
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.evaluators import _treated_in_distribution
+    from cellfluxrl.rewards.evaluators import _treated_in_distribution
 
     root = tmp_path_factory.mktemp("robust") / "ds"
     prepare_synthetic(root, n_images=2500, seed=SEED, size=48, n_plates=3, progress=False)

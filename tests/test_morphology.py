@@ -12,7 +12,7 @@ from skimage.measure import label as sk_label
 from skimage.measure import regionprops
 
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.morphology import MEASURE_KEYS, ROUNDNESS_MIN_AREA, measure, object_perimeters
+from cellfluxrl.rewards.morphology import MEASURE_KEYS, ROUNDNESS_MIN_AREA, measure, object_perimeters
 
 SQRT2 = math.sqrt(2.0)
 

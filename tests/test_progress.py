@@ -27,7 +27,7 @@ class Terminal(io.StringIO):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from cellfluxrl.pretrain import train
+    from cellfluxrl.model.pretrain import train
 
     root = tmp_path_factory.mktemp("progress")
     ds = make_toy_dataset(root / "ds", n_test=3)
@@ -118,7 +118,7 @@ def test_pretrain_says_what_it_trains_and_times_the_first_step_on_cpu(toy_run, t
 
 def test_a_paper_sized_model_on_cpu_is_called_slow():
     from cellfluxrl.commands.pretrain import first_step_line, model_line
-    from cellfluxrl.unet import PRESETS
+    from cellfluxrl.model.unet import PRESETS
 
     cfg = quick_cfg(preset="paper", steps=100_000, batch_size=32)
     line = model_line({"parameters": 56_201_219, "device": "cpu", "start": 0}, PRESETS["paper"], cfg)

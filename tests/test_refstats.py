@@ -12,8 +12,8 @@ import pytest
 
 from cellfluxrl.data.compounds import MOAS
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.refstats import (STATS, check_reference, degenerate_statistics, empty_columns_warning,
-                                 empty_fraction_warning, reference_statistics)
+from cellfluxrl.rewards.refstats import (STATS, check_reference, degenerate_statistics, empty_columns_warning,
+                                         empty_fraction_warning, reference_statistics)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cli import run_main, visible_lines  # noqa: E402
@@ -36,7 +36,7 @@ class BlankEvery:
     """The classical segmenter, except that it finds nothing in every ``k``-th image of a batch."""
 
     def __init__(self, k: int):
-        from cellfluxrl.segment import make_segmenter
+        from cellfluxrl.rewards.segmentation.base import make_segmenter
 
         self.inner, self.k = make_segmenter("classical"), k
         self.settings = self.inner.settings
@@ -60,7 +60,7 @@ def small(tmp_path_factory):
 @pytest.fixture
 def fast_classifier(monkeypatch):
     """One epoch per MoA classifier (the CLI has no --epochs)."""
-    import cellfluxrl.moa_classifier as mc
+    import cellfluxrl.rewards.moa_classifier as mc
 
     monkeypatch.setattr(mc, "default_epochs", lambda n, batch_size: 1)
 
@@ -120,7 +120,7 @@ def test_empty_fraction_warning_names_the_worst_group():
 
 
 def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch):
-    from cellfluxrl import evaluators
+    from cellfluxrl.rewards import evaluators
     from cellfluxrl.data.layout import load_dataset
 
     (small / "evaluators" / "reference_stats.json").unlink(missing_ok=True)
@@ -134,16 +134,16 @@ def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch
 
 
 def test_fit_reference_warns_when_images_have_no_nucleus(small, monkeypatch, caplog):
-    from cellfluxrl import evaluators
+    from cellfluxrl.rewards import evaluators
     from cellfluxrl.data.layout import load_dataset
 
     dataset = load_dataset(small)
-    with caplog.at_level(logging.WARNING, logger="cellfluxrl.evaluators"):
+    with caplog.at_level(logging.WARNING, logger="cellfluxrl.rewards.evaluators"):
         evaluators.fit_reference(dataset)
     assert not [r for r in caplog.records if "no nucleus" in r.getMessage()]  # classical finds every nucleus
     monkeypatch.setattr(evaluators, "build_segmenter", lambda name, options=None: BlankEvery(5))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cellfluxrl.evaluators"):
+    with caplog.at_level(logging.WARNING, logger="cellfluxrl.rewards.evaluators"):
         reference = evaluators.fit_reference(dataset)
     warnings = [r.getMessage() for r in caplog.records if "no nucleus" in r.getMessage()]
     assert len(warnings) == 1 and "the classical segmenter found no nucleus in" in warnings[0], warnings
@@ -152,7 +152,7 @@ def test_fit_reference_warns_when_images_have_no_nucleus(small, monkeypatch, cap
 
 
 def test_loading_a_degenerate_reference_is_refused(tmp_path):
-    from cellfluxrl.evaluators import REFERENCE_FORMAT, load_evaluators
+    from cellfluxrl.rewards.evaluators import REFERENCE_FORMAT, load_evaluators
 
     (tmp_path / "evaluators").mkdir()
     reference = {"format": REFERENCE_FORMAT, "segmenter": {"name": "cellpose", "options": {},
@@ -167,7 +167,7 @@ def test_loading_a_degenerate_reference_is_refused(tmp_path):
 def test_prepare_refuses_then_resumes_with_a_working_segmenter(tmp_path, capsys, monkeypatch, fast_classifier):
     """The CLI: one line naming MoA, statistic and segmenter, exit 1, no reference; the same command
     with a segmenter that works resumes the folder (images kept) and fits the evaluators."""
-    from cellfluxrl import evaluators
+    from cellfluxrl.rewards import evaluators
 
     out = str(tmp_path / "ds")
     with monkeypatch.context() as patch:
@@ -185,7 +185,7 @@ def test_prepare_refuses_then_resumes_with_a_working_segmenter(tmp_path, capsys,
 
 
 def test_rewards_fit_refuses_a_segmenter_that_finds_nothing(small, capsys, monkeypatch):
-    from cellfluxrl import evaluators
+    from cellfluxrl.rewards import evaluators
 
     monkeypatch.setattr(evaluators, "build_segmenter", lambda name, options=None: EmptySegmenter())
     code, _, err = run_main(capsys, "rewards", "fit", str(small))
@@ -199,7 +199,7 @@ def test_evaluate_warns_about_a_column_without_nuclei(small, caplog):
 
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, real_images
-    from cellfluxrl.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators import fit_evaluators
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
 
     fit_evaluators(small, seed=0, classifier_epochs=1, progress=False)

@@ -12,9 +12,9 @@ import torch
 
 from cellfluxrl.data.layout import load_dataset
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.evaluators import fit_classifier, fit_reference, moa_index
+from cellfluxrl.rewards.evaluators import fit_classifier, fit_reference, moa_index
 from cellfluxrl.images import to_model
-from cellfluxrl.morphology import measure
+from cellfluxrl.rewards.morphology import measure
 from cellfluxrl.rewards import RewardBatch, RewardSuite, parse_weights
 from cellfluxrl.rewards.builtin import Z_MAX, zscore_reward
 

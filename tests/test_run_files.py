@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cellfluxrl.checkpoint import read_run_config, save_checkpoint, trained_on_problem, truncate_stats
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.pretrain import train
+from cellfluxrl.model.pretrain import train
 from test_cli import assert_one_line_error, run_main
 from test_pretrain import MICRO, make_toy_dataset, quick_cfg  # shared toy data (tests/ is on sys.path)
 
@@ -35,12 +35,12 @@ def _mode(path) -> int:
 # ---------------------------------------------------------------------------------------------- 5a
 
 def _never_sample(monkeypatch):
-    import cellfluxrl.generate
+    import cellfluxrl.model.generate
 
     def fail(*args, **kwargs):
         raise AssertionError("sampled before checking --out")
 
-    monkeypatch.setattr(cellfluxrl.generate, "sample_pairs", fail)
+    monkeypatch.setattr(cellfluxrl.model.generate, "sample_pairs", fail)
 
 
 def test_sample_into_a_path_under_a_file_fails_before_generating(toy_run, tmp_path, capsys, monkeypatch):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from cellfluxrl.checkpoint import load_run
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.generate import best_of, sample_pairs, test_pairs
-from cellfluxrl.pretrain import train
+from cellfluxrl.model.generate import best_of, sample_pairs, test_pairs
+from cellfluxrl.model.pretrain import train
 from test_pretrain import MICRO, make_toy_dataset, quick_cfg  # shared toy data (tests/ is on sys.path)
 
 

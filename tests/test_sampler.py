@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from cellfluxrl.generate import generate, guided_velocity
-from cellfluxrl.losses import fm_loss
-from cellfluxrl.path import (add_source_noise, interpolate, sample_t_skewed, sample_t_uniform, skewed_t_density_mean,
-                             target_velocity)
-from cellfluxrl.sampler import euler_sample, heun_sample, time_grid
-from cellfluxrl.unet import UNetConfig, VelocityUNet
+from cellfluxrl.model.generate import generate, guided_velocity
+from cellfluxrl.model.losses import fm_loss
+from cellfluxrl.model.path import (add_source_noise, interpolate, sample_t_skewed, sample_t_uniform,
+                                   skewed_t_density_mean, target_velocity)
+from cellfluxrl.model.sampler import euler_sample, heun_sample, time_grid
+from cellfluxrl.model.unet import UNetConfig, VelocityUNet
 
 MICRO = UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
 

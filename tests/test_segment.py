@@ -13,8 +13,9 @@ import torch
 
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.images import to_model
-from cellfluxrl.morphology import measure
-from cellfluxrl.segment import make_segmenter, segmentation_accuracy
+from cellfluxrl.rewards.morphology import measure
+from cellfluxrl.rewards.segmentation.accuracy import segmentation_accuracy
+from cellfluxrl.rewards.segmentation.base import make_segmenter
 
 REAL_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real", "ExampleHuman")
 
@@ -164,7 +165,7 @@ def test_real_dense_field_gives_one_cell_per_nucleus():
 
 
 def test_fragments_share_a_cell_but_whole_nuclei_do_not():
-    from cellfluxrl.cell_seeds import group_nuclei
+    from cellfluxrl.rewards.segmentation.cell_seeds import group_nuclei
 
     def image(nuclei_discs, cells_discs, size=96):
         """One model-space image of DNA discs (cy, cx, r) inside cytoplasm discs; nucleus gt."""
@@ -244,7 +245,7 @@ def test_settings_and_errors():
 def random_cellpose_file(tmp_path_factory):
     """A randomly initialised Cellpose 3 network saved to a file (stands in for trained weights)."""
     models = pytest.importorskip("cellpose.models")
-    from cellfluxrl.segment_cellpose import cellpose_version
+    from cellfluxrl.rewards.segmentation.cellpose_backend import cellpose_version
 
     if cellpose_version()[0] != 3:
         pytest.skip("needs Cellpose 3.x")
@@ -278,7 +279,7 @@ def test_cellpose_missing_models_are_one_line_errors(tmp_path, monkeypatch):
 
 
 def test_cellpose_names_resolve_to_cached_files(tmp_path, monkeypatch, random_cellpose_file):
-    from cellfluxrl.segment_cellpose import resolve_model
+    from cellfluxrl.rewards.segmentation.cellpose_backend import resolve_model
 
     monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path))
     (tmp_path / "nucleitorch_0").write_bytes(random_cellpose_file.read_bytes())
@@ -294,7 +295,7 @@ def test_train_cellpose_tiny_run(tmp_path):
     """About 2 minutes on 2 busy CPU cores: 8 crops x 1 epoch, then the model loads and runs."""
     pytest.importorskip("cellpose")
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.segment_cellpose import train_cellpose
+    from cellfluxrl.rewards.segmentation.cellpose_backend import train_cellpose
 
     dataset = prepare_synthetic(tmp_path / "ds", n_images=120, seed=0, n_plates=2, progress=False)
     path = train_cellpose(dataset, tmp_path / "models", target="nuclei", n_images=8, n_epochs=1, seed=0)

@@ -1,1 +1,6 @@
-"""Thin click commands: parse options, build a config, call one library function."""
+"""Thin click commands: parse options, build a config, call one library function.
+
+The top layer with ``cellfluxrl.cli`` (which imports a command only when it runs): it may import
+every part (data, model, rewards, rl, evaluation, plumbing); nothing imports it but the CLI. A
+module imports its libraries inside the command function, so ``cellfluxrl --help`` loads no torch.
+"""

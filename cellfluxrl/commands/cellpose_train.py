@@ -27,7 +27,7 @@ def cellpose_model(dataset, out, target, n_images, epochs, seed, batch_size, gpu
     On a 2-core CPU, 256 crops x 100 epochs take roughly 5-8 hours per model (96 crops x 15 epochs:
     27 min, nucleus AP@0.5 0.92 on synthetic crops); a GPU takes minutes.
     """
-    from cellfluxrl.segment_cellpose import train_cellpose
+    from cellfluxrl.rewards.segmentation.cellpose_backend import train_cellpose
 
     targets = ("nuclei", "cyto") if target == "both" else (target,)
     for t in targets:

@@ -38,8 +38,8 @@ def _resume(out: Path, source: str, section: str, settings: dict, segmenter: str
     what is left to do on stderr. A dataset or evaluator made with other settings is refused (one
     line naming the setting)."""
     from cellfluxrl.data.layout import resume_dataset
-    from cellfluxrl.evaluators import segmenter_options
-    from cellfluxrl.evaluators_resume import evaluators_to_fit
+    from cellfluxrl.rewards.evaluators import segmenter_options
+    from cellfluxrl.rewards.evaluators_resume import evaluators_to_fit
 
     if not resume_dataset(out, source, section, settings):
         return False
@@ -57,7 +57,7 @@ def _finish(out: Path, segmenter: str, cellpose_model: str | None, no_evaluators
 
     evaluators = None
     if not no_evaluators:
-        from cellfluxrl.evaluators import fit_evaluators
+        from cellfluxrl.rewards.evaluators import fit_evaluators
 
         evaluators = fit_evaluators(out, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed, resume=True)
     click.echo(summarize(load_dataset(out), evaluators))
@@ -135,7 +135,7 @@ def prepare_bbbc021_command(out, impa, raw, pixel_size, scale, seed, embeddings,
     if impa is not None and (pixel_size is not None or scale is not None):
         raise CellfluxError("--pixel-size and --scale apply to --raw only (IMPA crops are already cut)")
     from cellfluxrl.data import bbbc021
-    from cellfluxrl.data.raw_fields import field_scale
+    from cellfluxrl.data.bbbc021.fields import field_scale
 
     factor = field_scale(pixel_size, scale)  # a bad value fails here, before anything is read
 

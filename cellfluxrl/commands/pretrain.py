@@ -12,7 +12,7 @@ def resolve_config(config_file: Path | None, **options):
     """Defaults -> TOML file (``[unet]`` table allowed) -> CLI options; returns ``(PretrainConfig, UNetConfig)``."""
     from cellfluxrl.config import PretrainConfig, load_toml_overrides, replace_validated
     from cellfluxrl.errors import CellfluxError
-    from cellfluxrl.unet import PRESETS, UNetConfig
+    from cellfluxrl.model.unet import PRESETS, UNetConfig
 
     cfg, unet_over = PretrainConfig(), {}
     if config_file is not None:
@@ -32,10 +32,10 @@ def model_line(info: dict, unet, cfg) -> str:
     """What is about to be trained, before the first (possibly very long) step: size, preset, device.
 
     Args:
-        info: what :func:`cellfluxrl.pretrain.train` reports before its first step (``parameters``,
+        info: what :func:`cellfluxrl.model.pretrain.train` reports before its first step (``parameters``,
             ``device``, ``start``).
     """
-    from cellfluxrl.unet import PRESETS
+    from cellfluxrl.model.unet import PRESETS
 
     preset = cfg.preset if PRESETS.get(cfg.preset) == unet else "custom"
     cpu = info["device"] == "cpu"
@@ -93,7 +93,7 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
       cellfluxrl pretrain data/synth runs/base --preset tiny --steps 2000 --batch-size 16
     """
     from cellfluxrl.distributed import cleanup, init_distributed
-    from cellfluxrl.pretrain import train
+    from cellfluxrl.model.pretrain import train
     from cellfluxrl.progress import progress
 
     cfg, unet = resolve_config(config_file, preset=preset, steps=steps, batch_size=batch_size,

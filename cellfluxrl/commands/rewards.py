@@ -58,7 +58,7 @@ def check_all(infos: dict, dataset: Path | None) -> tuple[int, int]:
     from cellfluxrl.rewards.registry import NoEvaluators, check_reward
 
     if dataset is not None:
-        from cellfluxrl.evaluators import load_evaluators
+        from cellfluxrl.rewards.evaluators import load_evaluators
 
         context = RewardContext(load_evaluators(str(dataset)), "cpu")
     else:
@@ -92,7 +92,7 @@ def fit(dataset: Path, segmenter: str, cellpose_model: str | None, seed: int, ep
     """
     import torch
 
-    from cellfluxrl.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators import fit_evaluators
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = fit_evaluators(dataset, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed, progress=True,

@@ -105,7 +105,7 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     from cellfluxrl.checkpoint import load_run, resolve_sampling
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.distributed import resolve_device
-    from cellfluxrl.generate import sample_pairs, test_pairs
+    from cellfluxrl.model.generate import sample_pairs, test_pairs
     from cellfluxrl.progress import progress
 
     if Path(out).suffix != ".npz":  # FILE.png is written beside it: another suffix would be overwritten

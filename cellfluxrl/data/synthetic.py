@@ -51,7 +51,7 @@ Plates (batches ``Plate1..PlateK``): per plate and channel a gain in [0.7, 1.3] 
 per-image gain jitter (4 %) and pixel noise (sd 2-4 grey levels, plus 1 % of the signal).
 
 Randomness: crop ``i`` of a dataset depends only on ``(seed, i)`` (a counter-based hash, see
-:mod:`cellfluxrl.data._render`), so the output is identical whatever the chunking or thread count.
+:mod:`cellfluxrl.data.simulator`), so the output is identical whatever the chunking or thread count.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellfluxrl.data import _render as R
+from cellfluxrl.data.simulator import columns as R
+from cellfluxrl.data.simulator.paint import crop_seeds_for, render_crops
 from cellfluxrl.data.compounds import CONTROL, MOAS, bbbc021_compounds
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.images import CHANNELS_BBBC021
@@ -210,7 +211,7 @@ def render(crop_seeds: np.ndarray, sigs: np.ndarray, plates: np.ndarray,
     nuclei = np.empty((n, size, size), dtype=np.int32)
     cells = np.empty((n, size, size), dtype=np.int32)
     if n:
-        R.render_crops(np.ascontiguousarray(crop_seeds, dtype=np.uint64),
+        render_crops(np.ascontiguousarray(crop_seeds, dtype=np.uint64),
                        np.ascontiguousarray(sigs, dtype=np.float64),
                        np.ascontiguousarray(plates, dtype=np.float64), int(size), images, nuclei, cells)
     return images, nuclei, cells
@@ -248,7 +249,7 @@ def synthetic_batch(n: int, moa: str = "DMSO", seed: int = 0, size: int = 96, do
         raise CellfluxError(f"synthetic_batch needs n >= 0 and size >= 16, got n={n}, size={size}")
     sig = _scaled_signature(signature_vector(moa, dose), size)
     stream = int.from_bytes(hashlib.sha256(f"{seed}:{moa}:{dose}:{plate}".encode()).digest()[:8], "little")
-    seeds = R.crop_seeds_for(np.uint64(stream), 0, n)
+    seeds = crop_seeds_for(np.uint64(stream), 0, n)
     sigs = np.broadcast_to(sig, (n, R.N_PARAMS))
     plates = np.broadcast_to(plate_vector(seed, plate), (n, R.N_PLATE))
     return render(seeds, sigs, plates, size)
@@ -376,7 +377,7 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
             sig_table[j, k] = _scaled_signature(signature_vector(c.moa, strength, scale), size)
     plate_table = np.stack([plate_vector(seed, p) for p in range(n_plates)])
     dose_col = np.maximum(rows["dose"], 0)
-    seeds = R.crop_seeds_for(np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), 0, n_images)
+    seeds = crop_seeds_for(np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), 0, n_images)
 
     from cellfluxrl.progress import progress as progress_bar
 

@@ -40,7 +40,7 @@ class RewardBatch:
         moa_index: int64 ``(B,)`` index of the MoA in :data:`cellfluxrl.data.compounds.MOAS`, -1 for DMSO.
         nuclei: int32 ``(B, H, W)`` nucleus labels (0 = background), from the suite's segmenter.
         cells: int32 ``(B, H, W)`` whole-cell labels.
-        stats: :func:`cellfluxrl.morphology.measure` of (nuclei, cells): float64 ``(B,)`` per key
+        stats: :func:`cellfluxrl.rewards.morphology.measure` of (nuclei, cells): float64 ``(B,)`` per key
             (nuc_count, cyto_count, nuc_size, cyto_size, roundness, nuc_in_cyto).
         device: torch device a reward may run models on (``"cpu"``, ``"cuda"``).
     """
@@ -69,7 +69,7 @@ class RewardContext:
     """What a reward factory gets: the dataset's evaluators and the device.
 
     Attributes:
-        evaluators: the dataset's :class:`cellfluxrl.evaluators.Evaluators` (reference statistics,
+        evaluators: the dataset's :class:`cellfluxrl.rewards.evaluators.Evaluators` (reference statistics,
             MoA classifier, segmenter settings).
         device: torch device for models (``"cpu"``, ``"cuda"``).
     """
@@ -82,7 +82,7 @@ class RewardContext:
         return self.evaluators.reference_arrays(stat)
 
     def moa_classifier(self):
-        """The dataset's MoA classifier (:class:`cellfluxrl.moa_classifier.MoAClassifier`), eval mode."""
+        """The dataset's MoA classifier (:class:`cellfluxrl.rewards.moa_classifier.MoAClassifier`), eval mode."""
         return self.evaluators.moa_classifier(self.device)
 
 
@@ -126,7 +126,7 @@ class RewardSuite:
     :meth:`submit` serialises work on its single background worker.
 
     Args:
-        evaluators: the dataset's :class:`~cellfluxrl.evaluators.Evaluators`.
+        evaluators: the dataset's :class:`~cellfluxrl.rewards.evaluators.Evaluators`.
         weights: name -> weight (> 0; zero weights are dropped).
         segmenter: a segmenter whose settings match the evaluators' (checked by the caller).
         device: torch device for model-based rewards.
@@ -162,7 +162,7 @@ class RewardSuite:
             CellfluxError: evaluators missing (says how to fit them), segmenter settings differ from
                 the stored ones, unknown reward, or a reward that fails to load.
         """
-        from cellfluxrl.evaluators import load_evaluators
+        from cellfluxrl.rewards.evaluators import load_evaluators
 
         root = dataset.root if hasattr(dataset, "evaluators_dir") else dataset  # a loaded Dataset or a folder
         evaluators = load_evaluators(os.fspath(root))
@@ -176,8 +176,8 @@ class RewardSuite:
 
     def make_batch(self, images, moa: Sequence[str]) -> RewardBatch:
         """Segment and measure once: float ``(B, 3, H, W)`` in [-1, 1] + B MoA names -> RewardBatch."""
-        from cellfluxrl.evaluators import moa_index
-        from cellfluxrl.morphology import measure
+        from cellfluxrl.rewards.evaluators import moa_index
+        from cellfluxrl.rewards.morphology import measure
 
         x = _as_numpy_images(images)
         moa = np.asarray(list(moa) if not isinstance(moa, np.ndarray) else moa).astype(str).reshape(-1)

@@ -16,7 +16,7 @@ with plain Python types only, loadable with ``torch.load(weights_only=True)``.
 Robustness. Trained on clean crops only, the CNN reads pixel texture: a 0.75 px blur or a 2x
 down/up-sampling of real test crops took its accuracy from 0.99 to about 0.4, so sampler artefacts
 of generated images, not their morphology, decided the MoA reward. Training therefore degrades
-each batch at random (:func:`cellfluxrl.degradations.random_degradation`: blur up to 1.2 px,
+each batch at random (:func:`cellfluxrl.rewards.degradations.random_degradation`: blur up to 1.2 px,
 down/up-sampling by 1.5/2/3, pixel noise, gain/contrast jitter), and :func:`robustness_report`
 measures accuracy under the fixed degradations of ``ROBUSTNESS_CONDITIONS``
 (``benchmarks/classifier_robustness.py`` prints the table).
@@ -38,7 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from cellfluxrl.data.compounds import MOAS
-from cellfluxrl.degradations import DEFAULT_DEGRADATION, ROBUSTNESS_CONDITIONS, DegradationConfig, random_degradation
+from cellfluxrl.rewards.degradations import (DEFAULT_DEGRADATION, ROBUSTNESS_CONDITIONS, DegradationConfig,
+                                             random_degradation)
 from cellfluxrl.data.layout import follow_umask
 from cellfluxrl.errors import CellfluxError
 
@@ -177,7 +178,7 @@ def accuracy_report(model: MoAClassifier, images_uint8: np.ndarray, labels: np.n
 
 def robustness_report(model: MoAClassifier, images_uint8: np.ndarray, labels: np.ndarray,
                       batch_size: int = 512, seed: int = 0) -> dict[str, float]:
-    """Top-1 accuracy under each fixed degradation of :data:`~cellfluxrl.degradations.ROBUSTNESS_CONDITIONS`.
+    """Top-1 accuracy under each fixed degradation of :data:`~cellfluxrl.rewards.degradations.ROBUSTNESS_CONDITIONS`.
 
     Args:
         model: the classifier (evaluated in eval mode; its mode is restored).
@@ -229,7 +230,7 @@ def train_moa_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int 
         seed: seed of all randomness.
         device: ``"cpu"`` or ``"cuda[:k]"``.
         progress: draw a tqdm bar (commands only).
-        degrade: also apply :func:`~cellfluxrl.degradations.random_degradation` (blur, down/up-sampling,
+        degrade: also apply :func:`~cellfluxrl.rewards.degradations.random_degradation` (blur, down/up-sampling,
             pixel noise, gain/contrast jitter, per image) to every training batch, so the classifier
             reads morphology rather than the pixel texture a generator may not reproduce.
         degradation: the probabilities and ranges of those degradations.

@@ -30,15 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellfluxrl import __version__, losses
+from cellfluxrl import __version__
+from cellfluxrl.model import losses
 from cellfluxrl.checkpoint import (CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME, Sampling, load_cellflux_weights,
                                    load_checkpoint, load_state_strict, save_checkpoint, truncate_stats)
 from cellfluxrl.config import PretrainConfig, config_to_dict, dump_json
 from cellfluxrl.distributed import DistInfo, all_reduce_sum, barrier
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.generate import autocast_for
-from cellfluxrl.path import add_source_noise, interpolate, sample_t_skewed, sample_t_uniform
-from cellfluxrl.unet import PRESETS, UNetConfig, VelocityUNet, count_parameters
+from cellfluxrl.model.generate import autocast_for
+from cellfluxrl.model.path import add_source_noise, interpolate, sample_t_skewed, sample_t_uniform
+from cellfluxrl.model.unet import PRESETS, UNetConfig, VelocityUNet, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def fm_batch_loss(net: nn.Module, batch: dict, embeddings: torch.Tensor, cfg: Pr
     fixed order, so the draws do not depend on the device.
 
     Returns:
-        scalar float32 loss (mean over the batch of :func:`cellfluxrl.losses.fm_loss`).
+        scalar float32 loss (mean over the batch of :func:`cellfluxrl.model.losses.fm_loss`).
     """
     x_0 = batch["x_0"].to(device, non_blocking=True)
     x_1 = batch["x_1"].to(device, non_blocking=True)

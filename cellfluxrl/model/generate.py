@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.path import add_source_noise
-from cellfluxrl.sampler import solve, time_grid
-from cellfluxrl.unet import VelocityUNet
+from cellfluxrl.model.path import add_source_noise
+from cellfluxrl.model.sampler import solve, time_grid
+from cellfluxrl.model.unet import VelocityUNet
 
 
 def unwrap(net: nn.Module) -> nn.Module:

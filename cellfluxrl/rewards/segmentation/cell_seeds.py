@@ -1,6 +1,6 @@
 """Cell seeds from nuclei: which nuclei share one cell (numba, one image at a time).
 
-Used by the classical segmenter (:mod:`cellfluxrl.segment`). A nucleus seeds its own cell unless
+Used by the classical segmenter (:mod:`cellfluxrl.rewards.segmentation.classical`). A nucleus seeds its own cell unless
 it is a *fragment*: nuclei smaller than ``fragment_area`` px (micronuclei, the pieces of a
 fragmented or mitotic nucleus) join the nearest group within ``gap`` px. Two groups that each hold
 a whole nucleus (area >= ``fragment_area``) are never joined, so on dense tissue, where whole
@@ -103,3 +103,32 @@ def group_nuclei(labels, k, gap, fragment_area):
     for i in range(1, k + 1):
         parent[i] = _root(parent, i)
     return parent
+
+
+@nb.njit(cache=True, nogil=True)
+def any_close_pair(labels, k, gap):
+    """Whether two of the objects 1..k have bounding boxes within ``gap`` px (chessboard) of each
+    other (a cheap, conservative test for "some pair of objects is that close")."""
+    if k < 2 or gap <= 0:
+        return False
+    H, W = labels.shape
+    y0 = np.full(k + 1, H, np.int64)
+    y1 = np.full(k + 1, -1, np.int64)
+    x0 = np.full(k + 1, W, np.int64)
+    x1 = np.full(k + 1, -1, np.int64)
+    for y in range(H):
+        for x in range(W):
+            L = labels[y, x]
+            if L != 0:
+                y0[L] = min(y0[L], y)
+                y1[L] = max(y1[L], y)
+                x0[L] = min(x0[L], x)
+                x1[L] = max(x1[L], x)
+    for a in range(1, k + 1):
+        for b in range(a + 1, k + 1):
+            gap_y = max(y0[b] - y1[a], y0[a] - y1[b]) - 1
+            gap_x = max(x0[b] - x1[a], x0[a] - x1[b]) - 1
+            if max(gap_y, gap_x) <= gap:
+                return True
+    return False
+

@@ -1,7 +1,7 @@
 """Resuming the evaluators of a dataset: which fitted files can be kept, which must be fitted.
 
 ``prepare`` run again on a folder it already wrote (same settings) calls
-:func:`cellfluxrl.evaluators.fit_evaluators` with ``resume=True``: every evaluator file that exists
+:func:`cellfluxrl.rewards.evaluators.fit_evaluators` with ``resume=True``: every evaluator file that exists
 and was fitted with the requested settings is kept, every missing one is fitted. The files are
 written atomically (temp file + rename), so one that exists is complete; a kill loses at most the
 file being fitted. A file fitted with *other* settings (another segmenter, another seed) is
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.refstats import check_reference
+from cellfluxrl.rewards.refstats import check_reference
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ def evaluators_to_fit(folder: Path, segmenter: str, options: Mapping[str, Any], 
     Raises:
         CellfluxError: a file fitted with other settings, or a degenerate stored reference.
     """
-    from cellfluxrl.evaluators import (CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, JUDGE_SEED_OFFSET,
-                                       REFERENCE_FILE, REFERENCE_FORMAT)
-    from cellfluxrl.moa_classifier import FORMAT
+    from cellfluxrl.rewards.evaluators import (CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, JUDGE_SEED_OFFSET,
+                                               REFERENCE_FILE, REFERENCE_FORMAT)
+    from cellfluxrl.rewards.moa_classifier import FORMAT
 
     folder = Path(folder)
     todo = [] if stored_reference(folder / REFERENCE_FILE, segmenter, options, REFERENCE_FORMAT) else [REFERENCE_FILE]
@@ -66,7 +66,7 @@ def stored_reference(path: Path, segmenter: str, options: Mapping[str, Any], fmt
 
     Raises:
         CellfluxError: the file was measured with another segmenter or other options (naming both),
-            or is degenerate (:func:`cellfluxrl.refstats.check_reference`).
+            or is degenerate (:func:`cellfluxrl.rewards.refstats.check_reference`).
     """
     if not path.is_file():
         return None
@@ -97,7 +97,7 @@ def stored_classifier_report(path: Path, seed: int, epochs: int | None, fmt: str
         path: ``moa_classifier.pt`` or ``judge.pt``.
         seed: the requested ``--seed`` (the dataset's classifier seed).
         epochs: the requested epochs (``None``: any, the default is derived from the data size).
-        fmt: the checkpoint format string of :mod:`cellfluxrl.moa_classifier`.
+        fmt: the checkpoint format string of :mod:`cellfluxrl.rewards.moa_classifier`.
         seed_offset: added to ``seed`` for this classifier (the judge's own seed is ``seed + 1000``).
 
     Returns:

@@ -1,5 +1,8 @@
 """The Cellpose segmentation backend, and offline training of a small Cellpose model.
 
+It follows the contract of :mod:`cellfluxrl.rewards.segmentation.base` (which imports this module
+only when ``make_segmenter("cellpose")`` is called).
+
 Nothing here ever downloads: a model given by name is used only when its weights are already in
 Cellpose's model folder (``$CELLPOSE_LOCAL_MODELS_PATH`` or ``~/.cellpose/models``), and the file
 is resolved to a full path *before* Cellpose sees it (Cellpose itself falls back to downloading
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.rewards.segmentation.base import check_images
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +214,6 @@ class CellposeSegmenter:
 
     def segment(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 ``(B, 3, H, W)`` in [-1, 1] (actin, tubulin, DNA) -> int32 (nuclei, cells) ``(B, H, W)``."""
-        from cellfluxrl.segment import check_images
-
         images = check_images(images)
         if images.shape[0] == 0:
             empty = np.zeros((0, *images.shape[2:]), np.int32)

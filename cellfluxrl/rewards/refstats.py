@@ -44,7 +44,7 @@ def measure_images(images_uint8: np.ndarray, segmenter, batch_size: int = SEGMEN
                    progress: bool = False, desc: str = "segment") -> dict[str, np.ndarray]:
     """Segment uint8 ``(N, H, W, C)`` images and measure them: dict of float64 ``(N,)`` per stat."""
     from cellfluxrl.images import to_model
-    from cellfluxrl.morphology import measure
+    from cellfluxrl.rewards.morphology import measure
 
     n = images_uint8.shape[0]
     out = {k: np.zeros(n, dtype=np.float64) for k in STATS}

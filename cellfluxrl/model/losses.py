@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cellfluxrl.path import target_velocity
+from cellfluxrl.model.path import target_velocity
 
 
 def fm_loss(v_pred: torch.Tensor, x_0: torch.Tensor, x_1: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ in-distribution compounds only (CellFlux's OOD compounds are held out)::
 
     DATASET/evaluators/
       reference_stats.json   per MoA (the 12 MoAs and DMSO): n, mean and std of the six
-                             morphology statistics (cellfluxrl.morphology.measure) of the segmented
+                             morphology statistics (cellfluxrl.rewards.morphology.measure) of the segmented
                              train images, plus the segmenter name, options and settings
       moa_classifier.pt      the reward's MoA CNN: {"format", "state_dict", "config", "info"} (weights_only)
       judge.pt               the judge: an MoA CNN fitted independently (its own seed, wider stages,
@@ -19,8 +19,8 @@ in-distribution compounds only (CellFlux's OOD compounds are held out)::
 The rewards compare a generated image's statistic with the reference of its MoA (Eqs. 5-6), so
 the reference must be measured with the same segmenter and settings; :class:`Evaluators` records
 them and :meth:`Evaluators.check_segmenter` refuses a different one. A reference in which the
-segmenter found nothing for some MoA is refused (:mod:`cellfluxrl.refstats`). Every file is written
-atomically; ``prepare`` run again keeps those fitted with its settings (:mod:`cellfluxrl.evaluators_resume`).
+segmenter found nothing for some MoA is refused (:mod:`cellfluxrl.rewards.refstats`). Every file is written
+atomically; ``prepare`` run again keeps those fitted with its settings (:mod:`cellfluxrl.rewards.evaluators_resume`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ import numpy as np
 from cellfluxrl.data.compounds import CONTROL, MOAS
 from cellfluxrl.data.layout import follow_umask
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.evaluators_resume import stored_classifier_report, stored_reference
-from cellfluxrl.refstats import (POOLED, STATS, check_reference, empty_fraction_warning,  # noqa: F401 (re-exported)
-                                 measure_images, moa_labels, reference_statistics, segmenter_label)
+from cellfluxrl.rewards.evaluators_resume import stored_classifier_report, stored_reference
+from cellfluxrl.rewards.refstats import (POOLED, STATS, check_reference,  # noqa: F401 (re-exported)
+                                         empty_fraction_warning, measure_images, moa_labels, reference_statistics,
+                                         segmenter_label)
 
 REFERENCE_FILE = "reference_stats.json"
 CLASSIFIER_FILE = "moa_classifier.pt"
@@ -76,8 +77,8 @@ def segmenter_options(name: str, cellpose_model: str | None = None) -> dict[str,
 
 
 def build_segmenter(name: str, options: dict[str, Any] | None = None):
-    """``cellfluxrl.segment.make_segmenter(name, **options)``."""
-    from cellfluxrl.segment import make_segmenter
+    """``cellfluxrl.rewards.segmentation.base.make_segmenter(name, **options)``."""
+    from cellfluxrl.rewards.segmentation.base import make_segmenter
 
     return make_segmenter(name, **(options or {}))
 
@@ -159,7 +160,7 @@ class Evaluators:
     def moa_classifier(self, device: str = "cpu"):
         """The MoA classifier on ``device`` (loaded once per device, eval mode)."""
         if device not in self._classifiers:
-            from cellfluxrl.moa_classifier import load_moa_classifier
+            from cellfluxrl.rewards.moa_classifier import load_moa_classifier
 
             if not self.classifier_path.is_file():
                 raise CellfluxError(f"{self.classifier_path}: MoA classifier missing; {FIT_HINT}")
@@ -170,7 +171,7 @@ class Evaluators:
         """The independent judge classifier on ``device`` (loaded once per device, eval mode)."""
         key = ("judge", device)
         if key not in self._classifiers:
-            from cellfluxrl.moa_classifier import load_moa_classifier
+            from cellfluxrl.rewards.moa_classifier import load_moa_classifier
 
             if not self.judge_path.is_file():
                 raise CellfluxError(f"{self.judge_path}: judge classifier missing (evaluators fitted by an older "
@@ -234,7 +235,7 @@ def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | N
 
     Raises:
         CellfluxError: an empty train split, or a degenerate reference (a statistic 0 on every image
-            of an MoA: the segmenter found nothing; :func:`cellfluxrl.refstats.check_reference`),
+            of an MoA: the segmenter found nothing; :func:`cellfluxrl.rewards.refstats.check_reference`),
             which is then not written. More than 5 % of an MoA's images without a nucleus is a warning.
     """
     options = segmenter_options(segmenter, cellpose_model)
@@ -284,8 +285,8 @@ def _fit_one(dataset, train_idx: np.ndarray, train_labels: np.ndarray, test_idx:
              test_labels: np.ndarray, *, seed: int, epochs: int | None, widths, device: str, progress: bool,
              path: Path) -> dict:
     """Train one MoA classifier, test it (clean and degraded), save it; returns its report."""
-    from cellfluxrl.moa_classifier import (DEFAULT_WIDTHS, accuracy_report, robustness_report, save_moa_classifier,
-                                           train_moa_classifier)
+    from cellfluxrl.rewards.moa_classifier import (DEFAULT_WIDTHS, accuracy_report, robustness_report,
+                                                   save_moa_classifier, train_moa_classifier)
 
     model, info = train_moa_classifier(np.asarray(dataset.images[train_idx]), train_labels, epochs=epochs,
                                        seed=seed, device=device, progress=progress,
@@ -310,7 +311,7 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
     judge shares neither data, initialisation nor architecture with the network RL optimises.
     Both are tested on the treated in-distribution test images, clean and degraded. With
     ``resume``, a classifier file already fitted with ``seed`` is kept (its stored report reused;
-    one fitted with another seed is refused, :mod:`cellfluxrl.evaluators_resume`).
+    one fitted with another seed is refused, :mod:`cellfluxrl.rewards.evaluators_resume`).
 
     Returns:
         The report written to classifier.json: the reward classifier's figures at the top level
@@ -323,7 +324,7 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
         raise CellfluxError(f"{dataset.root}: too few treated train images to fit two MoA classifiers "
                             f"({train_idx.size} images)")
     dataset.evaluators_dir.mkdir(exist_ok=True)
-    from cellfluxrl.moa_classifier import FORMAT
+    from cellfluxrl.rewards.moa_classifier import FORMAT
 
     reports = []
     for name, half, offset, widths in ((CLASSIFIER_FILE, first, 0, None),
@@ -353,10 +354,10 @@ def fit_evaluators(dataset_dir: str | os.PathLike, segmenter: str = "classical",
         seed: seed of the classifier's initialisation, shuffling and augmentation.
         progress: draw tqdm bars (commands only).
         classifier_epochs: passes over the training images (``None``: about 300 optimizer steps,
-            see :func:`cellfluxrl.moa_classifier.default_epochs`).
+            see :func:`cellfluxrl.rewards.moa_classifier.default_epochs`).
         device: torch device for the classifier (``"cuda"`` when available is faster).
         resume: keep every evaluator file already fitted with these settings and fit only the
-            missing ones (``prepare`` run again; :mod:`cellfluxrl.evaluators_resume`); False
+            missing ones (``prepare`` run again; :mod:`cellfluxrl.rewards.evaluators_resume`); False
             refits everything (``rewards fit``).
 
     Returns:
