@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cellfluxrl import losses
 from cellfluxrl.checkpoint import load_checkpoint, load_run, save_checkpoint
 from cellfluxrl.config import PretrainConfig, load_toml_overrides, replace_validated
 from cellfluxrl.data.layout import DatasetWriter, load_dataset
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.pretrain import micro_batch, train
-from cellfluxrl.unet import UNetConfig, VelocityUNet, ours_to_cellflux_key
+from cellfluxrl.model import losses
+from cellfluxrl.model.pretrain import fm_batch_loss, micro_batch, train
+from cellfluxrl.model.unet import UNetConfig, VelocityUNet, ours_to_cellflux_key
 
 # A very small network so that CPU tests take seconds.
 MICRO = UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(),
@@ -111,6 +111,57 @@ def test_micro_batches_cover_each_epoch_once_per_rank():
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+
+class FlipRecorder(torch.nn.Module):
+    """Stands in for the UNet: records, per call, whether source noise reached ``x_t`` (the batch is
+    all zeros, so ``x_t != 0`` only with noise) and which samples kept their condition."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise, self.keep = [], []
+
+    def forward(self, x_t, t, cond, cond_keep=None):
+        self.noise.append((x_t.flatten(1) != 0).any(dim=1))
+        self.keep.append(cond_keep.clone())
+        return torch.zeros_like(x_t)
+
+
+def draw_flips(n_batches: int, seed: int, batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``(noise, dropped)``: bool ``(n_batches, batch_size)`` of the coin flips of ``fm_batch_loss``."""
+    net, cfg = FlipRecorder(), PretrainConfig()
+    batch = {"x_0": torch.zeros(batch_size, 3, 2, 2), "x_1": torch.zeros(batch_size, 3, 2, 2),
+             "cond": torch.zeros(batch_size, dtype=torch.long)}
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        fm_batch_loss(net, batch, torch.ones(1, 4), cfg, generator, torch.device("cpu"))
+    return torch.stack(net.noise).numpy(), (torch.stack(net.keep) == 0).numpy()
+
+
+def test_pretraining_coin_flips_have_cellflux_rates_per_batch_and_are_independent():
+    """Source noise with probability 0.5 and condition dropout with probability 0.2 (CellFlux's
+    settings), each flipped once per micro-batch (every sample of a batch shares it), independently
+    of each other, from the step's generator only: checked against binomial error bars."""
+    cfg, n = PretrainConfig(), 3000
+    assert (cfg.noise_prob, cfg.cond_drop_prob) == (0.5, 0.2)
+    noise, dropped = draw_flips(n, seed=0)
+    assert (noise == noise[:, :1]).all() and (dropped == dropped[:, :1]).all()  # one flip per batch
+    noise, dropped = noise[:, 0], dropped[:, 0]
+
+    def within(observed: float, p: float, count: int, z: float = 4.5) -> bool:
+        return abs(observed - p) < z * np.sqrt(p * (1 - p) / count)
+
+    assert within(noise.mean(), 0.5, n), noise.mean()
+    assert within(dropped.mean(), 0.2, n), dropped.mean()
+    assert within((noise & dropped).mean(), 0.1, n), (noise & dropped).mean()  # independent: 0.5 x 0.2
+    for given in (noise, ~noise):  # the dropout rate does not depend on the noise flip
+        assert within(dropped[given].mean(), 0.2, int(given.sum())), dropped[given].mean()
+    # The flips come from the generator alone: the global RNG does not change them, the seed does.
+    torch.manual_seed(123)
+    again = draw_flips(200, seed=0)
+    torch.manual_seed(456)
+    assert all((a == b).all() for a, b in zip(again, draw_flips(200, seed=0)))
+    assert not (draw_flips(200, seed=1)[0] == again[0]).all()
+
 
 def test_checkpoint_round_trip_weights_only(toy, tmp_path):
     result = train(toy.root, tmp_path / "run", quick_cfg(steps=2), unet=MICRO)
@@ -239,7 +290,7 @@ def test_learned_model_moves_nucleus_size_towards_the_moa(tmp_path):
 
     About 20 s on a quiet 2-core CPU (one thread).
     """
-    from cellfluxrl.generate import sample_pairs, test_pairs
+    from cellfluxrl.model.generate import sample_pairs, test_pairs
 
     ds = make_toy_dataset(tmp_path / "ds", size=16, n_train=48, n_test=16)
     cfg = quick_cfg(steps=300, batch_size=16, ckpt_every=300, log_every=50, lr=1e-3, flip_p=0.0)

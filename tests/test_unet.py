@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.unet import (PRESETS, UNetConfig, VelocityUNet, build_unet, cellflux_key_to_ours, count_parameters,
-                             map_cellflux_state_dict, ours_to_cellflux_key, timestep_embedding)
+from cellfluxrl.model.unet import (PRESETS, UNetConfig, VelocityUNet, build_unet, cellflux_key_to_ours,
+                                   count_parameters, map_cellflux_state_dict, ours_to_cellflux_key, timestep_embedding)
 
 MICRO = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), dropout=0.0)
 
@@ -104,3 +104,36 @@ def test_cellflux_names_map_to_ours():
     assert set(map_cellflux_state_dict(theirs)) == set(ours)
     with pytest.raises(CellfluxError, match="unknown CellFlux UNet parameter 'label_emb.weight'"):
         map_cellflux_state_dict({"label_emb.weight": torch.zeros(1)})
+
+
+def _reference_state_dict() -> dict[str, tuple[int, ...]]:
+    """CellFlux's BBBC021 UNet state dict as listed in tests/data (names and shapes from their code)."""
+    from pathlib import Path
+
+    shapes = {}
+    for line in (Path(__file__).parent / "data" / "cellflux-bbbc021-state-dict.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, shape = line.split(" ", 1)
+            shapes[name] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    return shapes
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."])
+def test_cellflux_checkpoint_maps_onto_the_paper_preset_exactly(prefix):
+    """Every tensor of CellFlux's own BBBC021 UNet (392, read from their code, not from ours) maps
+    through the import mapping to a tensor of the ``paper`` preset with the same shape, and every
+    tensor of the preset is covered: a CellFlux checkpoint loads strictly."""
+    reference = _reference_state_dict()
+    assert len(reference) == 392
+    assert sum(int(torch.Size(s).numel()) for s in reference.values()) == 56_201_219  # the file's own header
+    with torch.device("meta"):
+        net = build_unet("paper", condition_dim=1024)
+        theirs = {prefix + name: torch.empty(shape) for name, shape in reference.items()}
+    mapped = map_cellflux_state_dict(theirs)
+    assert len(mapped) == len(theirs)  # no two of their names land on one of ours
+    ours = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    assert set(mapped) - set(ours) == set(), "mapped to names the model does not have"
+    assert set(ours) - set(mapped) == set(), "model tensors no CellFlux tensor fills"
+    mismatched = {k: (tuple(v.shape), ours[k]) for k, v in mapped.items() if tuple(v.shape) != ours[k]}
+    assert not mismatched
+    assert {name for name, _ in net.named_parameters()} <= set(mapped)  # every parameter is covered
