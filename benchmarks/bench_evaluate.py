@@ -23,7 +23,7 @@ def covariances():
 
 
 def test_frechet_distance_2048(benchmark, covariances):
-    from cellfluxrl.metrics import frechet_distance
+    from cellfluxrl.evaluation.metrics import frechet_distance
 
     mu1, c1, mu2, c2, _, _ = covariances
     value = benchmark(frechet_distance, mu1, c1, mu2, c2)
@@ -31,7 +31,7 @@ def test_frechet_distance_2048(benchmark, covariances):
 
 
 def test_running_stats_update_2048(benchmark, covariances):
-    from cellfluxrl.metrics import RunningStats
+    from cellfluxrl.evaluation.metrics import RunningStats
 
     x = covariances[4][:256]
     stats = RunningStats(2048)
@@ -40,7 +40,7 @@ def test_running_stats_update_2048(benchmark, covariances):
 
 
 def test_kid_100_subsets_of_100_2048(benchmark, covariances):
-    from cellfluxrl.metrics import kid
+    from cellfluxrl.evaluation.metrics import kid
 
     x, y = covariances[4][:1000], covariances[5][:1000]
     mean, _ = benchmark.pedantic(kid, args=(x, y), kwargs={"subset_size": 100, "n_subsets": 100}, rounds=3)
@@ -51,8 +51,8 @@ def test_kid_100_subsets_of_100_2048(benchmark, covariances):
 def bench_setup(tmp_path_factory):
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.evaluators import fit_evaluators
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+    from cellfluxrl.rewards.evaluators import fit_evaluators
 
     root = tmp_path_factory.mktemp("bench") / "data"
     prepare_synthetic(root, n_images=400, seed=0, size=96, n_plates=2, progress=False)
@@ -63,7 +63,8 @@ def bench_setup(tmp_path_factory):
 
 
 def _throughput(benchmark, bench_setup, make_source, k: int, n_pairs: int = 16):
-    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs
+    from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS
 
     dataset, suite, (classifier, judge) = bench_setup
@@ -85,7 +86,7 @@ def _throughput(benchmark, bench_setup, make_source, k: int, n_pairs: int = 16):
 
 def test_evaluate_throughput_rewards_and_features_only(benchmark, bench_setup):
     """Candidates that cost nothing to make: the rewards + MoA features + bookkeeping part."""
-    from cellfluxrl.evaluate import real_images
+    from cellfluxrl.evaluation.candidates import real_images
 
     def make_source(dataset, pairs):
         return lambda pos, k: real_images(dataset, pairs, pos).flip(-1)
@@ -94,8 +95,8 @@ def test_evaluate_throughput_rewards_and_features_only(benchmark, bench_setup):
 
 
 def test_evaluate_throughput_tiny_unet_5_steps(benchmark, bench_setup):
-    from cellfluxrl.evaluate import run_candidates
-    from cellfluxrl.unet import build_unet
+    from cellfluxrl.evaluation.candidates import run_candidates
+    from cellfluxrl.model.unet import build_unet
 
     def make_source(dataset, pairs):
         torch.manual_seed(0)

@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from cellfluxrl.generate import generate
-from cellfluxrl.losses import fm_loss
-from cellfluxrl.path import interpolate, sample_t_skewed
-from cellfluxrl.unet import build_unet
+from cellfluxrl.model.generate import generate
+from cellfluxrl.model.losses import fm_loss
+from cellfluxrl.model.path import interpolate, sample_t_skewed
+from cellfluxrl.model.unet import build_unet
 
 SIZE, TRAIN_BATCH, SAMPLE_BATCH, COND_DIM = 96, 8, 4, 1024
 

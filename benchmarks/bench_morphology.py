@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from skimage.measure import regionprops
 
-from cellfluxrl.morphology import measure, object_perimeters
+from cellfluxrl.rewards.morphology import measure, object_perimeters
 
 N_MASKS = 2048
 

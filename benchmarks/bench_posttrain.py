@@ -4,7 +4,7 @@ Run: ``python -m pytest benchmarks/bench_posttrain.py --benchmark-enable -p no:c
 
 Builds a small synthetic dataset (96x96, its evaluators) and a ``tiny`` base run (random weights:
 the cost of a step does not depend on what the network has learnt), then times
-:func:`cellfluxrl.posttrain.run_iteration` with the evidence script's CPU settings: 4 groups of 8
+:func:`cellfluxrl.rl.step.run_iteration` with the evidence script's CPU settings: 4 groups of 8
 rollouts (32 images) per step, 10 Heun steps, 2 training times per rollout, real reward suite (the
 paper's 7 rewards). Reported (``extra_info`` and printed): iterations/s, images/s, and the step
 time split into rollout / reward wait / train, with the share of the step spent waiting on rewards
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellfluxrl.posttrain import PosttrainConfig
+from cellfluxrl.rl.config import PosttrainConfig
 
 BENCH_CFG = dict(group_size=8, groups_per_step=4, rollout_steps=10, rollout_batch=8, train_timesteps=2,
                  train_batch=32, grid_every=0)
@@ -34,10 +34,11 @@ def loop(tmp_path_factory):
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.pairing import PairedDataset
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.evaluators import fit_evaluators
-    from cellfluxrl.posttrain import RewardWorker, build_policies
+    from cellfluxrl.model.unet import PRESETS, build_unet
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
-    from cellfluxrl.unet import PRESETS, build_unet
+    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rl.reward_worker import RewardWorker
+    from cellfluxrl.rl.step import build_policies
 
     root = tmp_path_factory.mktemp("bench_posttrain")
     data = prepare_synthetic(root / "data", n_images=400, seed=0, size=SIZE, n_plates=2, progress=False)
@@ -64,7 +65,7 @@ def loop(tmp_path_factory):
 
 
 def test_rl_iteration_cpu_tiny(benchmark, loop):
-    from cellfluxrl.posttrain import run_iteration
+    from cellfluxrl.rl.step import run_iteration
 
     policies, optimizer, pairs, embeddings, worker, cfg = loop
     records, step = [], iter(range(1000))

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from cellfluxrl.data.compounds import MOAS
-from cellfluxrl.evaluators import Evaluators, moa_index, reference_statistics
 from cellfluxrl.images import to_model
-from cellfluxrl.morphology import measure
 from cellfluxrl.rewards import RewardBatch, RewardSuite
-from cellfluxrl.segment import make_segmenter
+from cellfluxrl.rewards.evaluators import Evaluators, moa_index, reference_statistics
+from cellfluxrl.rewards.morphology import measure
+from cellfluxrl.rewards.segmentation.base import make_segmenter
 
 BATCH = 256
 MORPHOLOGY = {"nuc_in_cyto": 2.0, "roundness": 1.0, "nuc_size": 1.0, "cyto_size": 1.0, "nuc_count": 1.0,
@@ -42,7 +42,7 @@ def crops():
 @pytest.fixture(scope="module")
 def evaluators(crops, tmp_path_factory):
     """In-memory evaluators: reference from the crops' GT masks, an (untrained) MoA classifier."""
-    from cellfluxrl.moa_classifier import MoAClassifier, save_moa_classifier
+    from cellfluxrl.rewards.moa_classifier import MoAClassifier, save_moa_classifier
 
     _, moa, nuclei, cells = crops
     segmenter = make_segmenter("classical")

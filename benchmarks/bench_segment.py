@@ -14,8 +14,8 @@ import os
 import numpy as np
 import pytest
 
-from cellfluxrl.morphology import measure
-from cellfluxrl.segment import make_segmenter
+from cellfluxrl.rewards.morphology import measure
+from cellfluxrl.rewards.segmentation.base import make_segmenter
 
 BATCH = 512
 

@@ -6,10 +6,10 @@
 If ``DATA_DIR`` does not exist, the 20k synthetic set (96 px, 6 plates, seed 0) is written there
 first. Both recipes train on the treated in-distribution train crops (as ``prepare`` does) and are
 tested on the treated in-distribution test crops under each condition of
-:data:`cellfluxrl.degradations.ROBUSTNESS_CONDITIONS`:
+:data:`cellfluxrl.rewards.degradations.ROBUSTNESS_CONDITIONS`:
 
 * ``old``: flips and 90-degree rotations only (``degrade=False``), default epochs;
-* ``new``: plus :func:`cellfluxrl.degradations.random_degradation` on every batch (``degrade=True``);
+* ``new``: plus :func:`cellfluxrl.rewards.degradations.random_degradation` on every batch (``degrade=True``);
 * ``new, half train`` (``--half``): the new recipe on a random half of the train crops (the lead
   trains a reward classifier and a judge on disjoint halves).
 
@@ -32,7 +32,7 @@ import torch
 def load_split(data_dir: Path, seed: int = 0) -> dict:
     """Treated in-distribution train/test crops and labels (uint8 ``(N, H, W, 3)``, int64 ``(N,)``)."""
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluators import _treated_in_distribution
+    from cellfluxrl.rewards.evaluators import _treated_in_distribution
 
     if not data_dir.exists():
         from cellfluxrl.data.synthetic import prepare_synthetic
@@ -51,7 +51,7 @@ def load_split(data_dir: Path, seed: int = 0) -> dict:
 
 def run_recipe(name: str, images: np.ndarray, labels: np.ndarray, test: tuple, seed: int, **kwargs) -> dict:
     """Train one classifier and report its robustness; returns a table row."""
-    from cellfluxrl.moa_classifier import robustness_report, train_moa_classifier
+    from cellfluxrl.rewards.moa_classifier import robustness_report, train_moa_classifier
 
     model, info = train_moa_classifier(images, labels, seed=seed, **kwargs)
     report = robustness_report(model, *test)
@@ -63,7 +63,7 @@ def run_recipe(name: str, images: np.ndarray, labels: np.ndarray, test: tuple, s
 
 def markdown(rows: list[dict], n_test: int) -> str:
     """The robustness table: one row per classifier."""
-    from cellfluxrl.degradations import ROBUSTNESS_CONDITIONS
+    from cellfluxrl.rewards.degradations import ROBUSTNESS_CONDITIONS
 
     conds = list(ROBUSTNESS_CONDITIONS)
     se = math.sqrt(0.9 * 0.1 / n_test)

@@ -129,7 +129,7 @@ def mfu(ctx, flops_per_s: float) -> float | None:
 
 def fresh_net(ctx, seed: int = 0) -> torch.nn.Module:
     """A random ``ctx.preset`` UNet on the device with its zero-initialised convs re-drawn (v != 0)."""
-    from cellfluxrl.unet import build_unet
+    from cellfluxrl.model.unet import build_unet
 
     torch.manual_seed(seed)
     net = build_unet(ctx.preset, COND_DIM)
@@ -180,7 +180,7 @@ def write_dataset(out: Path, size: int, n_images: int) -> str:
 
 def prepare_data(out: Path, size: int, n_images: int) -> None:
     """(Child process, CPU.) Dataset + evaluators in ``out``; status in ``out.json``."""
-    from cellfluxrl.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators import fit_evaluators
 
     start, status = time.perf_counter(), {}
     try:
@@ -247,9 +247,9 @@ def part_setup(ctx, rec) -> None:
 
 
 def part_correctness(ctx, rec) -> None:
-    from cellfluxrl.generate import generate
-    from cellfluxrl.losses import fm_loss
-    from cellfluxrl.path import interpolate
+    from cellfluxrl.model.generate import generate
+    from cellfluxrl.model.losses import fm_loss
+    from cellfluxrl.model.path import interpolate
 
     dev, checks = ctx.device, {}
     net = fresh_net(ctx).eval()  # dropout off: fp32 and bf16 see the same network
@@ -290,7 +290,9 @@ def part_correctness(ctx, rec) -> None:
 def nft_step(ctx, net) -> dict:
     """One ``nft_backward`` (bf16 on CUDA) with theta = old = ref: the policy loss must equal
     ``adv_clip / nft_beta * fm_old`` and the KL term 0."""
-    from cellfluxrl.posttrain import PosttrainConfig, Rollouts, build_policies, nft_backward
+    from cellfluxrl.rl.config import PosttrainConfig
+    from cellfluxrl.rl.rollouts import Rollouts
+    from cellfluxrl.rl.step import build_policies, nft_backward
 
     cfg = PosttrainConfig(group_size=2, groups_per_step=2, rollout_steps=2, train_timesteps=1, train_batch=4, cfg_scale=0.2)
     policies = build_policies(copy.deepcopy(net), ctx.device, 1)
@@ -308,7 +310,7 @@ def nft_step(ctx, net) -> dict:
 def part_data(ctx, rec) -> None:
     from cellfluxrl.config import PretrainConfig
     from cellfluxrl.distributed import DistInfo
-    from cellfluxrl.pretrain import train
+    from cellfluxrl.model.pretrain import train
 
     t0 = time.perf_counter()
     try:
@@ -338,7 +340,8 @@ class _Enough(Exception):
 def posttrain_speed(ctx, rec, cfg_scale: float | None) -> None:
     """Iterations of ``posttrain.posttrain`` at the CLI defaults (``cfg_scale=None``: the base run's
     sampling CFG, guided training) or at a given CFG scale; the first iteration is the warm-up."""
-    from cellfluxrl.posttrain import PosttrainConfig, posttrain
+    from cellfluxrl.rl.config import PosttrainConfig
+    from cellfluxrl.rl.loop import posttrain
 
     cfg = replace(PosttrainConfig(**SMOKE_RL) if ctx.smoke else PosttrainConfig(), grid_every=0,
                   **({} if cfg_scale is None else {"cfg_scale": cfg_scale}))
@@ -384,8 +387,8 @@ part_posttrain_cfg0 = functools.partial(posttrain_speed, cfg_scale=0.0)
 def part_rewards(ctx, rec) -> None:
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.images import to_model
-    from cellfluxrl.posttrain import PosttrainConfig
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+    from cellfluxrl.rl.config import PosttrainConfig
 
     suite = RewardSuite.from_dataset(str(ctx.data_dir), dict(DEFAULT_WEIGHTS), device=str(ctx.device))
     ds = load_dataset(ctx.data_dir)
@@ -417,7 +420,7 @@ def part_rewards(ctx, rec) -> None:
 def pretrain_speed(ctx, rec, compiled: bool) -> None:
     """The train loop's step (``fm_batch_loss``, AdamW, EMA) on device-resident synthetic batches."""
     from cellfluxrl.config import PretrainConfig
-    from cellfluxrl.pretrain import ema_decay_at, ema_update, fm_batch_loss
+    from cellfluxrl.model.pretrain import ema_decay_at, ema_update, fm_batch_loss
 
     dev, b = ctx.device, ctx.pretrain_batch
     cfg = PretrainConfig(preset=ctx.preset, batch_size=b)
@@ -460,7 +463,7 @@ part_pretrain_compiled = functools.partial(pretrain_speed, compiled=True)
 
 def timed_sampling(ctx, net, batch: int) -> dict:
     """images/s of ``generate``: ``ctx.sample_steps`` Heun steps with batched CFG 0.2."""
-    from cellfluxrl.generate import generate
+    from cellfluxrl.model.generate import generate
 
     x, _, c = inputs(ctx, batch, seed=6)
     gen = torch.Generator(device=ctx.device).manual_seed(0)
@@ -484,7 +487,7 @@ def part_sampling(ctx, rec) -> None:
 
 
 def part_evaluate(ctx, rec) -> None:
-    from cellfluxrl.evaluate import evaluate
+    from cellfluxrl.evaluation.pipeline import evaluate
 
     n, k = ctx.eval_pairs, 4
     # One section of n pairs, as CellFlux's first 5,120 test rows (the CLI default "both" does n per split).

@@ -41,14 +41,15 @@ def parse_set(text: str) -> dict:
 
 def gradients(data: Path, base: Path, overrides: dict, iters: int, weights: str | None, seed: int) -> dict:
     """``{"real": (iters, P), "shuffled": (iters, P)}`` flattened policy gradients and seconds."""
-    from cellfluxrl import nft
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.commands.demo import DemoConfig, posttrain_config
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.pairing import PairedDataset
-    from cellfluxrl.posttrain import (RewardWorker, _rng, build_policies, collect_rollouts, nft_backward,
-                                      wait_rewards)
     from cellfluxrl.rewards import RewardSuite, parse_weights
+    from cellfluxrl.rl import nft
+    from cellfluxrl.rl.reward_worker import RewardWorker, wait_rewards
+    from cellfluxrl.rl.rollouts import collect_rollouts, iteration_rng
+    from cellfluxrl.rl.step import build_policies, nft_backward
 
     loaded = load_run(base)
     s = loaded.sampling
@@ -73,7 +74,7 @@ def gradients(data: Path, base: Path, overrides: dict, iters: int, weights: str 
             for name, adv in (("real", A), ("shuffled", shuffled)):
                 r = nft.optimality(adv, cfg.adv_clip).reshape(-1).float()
                 policies.theta.zero_grad(set_to_none=True)
-                nft_backward(policies, ro, r, cfg, _rng(cfg, 1000 + k, 0, 1), device)
+                nft_backward(policies, ro, r, cfg, iteration_rng(cfg, 1000 + k, 0, 1), device)
                 out[name].append(torch.cat([p.grad.reshape(-1) for p in policies.theta.parameters()
                                             if p.grad is not None]).double().numpy())
     finally:

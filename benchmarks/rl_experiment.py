@@ -35,7 +35,8 @@ def scores(data: Path, run: Path, n: int, seed: int, sampling=None, cache: Path 
     and ``real_*`` (``(n,)``) for one run."""
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, run_candidates
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, run_candidates
+    from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
 
     if cache is not None and cache.is_file():
@@ -71,7 +72,7 @@ def mean_se(v: np.ndarray) -> str:
 
 def shuffle_rewards() -> None:
     """Make every iteration's advantages signal-free: permute the reward rows across rollouts."""
-    import cellfluxrl.nft as nft
+    import cellfluxrl.rl.nft as nft
 
     per_reward, group = nft.per_reward_advantages, nft.group_advantages
     rng = np.random.default_rng(12345)
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.commands.demo import DemoConfig, posttrain_config
-    from cellfluxrl.posttrain import posttrain
+    from cellfluxrl.rl.loop import posttrain
 
     base_sampling = load_run(args.base).sampling
     cfg = posttrain_config(DemoConfig(), steps=args.steps, rollout_steps=base_sampling.steps,

@@ -201,7 +201,7 @@ def demo_rl(demo: Path, steps: int, pcfg) -> Path | None:
 
 def stage_rl(work: Path, base: Path, name: str, weights: str | None, steps: int, cfg) -> tuple[Path, dict]:
     """Post-train (or resume/extend) ``WORK/name``; returns the run and :func:`run_info`."""
-    from cellfluxrl.posttrain import posttrain
+    from cellfluxrl.rl.loop import posttrain
 
     run, done = work / name, work / f"{name}.done.json"
     pcfg = posttrain_config(cfg, steps, weights)
@@ -231,7 +231,7 @@ def reward_trend(run: Path, k: int = 20) -> tuple[float, float]:
 
 def columns(scores, k: int) -> dict[str, dict[str, np.ndarray]]:
     """Per-pair values (P,) of every row for N = 1 (and best-of-``k`` when ``k`` > 1) of each run."""
-    from cellfluxrl.metrics import best_of_n
+    from cellfluxrl.evaluation.metrics import best_of_n
 
     out = {}
     for name, sc in scores.items():
@@ -255,7 +255,8 @@ def evaluate_split(data: Path, runs: dict[str, Path], n_pairs: int, seed: int, s
     and source noise for every run, each sampled with its recorded setting; cached per run."""
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, run_candidates
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, run_candidates
+    from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
 
     entries = json.loads(cache.read_text()).get("entries", {}) if cache.is_file() else {}

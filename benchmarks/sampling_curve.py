@@ -30,8 +30,9 @@ def curve(data: Path, run: Path, steps: list[int], cfgs: list[float], n: int, sp
     """One dict per (steps, cfg): accuracies and overall reward (mean, s.e.), FD, seconds."""
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, run_candidates
-    from cellfluxrl.report import build_report
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, run_candidates
+    from cellfluxrl.evaluation.report import build_report
+    from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
 
     dataset = load_dataset(data)

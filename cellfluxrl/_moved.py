@@ -36,6 +36,18 @@ MOVED: dict[str, tuple[str, ...]] = {
     "cellfluxrl.evaluators_resume": ("cellfluxrl.rewards.evaluators_resume",),
     "cellfluxrl.refstats": ("cellfluxrl.rewards.refstats",),
     "cellfluxrl.data.raw_fields": ("cellfluxrl.data.bbbc021.fields",),
+    "cellfluxrl.nft": ("cellfluxrl.rl.nft",),
+    "cellfluxrl.posttrain": ("cellfluxrl.rl.config", "cellfluxrl.rl.rollouts", "cellfluxrl.rl.reward_worker",
+                             "cellfluxrl.rl.step", "cellfluxrl.rl.sample_grid", "cellfluxrl.rl.loop"),
+    "cellfluxrl.evaluate": ("cellfluxrl.evaluation.pipeline", "cellfluxrl.evaluation.scoring",
+                            "cellfluxrl.evaluation.candidates", "cellfluxrl.evaluation.report",
+                            "cellfluxrl.evaluation.report_text", "cellfluxrl.evaluation.report_figures"),
+    "cellfluxrl.report": ("cellfluxrl.evaluation.report", "cellfluxrl.evaluation.report_text",
+                          "cellfluxrl.evaluation.report_figures"),
+    "cellfluxrl.metrics": ("cellfluxrl.evaluation.metrics",),
+    "cellfluxrl.candidates": ("cellfluxrl.evaluation.candidates",),
+    "cellfluxrl.inception": ("cellfluxrl.evaluation.inception",),
+    "cellfluxrl.figures": ("cellfluxrl.evaluation.figures",),
 }
 
 
@@ -68,10 +80,11 @@ class _AliasLoader(importlib.abc.Loader):
             self.spec = parts[0].__spec__  # the import system overwrites __spec__; exec_module restores it
             return parts[0]
         stand_in = types.ModuleType(spec.name, f"Deprecated: the parts of {spec.name} are {', '.join(self.targets)}.")
-        for part in parts:
+        for part in parts:  # the first part holding a name wins (the targets are listed main part first)
             names = getattr(part, "__all__", None) or [n for n in vars(part) if not n.startswith("_")]
             for name in names:
-                setattr(stand_in, name, getattr(part, name))
+                if not hasattr(stand_in, name):
+                    setattr(stand_in, name, getattr(part, name))
 
         def __getattr__(name: str):
             for part in parts:

@@ -15,7 +15,7 @@ from cellfluxrl.errors import CellfluxError
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators import fit_evaluators
 
     root = tmp_path_factory.mktemp("eval") / "data"
     prepare_synthetic(root, n_images=300, seed=0, size=48, n_plates=2, progress=False)
@@ -30,7 +30,7 @@ def _make_run(dataset_dir, run_dir, seed: int, sampling: dict | None = None):
     """
     from cellfluxrl.checkpoint import save_checkpoint
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.unet import UNetConfig, build_unet
+    from cellfluxrl.model.unet import UNetConfig, build_unet
 
     torch.manual_seed(seed)
     unet = UNetConfig(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
@@ -53,7 +53,8 @@ def _make_run(dataset_dir, run_dir, seed: int, sampling: dict | None = None):
 def image_results(dataset_dir):
     """Real targets against two degraded image 'runs' (noised, pixel-shuffled), 3 candidates each."""
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, real_images
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
+    from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
 
     dataset = load_dataset(dataset_dir)
@@ -79,7 +80,8 @@ def image_results(dataset_dir):
 
 
 def test_real_column_beats_noised_and_shuffled_on_every_morphology_reward(image_results):
-    from cellfluxrl.evaluate import MORPHOLOGY_REWARDS, build_report
+    from cellfluxrl.evaluation.report import build_report
+    from cellfluxrl.evaluation.scoring import MORPHOLOGY_REWARDS
 
     report = build_report(image_results, split="id")
     table = report["table"]
@@ -95,8 +97,9 @@ def test_real_column_beats_noised_and_shuffled_on_every_morphology_reward(image_
 def test_accuracy_rows_are_graded_by_the_judge_and_by_the_reward_classifier_apart(dataset_dir, image_results):
     """The headline MoA accuracy is the judge's; the reward classifier's is its own row (exact hits)."""
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluate import build_report, real_images
-    from cellfluxrl.evaluators import load_evaluators
+    from cellfluxrl.evaluation.candidates import real_images
+    from cellfluxrl.evaluation.report import build_report
+    from cellfluxrl.rewards.evaluators import load_evaluators
 
     dataset, evaluators = load_dataset(dataset_dir), load_evaluators(dataset_dir)
     pairs = image_results["pairs"]
@@ -112,7 +115,7 @@ def test_accuracy_rows_are_graded_by_the_judge_and_by_the_reward_classifier_apar
 
 
 def test_best_of_n_is_nested_and_selects_by_the_overall_reward(image_results):
-    from cellfluxrl.metrics import best_of_n
+    from cellfluxrl.evaluation.metrics import best_of_n
 
     total = image_results["scores"]["noised"].total  # (P, 3)
     assert total.shape == (24, 3) and np.isfinite(total).all()
@@ -131,8 +134,9 @@ def test_table_columns_are_the_hand_computed_expectations_over_the_candidates(da
     from itertools import combinations
 
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, real_images
-    from cellfluxrl.report import build_report
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
+    from cellfluxrl.evaluation.report import build_report
+    from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
 
     dataset = load_dataset(dataset_dir)
@@ -183,7 +187,7 @@ def test_table_columns_are_the_hand_computed_expectations_over_the_candidates(da
 def test_fig4_rows_show_every_grid_column_and_caption_the_picked_candidates_reward(dataset_dir, image_results):
     """Figure 4 from evaluate's results: compound, MoA and dose label; the overall reward of the image shown."""
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.report import grid_columns, grid_rows
+    from cellfluxrl.evaluation.report_figures import grid_columns, grid_rows
 
     dataset, pairs, scores = load_dataset(dataset_dir), image_results["pairs"], image_results["scores"]
     rows = grid_rows(image_results, dataset)
@@ -279,7 +283,7 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
 
 def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset_dir, tmp_path):
     """Same weights, different recorded sampling: different samples; one override for all: identical."""
-    from cellfluxrl.evaluate import _load_runs, evaluate
+    from cellfluxrl.evaluation.pipeline import _load_runs, evaluate
 
     a = _make_run(dataset_dir, tmp_path / "a", seed=0, sampling={"steps": 1, "cfg_scale": 0.0})
     b = _make_run(dataset_dir, tmp_path / "b", seed=0, sampling={"steps": 2, "cfg_scale": 1.5})
@@ -302,7 +306,7 @@ def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset
 
 def test_user_errors_are_one_line(dataset_dir, tmp_path):
     from cellfluxrl.commands.evaluate import parse_best_of
-    from cellfluxrl.evaluate import evaluate
+    from cellfluxrl.evaluation.pipeline import evaluate
 
     assert parse_best_of("4,1,2,4") == (1, 2, 4)
     with pytest.raises(CellfluxError, match="'x'"):

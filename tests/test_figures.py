@@ -10,8 +10,8 @@ import pytest
 
 @pytest.fixture()
 def fake_results():
-    """Results as :func:`cellfluxrl.evaluate.evaluate_sources` returns them: 3 pairs, 2 runs, K = 4."""
-    from cellfluxrl.candidates import Pairs
+    """Results as :func:`cellfluxrl.evaluation.scoring.evaluate_sources` returns them: 3 pairs, 2 runs, K = 4."""
+    from cellfluxrl.evaluation.candidates import Pairs
 
     pairs = Pairs(target=np.array([10, 11, 12]), control=np.array([0, 1, 2]), condition=np.array([0, 1, 1]),
                   compound=np.array(["taxol", "etoposide", "etoposide"]),
@@ -27,7 +27,7 @@ def fake_results():
 
 
 def test_fig4_columns_put_each_run_then_the_best_of_k_picks_between_control_and_real(fake_results):
-    from cellfluxrl.report import grid_columns
+    from cellfluxrl.evaluation.report_figures import grid_columns
 
     assert grid_columns(["CellFlux", "CellFluxRL"], 4) == ["control", "CellFlux", "CellFluxRL", "CellFlux+best-of-4",
                                                           "CellFluxRL+best-of-4", "real"]
@@ -35,7 +35,7 @@ def test_fig4_columns_put_each_run_then_the_best_of_k_picks_between_control_and_
 
 
 def test_fig4_rows_name_compound_moa_dose_and_caption_the_shown_candidates_overall_reward(fake_results):
-    from cellfluxrl.report import grid_rows
+    from cellfluxrl.evaluation.report_figures import grid_rows
 
     dataset = SimpleNamespace(table={"dose": np.r_[np.zeros(10), [0.3, 1.0, 3.0]]})
     rows = grid_rows(fake_results, dataset)
@@ -51,9 +51,9 @@ def test_fig4_rows_name_compound_moa_dose_and_caption_the_shown_candidates_overa
 
 
 def test_fig4_plot_labels_rows_names_channels_and_prints_captions(fake_results):
-    from cellfluxrl.figures import image_grid_plot
+    from cellfluxrl.evaluation.figures import image_grid_plot
+    from cellfluxrl.evaluation.report_figures import grid_columns, grid_note, grid_rows
     from cellfluxrl.images import CHANNELS_BBBC021
-    from cellfluxrl.report import grid_columns, grid_note, grid_rows
 
     rows, columns = grid_rows(fake_results), grid_columns(fake_results["sources"], 4)
     fig = image_grid_plot(rows, columns, channels=CHANNELS_BBBC021, note=grid_note(fake_results))
@@ -73,7 +73,7 @@ def test_fig4_plot_labels_rows_names_channels_and_prints_captions(fake_results):
 
 def test_channel_legend_follows_the_dataset_channel_order():
     from cellfluxrl.data.bbbc021 import CHANNELS_BBBC021
-    from cellfluxrl.figures import channel_caption, channel_legend
+    from cellfluxrl.evaluation.figures import channel_caption, channel_legend
 
     assert CHANNELS_BBBC021 == ("actin", "tubulin", "dna")
     assert channel_caption(CHANNELS_BBBC021) == "red: actin (phalloidin), green: β-tubulin, blue: DNA (DAPI)"
@@ -81,7 +81,7 @@ def test_channel_legend_follows_the_dataset_channel_order():
 
 
 def test_fig5_draws_the_real_level_dashed_on_each_panel_and_ticks_at_each_n():
-    from cellfluxrl.figures import best_of_n_plot
+    from cellfluxrl.evaluation.figures import best_of_n_plot
 
     ns = (1, 2, 4, 8)
     curves = {run: {k: [(n, off + 0.1 * n, 0.01) for n in ns] for k in ("moa", "overall")}
@@ -105,7 +105,7 @@ def test_fig5_draws_the_real_level_dashed_on_each_panel_and_ticks_at_each_n():
 
 
 def test_fig5_real_level_is_the_real_columns_mean():
-    from cellfluxrl.report import real_levels
+    from cellfluxrl.evaluation.report_figures import real_levels
 
     section = {"table": {"real": {"moa": {"mean": 0.9, "sem": 0.1}, "overall": {"mean": -1.5, "sem": 0.2},
                                   "roundness": {"mean": None, "sem": None}}}}
@@ -113,8 +113,8 @@ def test_fig5_real_level_is_the_real_columns_mean():
 
 
 def test_fig4_and_fig5_write_pngs(fake_results, tmp_path):
-    from cellfluxrl.figures import best_of_n_figure, image_grid_figure
-    from cellfluxrl.report import grid_columns, grid_rows
+    from cellfluxrl.evaluation.figures import best_of_n_figure, image_grid_figure
+    from cellfluxrl.evaluation.report_figures import grid_columns, grid_rows
 
     grid = image_grid_figure(grid_rows(fake_results), grid_columns(fake_results["sources"], 4), tmp_path / "g.png",
                              channels=("actin", "tubulin", "dna"))

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.inception import (FIDInceptionV3, InceptionFeatures, load_inception,
-                                  to_pytorch_fid_wrapper_names)
+from cellfluxrl.evaluation.inception import (FIDInceptionV3, InceptionFeatures, load_inception,
+                                             to_pytorch_fid_wrapper_names)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from cellfluxrl.metrics import (FeatureSet, Reservoir, RunningStats, best_of_n, best_of_n_weights, compare, compare_many,
-                                conditional_distances,
-                                frechet_distance, kid, mean_sem, mmd2_unbiased, polynomial_kernel)
+from cellfluxrl.evaluation.metrics import (FeatureSet, Reservoir, RunningStats, best_of_n, best_of_n_weights, compare,
+                                           compare_many, conditional_distances, frechet_distance, kid, mean_sem,
+                                           mmd2_unbiased, polynomial_kernel)
 
 
 def _random_cov(rng, d):

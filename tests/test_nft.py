@@ -1,4 +1,4 @@
-"""Hand-computed checks of the DiffusionNFT pieces (cellfluxrl.nft)."""
+"""Hand-computed checks of the DiffusionNFT pieces (cellfluxrl.rl.nft)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cellfluxrl.nft import (ADV_EPS, eval_ema_decay, ema_update, group_advantages, implicit_policies,
-                            kl_loss, nft_loss, old_policy_decay, optimality)
+from cellfluxrl.rl.nft import (ADV_EPS, eval_ema_decay, ema_update, group_advantages, implicit_policies, kl_loss,
+                               nft_loss, old_policy_decay, optimality)
 
 
 def _grad(loss_fn, v: torch.Tensor) -> torch.Tensor:
@@ -177,7 +177,7 @@ def test_decay_schedules():
 def test_per_reward_advantages_by_hand():
     """Two rewards, two groups of two: z-scores per reward (population std over all rollouts),
     weighted sum, rescaled by its own std."""
-    from cellfluxrl.nft import per_reward_advantages
+    from cellfluxrl.rl.nft import per_reward_advantages
 
     comps = torch.tensor([[1.0, 10.0], [3.0, 10.0], [0.0, -30.0], [2.0, 50.0]], dtype=torch.float64)
     w = torch.tensor([5.0, 1.0], dtype=torch.float64)
@@ -191,7 +191,7 @@ def test_per_reward_advantages_by_hand():
 def test_per_reward_advantages_ignore_scale_and_zero_weights():
     """Rescaling one reward (or shifting it) leaves the advantages unchanged (up to the std eps), a weight-0 reward has
     no say, and a heavy-tailed reward no longer drowns a weighted one, unlike the raw sum."""
-    from cellfluxrl.nft import group_advantages, per_reward_advantages
+    from cellfluxrl.rl.nft import group_advantages, per_reward_advantages
 
     g = torch.Generator().manual_seed(0)
     moa = torch.rand(32, generator=g, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The post-training loop (cellfluxrl.posttrain) and command on a tiny hand-built base run.
+"""The post-training loop (cellfluxrl.rl) and command on a tiny hand-built base run.
 
 The base run is built here (a 32x32 dataset of 2 plates and a small UNet saved in the checkpoint
 format) and the rewards are a fake suite with a known answer, so these tests depend only on the
@@ -21,10 +21,12 @@ from cellfluxrl.cli import cli
 from cellfluxrl.config import dump_json
 from cellfluxrl.data.layout import DatasetWriter
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.posttrain import (PosttrainConfig, Policies, Rollouts, forward_draws, nft_backward, posttrain,
-                                  train_times)
+from cellfluxrl.model.unet import UNetConfig, build_unet
 from cellfluxrl.rewards.weights import DEFAULT_WEIGHTS
-from cellfluxrl.unet import UNetConfig, build_unet
+from cellfluxrl.rl.config import PosttrainConfig
+from cellfluxrl.rl.loop import posttrain
+from cellfluxrl.rl.rollouts import Rollouts, forward_draws, train_times
+from cellfluxrl.rl.step import Policies, nft_backward
 
 SIZE, COND_DIM = 16, 16
 COMPOUNDS = (("taxol", "Microtubule stabilizers"), ("AZ138", "Eg5 inhibitors"))
@@ -148,14 +150,19 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(base_run, tmp_path
     assert [s["reward"] for s in stats] == [s["reward"] for s in full_stats]
 
 
-def test_rl_raises_a_known_reward_over_the_base(base_run, tmp_path):
-    """The fake reward (actin brightness) must rise clearly on held-out pairs and seeds."""
+@pytest.mark.parametrize("train_source", ["fresh", "rollout"])
+def test_rl_raises_a_known_reward_over_the_base(base_run, tmp_path, train_source):
+    """The fake reward (actin brightness) must rise clearly on held-out pairs and seeds with the
+    default forward-process source ("fresh" noise on the control). Training on each rollout's own
+    exact source ("rollout") fits the policy to its own coupling (reflow): the gradient nearly
+    vanishes and the reward does not move (measured: +0.005 vs +0.72; docs/posttrain.md)."""
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.generate import generate, test_pairs
     from cellfluxrl.images import to_model
+    from cellfluxrl.model.generate import generate, test_pairs
 
     out = tmp_path / "rl"
-    cfg = small_cfg(steps=12, groups_per_step=4, lr=3e-3, kl_weight=0.0, grid_every=0, save_every=12)
+    cfg = small_cfg(steps=12, groups_per_step=4, lr=3e-3, kl_weight=0.0, grid_every=0, save_every=12,
+                    train_source=train_source)
     posttrain(base_run, out, cfg, device="cpu", suite=ChannelSuite({"moa": 1.0}))
     rl, base = load_run(out), load_run(base_run)
     dataset = load_dataset(rl.dataset_dir)
@@ -167,7 +174,10 @@ def test_rl_raises_a_known_reward_over_the_base(base_run, tmp_path):
         x_1, _ = generate(net, x_0, cond, generator=torch.Generator().manual_seed(5), num_steps=3, cfg_scale=0.0)
         scores.append(x_1[:, 0].clamp(-1, 1).mean(dim=(1, 2)))
     gain = scores[1] - scores[0]
-    assert gain.mean() > 0.2 and (gain > 0).all(), gain
+    if train_source == "fresh":
+        assert gain.mean() > 0.2 and (gain > 0).all(), gain
+    else:
+        assert abs(gain.mean()) < 0.05 and gain.abs().max() < 0.1, gain
 
 
 def test_kl_weight_holds_the_policy_near_the_base(base_run, tmp_path):
@@ -204,7 +214,7 @@ def test_config_validation_and_train_times():
     with pytest.raises(CellfluxError, match="train_timesteps 12 > rollout_steps 10"):
         PosttrainConfig(train_timesteps=12)
     assert PosttrainConfig().n_train_timesteps == 9 and PosttrainConfig(rollout_steps=4).n_train_timesteps == 3
-    from cellfluxrl.sampler import time_grid
+    from cellfluxrl.model.sampler import time_grid
 
     grid = time_grid(5, "edm").numpy()[:-1]
     t = train_times(PosttrainConfig(rollout_steps=5, train_timesteps=5), 3, np.random.default_rng(0))
@@ -306,7 +316,7 @@ def test_rl_run_records_its_sampling_and_evaluate_uses_it(base_run, tmp_path):
     """A posttrain run records the rollout sampler and the guidance it trained (the base's CFG by
     default); evaluate and sample take them unless told otherwise."""
     from cellfluxrl.checkpoint import LEGACY_SAMPLING, Sampling
-    from cellfluxrl.evaluate import _load_runs
+    from cellfluxrl.evaluation.pipeline import _load_runs
 
     out = tmp_path / "rl"
     posttrain(base_run, out, small_cfg(steps=1, rollout_steps=3), device="cpu", suite=ChannelSuite())

@@ -132,8 +132,8 @@ def test_a_paper_sized_model_on_cpu_is_called_slow():
 # ---------------------------------------------------------------------------------------------- evaluate
 
 def test_evaluate_says_what_it_does_before_the_heavy_work(toy_run, tmp_path, capsys, monkeypatch):
-    import cellfluxrl.evaluate
     from cellfluxrl.errors import CellfluxError
+    import cellfluxrl.evaluation.pipeline
     from test_cli import run_main
 
     ds, run = toy_run
@@ -141,7 +141,7 @@ def test_evaluate_says_what_it_does_before_the_heavy_work(toy_run, tmp_path, cap
     def heavy(*args, **kwargs):
         raise CellfluxError("heavy work reached")
 
-    monkeypatch.setattr(cellfluxrl.evaluate, "evaluate", heavy)
+    monkeypatch.setattr(cellfluxrl.evaluation.pipeline, "evaluate", heavy)
     code, _, err = run_main(capsys, "evaluate", str(run), "--data", str(ds.root), "--out", str(tmp_path / "e"),
                             "--n", "4", "--best-of", "1,2", "--device", "cpu")
     lines = err.splitlines()

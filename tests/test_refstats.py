@@ -120,8 +120,8 @@ def test_empty_fraction_warning_names_the_worst_group():
 
 
 def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch):
-    from cellfluxrl.rewards import evaluators
     from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.rewards import evaluators
 
     (small / "evaluators" / "reference_stats.json").unlink(missing_ok=True)
     monkeypatch.setattr(evaluators, "build_segmenter", lambda name, options=None: EmptySegmenter())
@@ -134,8 +134,8 @@ def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch
 
 
 def test_fit_reference_warns_when_images_have_no_nucleus(small, monkeypatch, caplog):
-    from cellfluxrl.rewards import evaluators
     from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.rewards import evaluators
 
     dataset = load_dataset(small)
     with caplog.at_level(logging.WARNING, logger="cellfluxrl.rewards.evaluators"):
@@ -198,9 +198,10 @@ def test_evaluate_warns_about_a_column_without_nuclei(small, caplog):
     import torch
 
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluate import MoAFeatures, Pairs, evaluate_sources, real_images
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
+    from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+    from cellfluxrl.rewards.evaluators import fit_evaluators
 
     fit_evaluators(small, seed=0, classifier_epochs=1, progress=False)
     dataset = load_dataset(small)
@@ -211,7 +212,7 @@ def test_evaluate_warns_about_a_column_without_nuclei(small, caplog):
     def blank(pos, k):
         return -torch.ones_like(real_images(dataset, pairs, pos))
 
-    with caplog.at_level(logging.WARNING, logger="cellfluxrl.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="cellfluxrl.evaluation.scoring"):
         evaluate_sources(dataset, pairs, {"blank": blank, "copy": lambda pos, k: real_images(dataset, pairs, pos)},
                          suite=suite, weights=dict(DEFAULT_WEIGHTS), features=MoAFeatures(judge),
                          classifier=suite.evaluators.moa_classifier("cpu"), judge=judge, batch_size=4,

@@ -83,7 +83,8 @@ def _settings_file(out: Path, cfg: DemoConfig) -> None:
 def stage_prepare(out: Path, cfg: DemoConfig) -> Path:
     """The synthetic dataset with its evaluators (skipped when both exist)."""
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.evaluators import CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, REFERENCE_FILE, fit_evaluators
+    from cellfluxrl.rewards.evaluators import (CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, REFERENCE_FILE,
+                                               fit_evaluators)
 
     data = out / "data"
     if not (data / "meta.json").is_file():
@@ -104,9 +105,9 @@ def pretrain_config(cfg: DemoConfig):
 
 
 def posttrain_config(cfg: DemoConfig, **overrides):
-    """The demo's :class:`~cellfluxrl.posttrain.PosttrainConfig` (paper weights unless ``weights=``);
+    """The demo's :class:`~cellfluxrl.rl.config.PosttrainConfig` (paper weights unless ``weights=``);
     it rolls out and trains at the base's recorded sampling (``sample_steps``, ``cfg_scale``)."""
-    from cellfluxrl.posttrain import PosttrainConfig
+    from cellfluxrl.rl.config import PosttrainConfig
 
     settings = dict(steps=cfg.posttrain_steps, group_size=cfg.group_size, groups_per_step=cfg.groups_per_step,
                     rollout_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
@@ -120,7 +121,7 @@ def posttrain_config(cfg: DemoConfig, **overrides):
 def stage_pretrain(data: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
     """Pretrain (or resume) the demo's CellFlux model; a finished run returns at once."""
     from cellfluxrl.distributed import init_distributed
-    from cellfluxrl.pretrain import train
+    from cellfluxrl.model.pretrain import train
     from cellfluxrl.progress import progress
 
     run = out / "base"
@@ -137,8 +138,8 @@ def stage_pretrain(data: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
 
 def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
     """Post-train (or resume) CellFluxRL from the base run with the paper's reward weights."""
-    from cellfluxrl.posttrain import posttrain
     from cellfluxrl.progress import progress
+    from cellfluxrl.rl.loop import posttrain
 
     run = out / "rl"
     pcfg = posttrain_config(cfg)
@@ -157,7 +158,7 @@ def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig,
     and held-out compounds apart; returns the report (read back if already written)."""
     from cellfluxrl.progress import progress
 
-    from cellfluxrl.evaluate import evaluate
+    from cellfluxrl.evaluation.pipeline import evaluate
 
     done = out / "eval" / "report.json"
     if done.is_file():  # written last and atomically, after the figures

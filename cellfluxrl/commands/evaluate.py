@@ -75,7 +75,7 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
     Example:
       cellfluxrl evaluate --data data/synthetic runs/base runs/rl --best-of 1,2,4,8 --out runs/eval
     """
-    from cellfluxrl.evaluate import evaluate as run_evaluation
+    from cellfluxrl.evaluation.pipeline import evaluate as run_evaluation
     from cellfluxrl.progress import progress
     from cellfluxrl.rewards import parse_weights
 
@@ -127,8 +127,8 @@ def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: t
     from cellfluxrl.checkpoint import read_run_config, recorded_sampling, resolve_sampling, trained_on_problem
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.errors import CellfluxError
-    from cellfluxrl.evaluate import EVAL_SPLITS, run_names
-    from cellfluxrl.generate import test_pairs
+    from cellfluxrl.evaluation.pipeline import EVAL_SPLITS, run_names
+    from cellfluxrl.model.generate import test_pairs
 
     data = load_dataset(dataset)
     lines, configs = [], []
@@ -167,7 +167,7 @@ def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: t
 
 def print_report(report: dict, columns=None) -> str:
     """The text the commands print: how each run was sampled, then one table per split."""
-    from cellfluxrl.report import markdown_table, sampling_lines, section_title
+    from cellfluxrl.evaluation.report_text import markdown_table, sampling_lines, section_title
 
     lines = ["sampling:", *sampling_lines(report["settings"]), ""]
     for section in report["sections"].values():

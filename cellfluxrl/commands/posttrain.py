@@ -86,7 +86,8 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, **option
     """
     from cellfluxrl.config import config_to_dict, load_toml_overrides, replace_validated
     from cellfluxrl.distributed import is_main
-    from cellfluxrl.posttrain import PosttrainConfig, posttrain as run
+    from cellfluxrl.rl.config import PosttrainConfig
+    from cellfluxrl.rl.loop import posttrain as run
 
     cfg = PosttrainConfig()
     if config_file is not None:

@@ -2,9 +2,9 @@
 
 Everything here is a pure function of tensors (no I/O, no config objects, no global state), so each
 piece is tested against hand-computed values (``tests/test_nft.py``). The loop that wires them
-together is :mod:`cellfluxrl.posttrain`.
+together is :mod:`cellfluxrl.rl.loop`.
 
-Conventions (owned by :mod:`cellfluxrl.path`, restated here for the equations): ``t = 0`` is the
+Conventions (owned by :mod:`cellfluxrl.model.path`, restated here for the equations): ``t = 0`` is the
 noisy control source ``x_0``, ``t = 1`` the perturbed target; a rollout ``x_1_hat`` is re-noised
 with the forward process ``x_t = (1 - t) x_0 + t x_1_hat`` and the velocity target is
 ``v = x_1_hat - x_0`` (paper Algorithm 1, line 11, with ``alpha_t = 1 - t``, ``beta_t = t``).

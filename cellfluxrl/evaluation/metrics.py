@@ -3,7 +3,7 @@
 Everything here is pure numpy (float64) and independent of the feature extractor: the features
 may be the 2048-d pool features of the FID InceptionV3 (then the numbers are FID and KID) or the
 penultimate features of the judge, the independent MoA classifier (then they are the offline
-substitutes FD-judge and KD-judge; see :mod:`cellfluxrl.evaluate`).
+substitutes FD-judge and KD-judge; see :mod:`cellfluxrl.evaluation.pipeline`).
 
 Streaming: :class:`RunningStats` keeps the mean and the centred second moment of every feature
 batch seen (Chan et al.'s pairwise update, float64), and :class:`Reservoir` keeps a uniform random

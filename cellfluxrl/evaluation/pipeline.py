@@ -1,0 +1,191 @@
+"""Evaluation: the paper's Table 1 (rewards, MoA accuracy, FID/KID), Figure 5 and Figure 4.
+
+Protocol (CellFlux's, plus CellFluxRL's best-of-N, graded so that it cannot flatter a model):
+
+* Splits: the in-distribution compounds (the headline, as CellFlux) and the held-out (OOD)
+  compounds are evaluated as separate sections, never mixed (``split``).
+* Pairs: the first ``n`` treated test rows of the split in CSV order, each with a same-plate DMSO
+  control (:func:`cellfluxrl.model.generate.test_pairs`). Every run is evaluated on the same pairs *and*
+  the same source noise: candidate ``k`` of the pair whose target is image ``i`` starts from
+  ``x_0 = x_ctrl + sigma * eps``, ``eps`` drawn from a generator seeded by ``(seed, i, k)``, so two
+  runs differ only by their networks (paired differences) and a sample does not depend on the
+  batch it lands in.
+* Sampling: each run is sampled the way it was trained to be (its recorded sampler steps and CFG,
+  :class:`cellfluxrl.checkpoint.Sampling`) unless the caller overrides them for every run.
+* Candidates: ``K = max(best_of)`` per pair, generated and scored once. The reward rows use all
+  K: a run's plain column is the mean over its K candidates (the expected single-sample reward),
+  best-of-N weighs each candidate by its probability of being the best, by the overall (weighted)
+  reward, of N drawn from the K (:func:`cellfluxrl.evaluation.metrics.best_of_n_weights`, unbiased; per pair
+  the expected best overall never decreases with N). Images (Figure 4) and distances take one
+  image per pair: candidate 0, and the best of the first N.
+* Images are quantised to 8 bits before scoring (generated images are as they would be saved;
+  real images are exactly their uint8 pixels), then mapped to ``[-1, 1]``.
+* Graders: the rewards (the MoA reward included) use the reward classifier RL optimises; the
+  headline ``MoA accuracy`` and the distance features come from the **judge**, an MoA classifier
+  fitted independently (its own seed and the other half of the real training images). The reward
+  classifier's accuracy is reported as its own row, so reward hacking shows as the gap.
+* Distances: ``<FD>_o`` pools all pairs; ``<FD>_c`` is computed per condition (compound) with fresh
+  statistics, then averaged over conditions (CellFlux's FID_c/KID_c, without its per-class KID
+  accumulation bug). With ``inception`` (the FID InceptionV3 weights) they are FID/KID; without
+  it the offline substitutes FD-judge/KD-judge on the judge's penultimate features, which are
+  *not* comparable with published FID/KID. The real column has no distance ("-").
+* Streaming: pairs are processed in batches in condition order; each column keeps running
+  feature statistics and a bounded reservoir for KID, and a condition's statistics are dropped as
+  soon as its last pair is done. Peak memory does not grow with ``n`` (only per-pair scalars are
+  kept).
+
+Outputs: ``report.json``, ``report.md`` and per split ``fig5_best_of_n[_ood].png`` and
+``fig4_grid[_ood].png`` (:mod:`cellfluxrl.evaluation.report`,
+:mod:`cellfluxrl.evaluation.report_text`, :mod:`cellfluxrl.evaluation.report_figures`).
+
+This module is the entry point (:func:`evaluate`: runs, splits, report); the scoring is in
+:mod:`cellfluxrl.evaluation.scoring`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from cellfluxrl.errors import CellfluxError
+from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, run_candidates
+from cellfluxrl.evaluation.report import build_report, combine
+from cellfluxrl.evaluation.report_figures import write_section_figures
+from cellfluxrl.evaluation.report_text import write_report
+from cellfluxrl.evaluation.scoring import evaluate_sources
+
+logger = logging.getLogger(__name__)
+
+def run_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """Column names of runs: the folder names, made unique with ``#2``, ``#3`` suffixes."""
+    names, seen = [], {}
+    for run in run_dirs:
+        base = Path(run).name or str(run)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return names
+
+
+# --split of evaluate: which compound splits get a section of their own (never mixed).
+EVAL_SPLITS = {"both": ("id", "ood"), "id": ("id",), "ood": ("ood",), "all": ("all",)}
+
+
+def _load_runs(run_dirs, names, device, steps, cfg_scale, sigma) -> list[dict]:
+    """Load the runs (EMA weights) and resolve how each is sampled (recorded unless overridden)."""
+    from dataclasses import replace
+
+    from cellfluxrl.checkpoint import load_run, resolve_sampling
+
+    runs = []
+    for name, run_dir in zip(names, run_dirs):
+        run = load_run(run_dir, device=device, weights="ema")
+        sampling, source = resolve_sampling(run.recorded, steps, cfg_scale)
+        if sigma is not None:
+            sampling, source = replace(sampling, sigma=float(sigma)), f"{source}; sigma given on the command line"
+        runs.append({"name": name, "run": run, "sampling": sampling, "info": {
+            "name": name, "path": str(run_dir), "kind": run.kind, "step": run.step, "trained_on": str(run.dataset_dir),
+            "sampling": sampling.to_dict(), "sampling_text": sampling.describe(), "sampling_source": source}})
+    return runs
+
+
+def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLike], *, n: int = 5120,
+             best_of: Sequence[int] = (1,), weights: str | Mapping[str, float] | None = None, seed: int = 0,
+             batch_size: int = 32, steps: int | None = None, cfg_scale: float | None = None,
+             sigma: float | None = None, split: str = "both", inception: str | os.PathLike | None = None,
+             device: str = "cpu", out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
+             kid_subset_size: int = 100, kid_subsets: int = 100, tts_n: int | None = None,
+             on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Evaluate runs on a dataset's test pairs (see the module docstring for the protocol).
+
+    Args:
+        dataset_dir: the dataset folder (with fitted evaluators: reward classifier and judge).
+        run_dirs: pretrain/posttrain run folders (EMA weights are used).
+        n: test pairs per split (CellFlux: 5,120; fewer if the split is smaller).
+        best_of: N values of the best-of-N curves.
+        tts_n: the N of the table's best-of (TTS) column, one of ``best_of`` (``None``: the largest).
+        weights: reward weights of the overall reward (``"moa=5,..."`` or a dict; None = the paper's).
+        seed: seeds the control draw, the source noise of every candidate, reservoirs and KID subsets.
+        batch_size: pairs per batch.
+        steps, cfg_scale, sigma: override every run's recorded sampling (``None``: each run's own).
+        split: ``"both"`` (in-distribution and OOD sections, the default), ``"id"``, ``"ood"`` or
+            ``"all"`` (one mixed section; never the headline of a paper table).
+        inception: FID InceptionV3 weight file (state dict or TorchScript); None = the offline
+            FD-judge/KD-judge substitute.
+        device: torch device for generation and features (rewards run on CPU threads).
+        out: folder for report.json, report.md and the figures (None: write nothing).
+        names: column names of the runs (default: :func:`run_names`).
+        kid_subset_size, kid_subsets: KID subsets (CellFlux: 100 and 100).
+        on_progress: progress callback ``(split, pairs done, pairs total)``.
+
+    Returns:
+        The report dict (as written to report.json; see :mod:`cellfluxrl.evaluation.report`).
+
+    Raises:
+        CellfluxError: missing dataset/evaluators/run/weights, an empty split, or bad options.
+    """
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.model.generate import SPLITS
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite, parse_weights
+
+    if not run_dirs:
+        raise CellfluxError("evaluate: give at least one RUN folder")
+    if split not in EVAL_SPLITS:
+        raise CellfluxError(f"evaluate: unknown split {split!r}; choose one of {', '.join(EVAL_SPLITS)}")
+    dataset = load_dataset(dataset_dir)
+    weights = parse_weights(weights) if not isinstance(weights, Mapping) else dict(weights)
+    names = list(names) if names is not None else run_names(run_dirs)
+    if len(names) != len(run_dirs):
+        raise CellfluxError(f"evaluate: {len(names)} names for {len(run_dirs)} runs")
+    runs = _load_runs(run_dirs, names, device, steps, cfg_scale, sigma)
+    # Every default reward is reported as a row, whatever its weight in the overall reward.
+    suite = RewardSuite.from_dataset(dataset, {name: 1.0 for name in [*DEFAULT_WEIGHTS, *weights]}, device=device)
+    classifier, judge = suite.evaluators.moa_classifier(device), suite.evaluators.judge(device)
+    if inception is not None:
+        from cellfluxrl.evaluation.inception import load_inception
+
+        features = load_inception(inception, device=device)
+    else:
+        features = MoAFeatures(judge, source=str(suite.evaluators.judge_path))
+    settings = {"dataset": str(dataset_dir), "runs": [r["info"] for r in runs], "n": int(n), "split": split,
+                "best_of": sorted({1, *(int(b) for b in best_of)}),
+                "tts_n": int(tts_n or max(best_of)), "weights": weights, "seed": int(seed),
+                "batch_size": int(batch_size), "device": str(device),
+                "inception": None if inception is None else str(inception),
+                "graders": {"rewards": str(suite.evaluators.classifier_path), "judge": str(suite.evaluators.judge_path)},
+                "seeds": {"pairs": int(seed), "candidate_noise": f"SeedSequence([{seed}, target_index, k])",
+                          "kid_subsets": int(seed)}}
+    sections = {}
+    try:
+        for part in EVAL_SPLITS[split]:
+            if split == "both" and part == "ood" and dataset.conditions["ood"].sum() == 0:
+                logger.warning("%s has no held-out (OOD) compounds; reporting in-distribution only", dataset.root)
+                continue
+            pairs = Pairs.from_dataset(dataset, n, seed, part)
+            sources = {r["name"]: run_candidates(r["run"].net, dataset, pairs, seed=seed, device=device,
+                                                 **_sampling_kwargs(r["sampling"])) for r in runs}
+            progress = None if on_progress is None else (lambda stage, done, total, part=part: on_progress(part, done, total))
+            with torch.inference_mode(False), torch.no_grad():
+                results = evaluate_sources(dataset, pairs, sources, suite=suite, weights=weights, features=features,
+                                           classifier=classifier, judge=judge, best_of=best_of,
+                                           batch_size=batch_size, kid_subset_size=kid_subset_size,
+                                           kid_subsets=kid_subsets, seed=seed, tts_n=tts_n, on_progress=progress)
+            sections[part] = build_report(results, split=part, split_description=SPLITS[part])
+            if out is not None:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                sections[part]["files"] = write_section_figures(sections[part], results, Path(out), dataset=dataset)
+    finally:
+        suite.close()
+    report = combine(sections, settings)
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def _sampling_kwargs(sampling) -> dict:
+    """:func:`run_candidates` keyword arguments of a :class:`~cellfluxrl.checkpoint.Sampling`."""
+    return {"steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "sigma": sampling.sigma,
+            "solver": sampling.solver, "grid": sampling.grid}

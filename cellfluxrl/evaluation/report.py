@@ -1,0 +1,194 @@
+"""The evaluation report: ``report.json``, ``report.md`` and the figures, from the evaluation's results.
+
+A report holds one **section** per compound split (``"id"``: in-distribution compounds, the
+headline as in CellFlux; ``"ood"``: the held-out compounds, never mixed into the headline), each
+a full table::
+
+    {"format": "cellfluxrl-evaluate/2", "settings": {...}, "versions": {...},
+     "splits": ["id", "ood"], "sections": {"id": SECTION, "ood": SECTION}, "files": {...}}
+    SECTION = {"split", "split_description", "columns", "rows", "labels", "table", "best_of_n", "paired",
+               "per_condition", "distance", "n_pairs", "n_conditions", "throughput", "files"}
+
+Rows: every reward (per pair its expectation over the K candidates, plain or best-of-N, see
+:func:`~cellfluxrl.evaluation.metrics.best_of_n_weights`; then mean and standard error over pairs),
+``overall`` (the weighted sum), ``moa_accuracy`` (the **judge**'s top-1 accuracy: an MoA classifier
+fitted independently of the reward's), ``moa_accuracy_reward`` (the reward classifier's accuracy, so
+reward hacking shows as the gap between the two), then the distances ``<FD>_o``, ``<FD>_c``,
+``<KD>_o``, ``<KD>_c`` on the judge's features (or FID/KID with the Inception weights). ``paired``:
+per N (1 and the table's best-of) every run minus the first on the same pairs
+(:func:`paired_differences`).
+
+This module builds the report dict; :mod:`cellfluxrl.evaluation.report_text` renders and writes
+``report.md`` / ``report.json``, :mod:`cellfluxrl.evaluation.report_figures` its figures.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from cellfluxrl.evaluation.metrics import best_of_n_weights, mean_sem
+
+
+REPORT_FORMAT = "cellfluxrl-evaluate/2"
+REAL = "real"
+CONTROL_COLUMN = "control"
+REWARD_LABELS = {"moa": "MoA", "nuc_in_cyto": "Nuc-in-Cyto", "roundness": "Roundness", "nuc_size": "NucSize",
+                 "cyto_size": "CytoSize", "nuc_count": "NucCount", "cyto_count": "CytoCount"}
+ACCURACY_LABELS = {"moa_accuracy": "MoA accuracy (judge)", "moa_accuracy_reward": "MoA accuracy (reward classifier)"}
+SPLIT_TITLES = {"id": "In-distribution compounds (headline)", "ood": "Held-out (OOD) compounds",
+                "all": "All compounds (in-distribution and held-out mixed)"}
+
+
+def _cell(values: np.ndarray | None) -> dict:
+    if values is None:
+        return {"mean": None, "sem": None}
+    mean, sem = mean_sem(values)
+    return {"mean": mean, "sem": sem}
+
+
+def _distance_cells(result, name: str, kid_name: str, fd_c=None, kid_c=None) -> dict:
+    fd = None if result is None else result.fd
+    kd = None if result is None else result.kid_mean
+    kd_std = None if result is None else result.kid_std
+    return {f"{name}_o": {"mean": fd, "sem": None}, f"{name}_c": {"mean": fd_c, "sem": None},
+            f"{kid_name}_o": {"mean": kd, "sem": None, "std": kd_std}, f"{kid_name}_c": {"mean": kid_c, "sem": None}}
+
+
+def _selected(sc, names: Sequence[str], weights: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per-pair expected values under candidate ``weights`` ``(P, K)`` (rows sum to 1): rewards +
+    overall, judge and reward-classifier hit rates, each ``(P,)`` float64."""
+    def expect(v: np.ndarray) -> np.ndarray:
+        return (weights * np.asarray(v, dtype=np.float64)).sum(axis=1)
+
+    values = {name: expect(sc.components[name]) for name in names}
+    values["overall"] = expect(sc.total)
+    return values, expect(sc.correct), expect(sc.correct_reward)
+
+
+def paired_differences(results: dict, n: int, base: str | None = None) -> dict[str, dict[str, dict]]:
+    """Paired differences ``column - base`` over the same pairs, source noise and seeds.
+
+    For every generated source other than ``base`` (default: the first source), the per-pair
+    best-of-``n`` expectations (:func:`~cellfluxrl.evaluation.metrics.best_of_n_weights`) of every reward, the
+    overall reward and the judge's accuracy minus the base's, as ``{source: {row: {"mean", "sem"}}}``
+    (mean and standard error over pairs). Sources are paired because every run draws candidate
+    ``k`` of pair ``i`` from the same control, condition and noise seed.
+    """
+    names, sources = results["names"], results["sources"]
+    base = sources[0] if base is None else base
+    per = {}
+    for s in sources:
+        sc = results["scores"][s]
+        values, correct, _ = _selected(sc, names, best_of_n_weights(sc.total, n))
+        per[s] = {**values, "moa_accuracy": correct}
+    return {s: {row: _cell(per[s][row] - per[base][row]) for row in per[s]} for s in sources if s != base}
+
+
+def build_report(results: dict, split: str = "all", split_description: str = "") -> dict:
+    """One report section (a dict) from :func:`cellfluxrl.evaluation.scoring.evaluate_sources`' results.
+
+    Args:
+        results: the evaluation results (scores per column, distances, pairs, grid images).
+        split: the compound split the pairs come from (``"id"``, ``"ood"`` or ``"all"``).
+        split_description: a sentence saying what the split is.
+    """
+    names, k_max, best_of = results["names"], results["k_max"], results["best_of"]
+    tts_n = results.get("tts_n", k_max)
+    fd_name, kid_name = results["feature_name"], results["kid_name"]
+    pairs = results["pairs"]
+    rows = [*names, "overall", *ACCURACY_LABELS, f"{fd_name}_o", f"{fd_name}_c", f"{kid_name}_o", f"{kid_name}_c"]
+    table, per_condition, curves = {}, {}, {}
+    compounds = np.unique(pairs.compound)
+
+    def column_cells(values: dict[str, np.ndarray], correct: np.ndarray, correct_reward: np.ndarray,
+                     column: str) -> dict:
+        cells = {name: _cell(values[name]) for name in [*names, "overall"]}
+        cells["moa_accuracy"] = _cell(correct.astype(np.float64))
+        cells["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64))
+        if column == REAL:
+            cells.update(_distance_cells(None, fd_name, kid_name))
+        else:
+            per = results["per_condition_fd"].get(column, {})
+            fds = [r.fd for r in per.values() if r.fd is not None]
+            kds = [r.kid_mean for r in per.values() if r.kid_mean is not None]
+            cells.update(_distance_cells(results["overall_fd"][column], fd_name, kid_name,
+                                         float(np.mean(fds)) if fds else None, float(np.mean(kds)) if kds else None))
+        per_condition[column] = {}
+        for compound in compounds:
+            mask = pairs.compound == compound
+            entry = {"n": int(mask.sum()), "overall": mean_sem(values["overall"][mask])[0],
+                     "moa_accuracy": float(correct[mask].mean()),
+                     "moa_accuracy_reward": float(correct_reward[mask].mean())}
+            r = results["per_condition_fd"].get(column, {}).get(str(compound))
+            entry[fd_name] = None if r is None else r.fd
+            entry[kid_name] = None if r is None else r.kid_mean
+            per_condition[column][str(compound)] = entry
+        return cells
+
+    for s in results["sources"]:
+        sc = results["scores"][s]
+        curves[s] = {}
+        for n in best_of:
+            values, correct, correct_reward = _selected(sc, names, best_of_n_weights(sc.total, n))
+            curves[s][str(n)] = {key: _cell(v) for key, v in values.items()}
+            curves[s][str(n)]["moa_accuracy"] = _cell(correct.astype(np.float64))
+            curves[s][str(n)]["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64))
+            if n == 1:
+                table[s] = column_cells(values, correct, correct_reward, s)
+            if n == tts_n and tts_n > 1:
+                column = f"{s}+best-of-{tts_n}"
+                table[column] = column_cells(values, correct, correct_reward, column)
+    real = results["scores"][REAL]
+    values, correct, correct_reward = _selected(real, names, np.ones((len(pairs), 1)))
+    table[REAL] = column_cells(values, correct, correct_reward, REAL)
+
+    throughput = {}
+    for s in [*results["sources"], REAL]:
+        seconds = results["scores"][s].seconds
+        n_images = len(pairs) * (k_max if s != REAL else 1)
+        throughput[s] = {"images": n_images, "seconds": seconds, "images_per_s": n_images / seconds if seconds else None}
+    labels = {row: REWARD_LABELS.get(row, row) for row in rows} | {"overall": "Overall"} | ACCURACY_LABELS
+    return {
+        "split": split, "split_description": split_description,
+        "columns": list(table), "rows": rows, "table": table, "labels": labels,
+        "best_of_n": curves, "per_condition": per_condition,
+        "paired": {str(n): paired_differences(results, n) for n in sorted({1, tts_n})} if len(results["sources"]) > 1 else {},
+        "distance": {"features": fd_name, "kid": kid_name, "source": results["feature_source"],
+                     "note": distance_note(fd_name), **results["kid"]},
+        "n_pairs": len(pairs), "n_conditions": int(compounds.size), "throughput": throughput,
+    }
+
+
+def distance_note(fd_name: str) -> str:
+    """What the distance rows are, in one sentence."""
+    if fd_name == "FID":
+        return "FID/KID on the 2048-d pool features of the FID InceptionV3 (TF 2015-12-05 weights); KID unscaled"
+    return ("offline substitute: Frechet and kernel distances on the penultimate features of the judge, an MoA "
+            "classifier fitted independently of the reward's (not FID/KID, not comparable with published numbers); "
+            "pass --inception FILE for FID/KID")
+
+
+def versions() -> dict:
+    """Software versions recorded in the report."""
+    import torch
+
+    import cellfluxrl
+
+    return {"cellfluxrl": cellfluxrl.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def combine(sections: dict[str, dict], settings: dict) -> dict:
+    """The whole report: the sections (split -> :func:`build_report` output), settings and versions."""
+    return {"format": REPORT_FORMAT, "splits": list(sections), "sections": sections, "settings": settings,
+            "versions": versions()}
+
+
+def headline(report: dict) -> dict:
+    """The headline section of a report: in-distribution compounds when present, else the first."""
+    sections = report["sections"]
+    return sections.get("id", next(iter(sections.values())))

@@ -1,0 +1,136 @@
+"""The report as files: ``report.md`` (settings, then per split the main table, paired differences,
+best-of-N and per-condition tables) and ``report.json``, each written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cellfluxrl.data.layout import follow_umask
+from cellfluxrl.evaluation.report import SPLIT_TITLES, headline
+
+
+def _fmt(cell: dict | None, row: str) -> str:
+    if cell is None or cell.get("mean") is None:
+        return "-"
+    mean, sem = cell["mean"], cell.get("sem")
+    if row.endswith("_o") or row.endswith("_c"):
+        return f"{mean:.4g}" if abs(mean) < 10 else f"{mean:.2f}"
+    return f"{mean:.3f} ± {sem:.3f}" if sem is not None else f"{mean:.3f}"
+
+
+def markdown_table(section: dict, columns: Sequence[str] | None = None) -> str:
+    """A section's main table (rows x columns, default all columns) as GitHub markdown."""
+    columns = list(section["columns"] if columns is None else columns)
+    labels = section["labels"]
+    lines = ["| Metric | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row in section["rows"]:
+        cells = [_fmt(section["table"][c].get(row), row) for c in columns]
+        lines.append(f"| {labels.get(row, row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def section_title(section: dict) -> str:
+    """E.g. ``"In-distribution compounds (headline): 64 test pairs, 20 conditions"``."""
+    title = SPLIT_TITLES.get(section["split"], section["split"])
+    return f"{title}: {section['n_pairs']} test pairs, {section['n_conditions']} compounds"
+
+
+def sampling_lines(settings: dict) -> list[str]:
+    """One line per run: the sampler and guidance it was evaluated with, and where they came from."""
+    return [f"- {r['name']}: {r['sampling_text']} ({r['sampling_source']})" for r in settings.get("runs", [])]
+
+
+def _section_markdown(section: dict) -> list[str]:
+    out = [f"## {section_title(section)}", "", section["split_description"] + ".", "",
+           markdown_table(section), "", *_paired_markdown(section), "### Best-of-N (selected by the overall reward)", ""]
+    names = [r for r in section["rows"] if not r[-2:] in ("_o", "_c")]
+    out.append("| Run | N | " + " | ".join(section["labels"].get(r, r) for r in names) + " |")
+    out.append("|---|---|" + "---|" * len(names))
+    for run, per_n in section["best_of_n"].items():
+        for n, cells in per_n.items():
+            out.append(f"| {run} | {n} | " + " | ".join(_fmt(cells.get(r), r) for r in names) + " |")
+    fd, kd = section["distance"]["features"], section["distance"]["kid"]
+    out += ["", "### Per condition", "",
+            f"| Column | Condition | n | Overall | MoA accuracy (judge) | MoA accuracy (reward) | {fd} | {kd} |",
+            "|---|---|---|---|---|---|---|---|"]
+    for column, per in section["per_condition"].items():
+        for name, e in per.items():
+            d = "-" if e[fd] is None else f"{e[fd]:.4g}"
+            k = "-" if e[kd] is None else f"{e[kd]:.4g}"
+            out.append(f"| {column} | {name} | {e['n']} | {e['overall']:.3f} | {e['moa_accuracy']:.3f} | "
+                       f"{e['moa_accuracy_reward']:.3f} | {d} | {k} |")
+    out += ["", "### Throughput (generation + rewards + features, this machine)", ""]
+    for column, t in section["throughput"].items():
+        ips = "-" if t["images_per_s"] is None else f"{t['images_per_s']:.1f}"
+        out.append(f"- {column}: {t['images']} images in {t['seconds']:.1f} s = {ips} images/s")
+    return out + [""]
+
+
+def _paired_markdown(section: dict) -> list[str]:
+    """The paired-differences table (every run minus the first, at N = 1 and the table's best-of)."""
+    paired = section.get("paired") or {}
+    columns = [(n, s) for n, per in paired.items() for s in per]
+    if not columns:
+        return []
+    base = section["columns"][0]
+    head = [f"{s} - {base}" + ("" if n == "1" else f" (both best-of-{n})") for n, s in columns]
+    rows = [r for r in section["rows"] if r in paired[columns[0][0]][columns[0][1]]]
+    out = [f"### Paired differences against {base} (same pairs, controls and noise seeds; mean ± s.e. over pairs)", "",
+           "| Metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for r in rows:
+        out.append(f"| {section['labels'].get(r, r)} | " + " | ".join(_fmt(paired[n][s][r], r) for n, s in columns) + " |")
+    return out + [""]
+
+
+def markdown_report(report: dict) -> str:
+    """``report.md``: settings, then per split the main table, best-of-N and per-condition tables."""
+    s = report["settings"]
+    first = headline(report)
+    out = [f"# Evaluation on {s.get('dataset', '?')}", "",
+           f"Seed {s.get('seed')}, best-of {s.get('best_of')}. Overall reward weights: {s.get('weights')}.",
+           f"Distances: {first['distance']['note']}.", "",
+           "MoA accuracy (judge) is graded by a classifier that RL never optimised; MoA accuracy (reward "
+           "classifier) by the one behind the MoA reward: a large gap between them is reward hacking.", "",
+           "Sampling of each run:", *sampling_lines(s), "",
+           "Rewards (higher is better): per pair the expectation over all of a run's candidates (the plain "
+           "column: their mean; best-of-N: each candidate weighted by its chance of being the best of N drawn "
+           "from them), then mean ± standard error over pairs. Distances (lower is better; none for the real "
+           "column) and Figure 4 use one image per pair: candidate 0, and the best of the first N.", ""]
+    for section in report["sections"].values():
+        out += _section_markdown(section)
+    return "\n".join(out)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    follow_umask(tmp)  # mkstemp files are private whatever the umask
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out: str | os.PathLike) -> dict[str, Path]:
+    """Write ``report.md`` then ``report.json`` (last: its presence means the evaluation finished)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    report["files"] = {k: p.name for k, p in paths.items()}
+    _write_text(paths["md"], markdown_report(report))
+    _write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n")
+    return paths
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

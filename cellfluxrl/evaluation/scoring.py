@@ -1,0 +1,239 @@
+"""Scoring candidate sources and the real targets on the same pairs (:func:`evaluate_sources`).
+
+Pairs are processed in batches in condition order; every candidate is generated, quantised and
+scored once (rewards, the judge's and the reward classifier's MoA hits), the features of the
+images a column shows are streamed into running statistics, and a condition's statistics are
+turned into distances and dropped as soon as its last pair is done. The protocol is in
+:mod:`cellfluxrl.evaluation.pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cellfluxrl.errors import CellfluxError
+from cellfluxrl.evaluation.candidates import CandidateFn, Pairs, quantize, real_images
+from cellfluxrl.evaluation.metrics import FeatureSet, best_of_n, compare_many
+from cellfluxrl.evaluation.report import CONTROL_COLUMN, REAL
+from cellfluxrl.images import to_model, to_uint8
+from cellfluxrl.rewards.refstats import empty_columns_warning
+
+logger = logging.getLogger(__name__)
+
+MORPHOLOGY_REWARDS = ("nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count")
+
+
+@dataclass
+class _Scores:
+    """Per-pair (and per-candidate) scores of one source: arrays ``(P, K)`` (K = 1 for real).
+
+    ``correct``: the judge's top-1 MoA equals the target's; ``correct_reward``: the same for the
+    reward classifier; ``nuc_count``: the nuclei the segmenter found.
+    """
+
+    total: np.ndarray
+    components: dict[str, np.ndarray]
+    correct: np.ndarray
+    correct_reward: np.ndarray
+    nuc_count: np.ndarray
+    seconds: float = 0.0
+
+    @classmethod
+    def empty(cls, n_pairs: int, k: int, names: Sequence[str]) -> "_Scores":
+        nan = np.full((n_pairs, k), np.nan)
+        return cls(nan.copy(), {name: nan.copy() for name in names}, np.zeros((n_pairs, k), dtype=bool),
+                   np.zeros((n_pairs, k), dtype=bool), nan.copy())
+
+
+@dataclass
+class _Streams:
+    """Streaming feature state: overall and open per-condition feature sets per distance column."""
+
+    dim: int
+    reservoir: int
+    seed: int
+    overall: dict[str, FeatureSet] = field(default_factory=dict)
+    per_condition: dict[int, dict[str, FeatureSet]] = field(default_factory=dict)
+
+    def _new(self, column: str, condition: int) -> FeatureSet:
+        salt = [int(self.seed), zlib.crc32(column.encode()), int(condition) + 1]
+        return FeatureSet.create(self.dim, self.reservoir, int(np.random.SeedSequence(salt).generate_state(1)[0]))
+
+    def update(self, column: str, conditions: np.ndarray, features: np.ndarray) -> None:
+        if column not in self.overall:
+            self.overall[column] = self._new(column, -1)
+        self.overall[column].update(features)
+        for c in np.unique(conditions):
+            sets = self.per_condition.setdefault(int(c), {})
+            if column not in sets:
+                sets[column] = self._new(column, int(c))
+            sets[column].update(features[conditions == c])
+
+
+def _hits(classifier, images: torch.Tensor, moa: np.ndarray) -> np.ndarray:
+    """bool ``(B,)``: the classifier's top-1 class (named by its ``classes``) equals ``moa``."""
+    predicted = np.argmax(classifier.predict_proba(images), axis=1)
+    return np.asarray(classifier.classes)[predicted] == np.asarray(moa).astype(str)
+
+
+def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor, moa: np.ndarray, suite,
+                weights: Mapping[str, float], classifier, judge) -> None:
+    """Rewards, overall reward and MoA correctness (judge and reward classifier) of one batch,
+    written into ``scores[rows, k]``."""
+    result = suite.score(images, list(moa))
+    total = np.zeros(len(rows), dtype=np.float64)
+    for name in scores.components:
+        scores.components[name][rows, k] = result.components[name]
+    for name, w in weights.items():
+        total += w * result.components[name]
+    scores.total[rows, k] = total
+    scores.correct[rows, k] = _hits(judge, images, moa)
+    scores.correct_reward[rows, k] = _hits(classifier, images, moa)
+    scores.nuc_count[rows, k] = result.stats["nuc_count"]
+
+
+def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Sequence[str], names: np.ndarray,
+                       out: dict, kid_subset_size: int, kid_subsets: int, seed: int) -> None:
+    """Distances of finished conditions (generated column vs real), then drop their state."""
+    for c in done:
+        sets = streams.per_condition.pop(int(c), {})
+        if REAL not in sets:
+            continue
+        others = {column: sets[column] for column in fd_columns if column in sets}
+        for column, result in compare_many(sets[REAL], others, kid_subset_size, kid_subsets, seed).items():
+            out.setdefault(column, {})[str(names[c])] = result
+
+
+def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, tts_n: int, scores: _Scores,
+                  streams: _Streams, grid: dict, moa: np.ndarray, cond: np.ndarray, suite, weights: Mapping[str, float], classifier,
+                  judge, features) -> None:
+    """Generate and score the ``k_max`` candidates of a batch; stream the features of the picked ones.
+
+    The column ``s`` takes candidate 0 (a plain sample); ``s+best-of-N`` (``N = tts_n``) takes the
+    best of the first N by the overall reward. Only ``batch x K`` images are held at once.
+    """
+    images = []
+    for k in range(k_max):
+        x = quantize(candidates(pos, k))
+        _score_into(scores, pos, k, x, moa, suite, weights, classifier, judge)
+        images.append(x)
+    picks = {s: np.zeros(len(pos), dtype=np.int64)}
+    if tts_n > 1:
+        picks[f"{s}+best-of-{tts_n}"] = best_of_n(scores.total[pos], tts_n)
+    stacked = torch.stack(images, dim=1)  # (B, K, C, H, W)
+    for column, pick in picks.items():
+        chosen = stacked[torch.arange(len(pos)), torch.as_tensor(pick)]
+        streams.update(column, cond, features(chosen))
+        _remember(grid, pos, column, chosen)
+
+
+def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], *, suite, weights: Mapping[str, float],
+                     features, classifier, judge, best_of: Sequence[int] = (1,), batch_size: int = 32,
+                     kid_subset_size: int = 100, kid_subsets: int = 100, reservoir_size: int = 1000,
+                     seed: int = 0, grid_conditions: int = 6, tts_n: int | None = None,
+                     on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Score candidate sources and the real targets on the same pairs; the core of :func:`evaluate`.
+
+    Args:
+        dataset: the loaded dataset.
+        pairs: the evaluation pairs.
+        sources: column name -> candidate function (a run, or any image source in tests).
+        suite: a :class:`~cellfluxrl.rewards.RewardSuite` whose rewards are the report's reward rows.
+        weights: name -> weight of the overall reward (names must be in the suite).
+        features: feature extractor ``(B, C, H, W) in [-1, 1] -> float64 (B, F)`` with ``name``,
+            ``kid_name`` and ``dim`` (:class:`~cellfluxrl.evaluation.inception.InceptionFeatures`, or
+            :class:`MoAFeatures` of the judge).
+        classifier: the reward's MoA classifier (``predict_proba``, ``classes``): the
+            ``moa_accuracy_reward`` row.
+        judge: the independent MoA classifier: the ``moa_accuracy`` row.
+        best_of: the N values of the best-of-N curves (K = max candidates per pair; 1 is always added).
+        tts_n: the N of the table's and Figure 4's best-of column (paper Table 1: 4; one of
+            ``best_of``; ``None``: the largest).
+        batch_size: pairs per batch.
+        kid_subset_size, kid_subsets: KID subsets (CellFlux: 100, 100).
+        reservoir_size: feature rows kept per column (per condition) for KID.
+        seed: seeds the reservoirs and the KID subsets (the pairs and noise are fixed by the caller).
+        grid_conditions: conditions shown in Figure 4.
+        on_progress: ``(stage, pairs done, pairs total)`` after every batch.
+
+    Returns:
+        The results dict consumed by :func:`build_report`.
+    """
+    best_of = sorted({1, *(int(b) for b in best_of)})  # N = 1 is the plain run column
+    if best_of[0] < 1:
+        raise CellfluxError(f"--best-of values must be >= 1, got {best_of}")
+    k_max, n_pairs = best_of[-1], len(pairs)
+    tts_n = k_max if tts_n is None else int(tts_n)
+    if tts_n not in best_of:
+        raise CellfluxError(f"evaluate: the table's best-of-{tts_n} is not one of the best-of-N values {best_of}")
+    names = list(suite.weights)
+    missing = [w for w in weights if w not in names]
+    if missing:
+        raise CellfluxError(f"evaluate: weighted reward(s) {', '.join(missing)} are not in the reward suite")
+    fd_columns = [c for s in sources for c in ([s, f"{s}+best-of-{tts_n}"] if tts_n > 1 else [s])]
+    streams = _Streams(features.dim, reservoir_size, seed)
+    scores = {s: _Scores.empty(n_pairs, k_max, names) for s in sources}
+    scores[REAL] = _Scores.empty(n_pairs, 1, names)
+    per_condition_fd: dict[str, dict] = {}
+    condition_names = np.asarray(dataset.conditions["compound"]).astype(str)
+    order = pairs.order()
+    last_position = {int(c): i for i, c in enumerate(pairs.condition[order])}
+    grid_pairs = _grid_pairs(pairs, order, grid_conditions)
+    grid: dict[int, dict[str, np.ndarray]] = {int(p): {} for p in grid_pairs}
+
+    for start in range(0, n_pairs, batch_size):
+        pos = order[start:start + batch_size]
+        moa, cond = pairs.moa[pos], pairs.condition[pos]
+        t0 = time.perf_counter()
+        x_real = real_images(dataset, pairs, pos)
+        _score_into(scores[REAL], pos, 0, x_real, moa, suite, weights, classifier, judge)
+        streams.update(REAL, cond, features(x_real))
+        scores[REAL].seconds += time.perf_counter() - t0
+        _remember(grid, pos, REAL, x_real)
+        _remember(grid, pos, CONTROL_COLUMN, to_model(np.asarray(dataset.images[pairs.control[pos]]), dequantize=False))
+        for s, candidates in sources.items():
+            t0 = time.perf_counter()
+            _source_batch(s, candidates, pos, k_max, tts_n, scores[s], streams, grid, moa, cond, suite, weights, classifier,
+                          judge, features)
+            scores[s].seconds += time.perf_counter() - t0
+        done = [c for c in np.unique(cond) if last_position[int(c)] < start + len(pos)]
+        _finish_conditions(streams, done, fd_columns, condition_names, per_condition_fd, kid_subset_size,
+                           kid_subsets, seed)
+        if on_progress is not None:
+            on_progress("evaluate", min(start + batch_size, n_pairs), n_pairs)
+
+    overall = compare_many(streams.overall[REAL], {c: streams.overall[c] for c in fd_columns}, kid_subset_size,
+                           kid_subsets, seed)
+    warning = empty_columns_warning({c: s.nuc_count for c, s in scores.items()}, suite.segmenter.settings)
+    if warning:  # more than 5 % of a column's images (all K candidates of a run) without a nucleus
+        logger.warning("evaluate: %s", warning)
+    return {"pairs": pairs, "sources": list(sources), "best_of": best_of, "k_max": k_max, "tts_n": tts_n,
+            "names": names,
+            "weights": dict(weights), "scores": scores, "fd_columns": fd_columns, "overall_fd": overall,
+            "per_condition_fd": per_condition_fd, "feature_name": features.name, "kid_name": features.kid_name,
+            "feature_source": getattr(features, "source", ""), "grid": [(int(p), grid[int(p)]) for p in grid_pairs],
+            "kid": {"subset_size": kid_subset_size, "n_subsets": kid_subsets, "reservoir_size": reservoir_size}}
+
+
+def _grid_pairs(pairs: Pairs, order: np.ndarray, n_conditions: int) -> list[int]:
+    """The first pair (in processing order) of the first ``n_conditions`` conditions."""
+    chosen, seen = [], set()
+    for p in order:
+        c = int(pairs.condition[p])
+        if c not in seen and len(chosen) < n_conditions:
+            seen.add(c)
+            chosen.append(int(p))
+    return chosen
+
+
+def _remember(grid: dict[int, dict[str, np.ndarray]], pos: np.ndarray, column: str, images: torch.Tensor) -> None:
+    for i, p in enumerate(pos):
+        if int(p) in grid:
+            grid[int(p)][column] = to_uint8(images[i:i + 1])[0]

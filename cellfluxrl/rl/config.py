@@ -1,0 +1,89 @@
+"""Post-training settings, :class:`PosttrainConfig`: defaults follow the paper, then DiffusionNFT
+(docs/posttrain.md gives each default and where we depart from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cellfluxrl.errors import CellfluxError
+
+
+@dataclass(frozen=True)
+class PosttrainConfig:
+    """Post-training settings; defaults follow the paper, then DiffusionNFT (see docs/posttrain.md)."""
+
+    weights: str | None = None  # reward weights NAME=W,... merged into the paper's sum (None: paper's 7 rewards)
+    steps: int = 1200  # RL iterations (each takes grad_steps optimizer steps; paper: 1200 x 1)
+    group_size: int = 8  # m rollouts per fixed (x_0, c) group
+    groups_per_step: int = 16  # groups per iteration over all ranks (16 x 8 = 128 rollouts per step)
+    rollout_steps: int = 10  # Heun steps of the rollout sampler (DiffusionNFT: 10; Heun NFE = 2 steps)
+    rollout_grid: str = "edm"  # rollout time grid (CellFlux sampler: edm)
+    rollout_batch: int = 64  # rollouts per sampler call and per reward job (rounded down to whole groups)
+    sigma: float = 1.0  # std of the noise injected into the control (CellFlux: 1.0)
+    cfg_scale: float | None = None  # CFG of rollouts AND of the trained (guided) velocity; None: the base run's sampling CFG
+    train_source: str = "fresh"  # x_0 of the forward process: clean control + fresh sigma noise, or "rollout" (exact source)
+    t_sampling: str = "grid"  # training t: the rollout grid's times (paper App. B) or U[0,1)
+    forward_noise: str = "group"  # "group": a group's rollouts share their fresh source noise and t (common random numbers); "independent"
+    train_timesteps: int | None = None  # t values per rollout per step (None: int(0.99 rollout_steps), as DiffusionNFT)
+    train_batch: int = 32  # (rollout, t) items per forward/backward micro-batch
+    grad_steps: int = 1  # optimizer steps per iteration: the shuffled items split into this many chunks (DiffusionNFT OCR: 2)
+    nft_beta: float = 1.0  # DiffusionNFT guidance strength beta (implicit policies, Eqs. 8-9); 1.0 = their default
+    kl_weight: float = 1.0  # weight of ||v_theta - v_ref||^2 to the frozen base (the paper's "KL weight beta = 1")
+    adv_clip: float = 5.0  # advantage clip C; r = 0.5 + clip(A) / (2 C) (DiffusionNFT: 5)
+    reward_norm: str = "none"  # "none": advantages of the raw weighted sum (paper Table 1); "per_reward": each reward standardised first
+    adaptive: bool = False  # DiffusionNFT's self-normalised (adaptive-weighting) loss instead of plain velocity MSE
+    lr: float = 2e-5  # AdamW learning rate (paper App. B)
+    weight_decay: float = 1e-4  # AdamW weight decay (DiffusionNFT)
+    grad_clip: float = 1.0  # max global gradient norm
+    old_rate: float = 0.001  # old-policy decay growth per step: eta_i = min(old_rate i, old_max)
+    old_max: float = 0.5  # old-policy decay cap (DiffusionNFT decay_type 1)
+    eval_ema_max: float = 0.9  # evaluation EMA decay min((1 + s) / (10 + s), eval_ema_max) (DiffusionNFT)
+    max_minutes: float = 0.0  # stop after the step that passes this wall time, with a checkpoint (0 = no limit)
+    save_every: int = 10  # checkpoint period (steps); also saved at the end
+    grid_every: int = 50  # sample-grid period (steps); 0 = never
+    grid_pairs: int = 8  # held-out test pairs shown in each grid (control | base | RL | real target)
+    seed: int = 0  # seeds the pairs, the source noise and the t draws (a function of (seed, step, rank))
+    bf16: bool = True  # bf16 autocast for every forward pass on GPU (ignored on CPU)
+
+    def __post_init__(self):
+        positive = ("steps", "group_size", "groups_per_step", "rollout_steps", "rollout_batch", "train_batch",
+                    "grad_steps", "nft_beta", "adv_clip", "save_every", "lr")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise CellfluxError(f"posttrain: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.cfg_scale is not None and not 0.0 <= self.cfg_scale < float("inf"):
+            raise CellfluxError(f"posttrain: cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
+        for name in ("sigma", "kl_weight", "max_minutes", "weight_decay", "grad_clip", "old_rate", "grid_every",
+                     "grid_pairs"):
+            if not getattr(self, name) >= 0:
+                raise CellfluxError(f"posttrain: {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.group_size < 2:
+            raise CellfluxError(f"posttrain: group_size must be >= 2 (advantages are group-centred), got {self.group_size}")
+        for name in ("old_max", "eval_ema_max"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise CellfluxError(f"posttrain: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.reward_norm not in ("none", "per_reward"):
+            raise CellfluxError(f"posttrain: reward_norm must be none or per_reward, got {self.reward_norm!r}")
+        if self.train_source not in ("fresh", "rollout"):
+            raise CellfluxError(f"posttrain: train_source must be fresh or rollout, got {self.train_source!r}")
+        if self.forward_noise not in ("group", "independent"):
+            raise CellfluxError(f"posttrain: forward_noise must be group or independent, got {self.forward_noise!r}")
+        if self.rollout_grid not in ("edm", "uniform") or self.t_sampling not in ("grid", "uniform"):
+            raise CellfluxError(f"posttrain: bad rollout_grid {self.rollout_grid!r} or t_sampling {self.t_sampling!r}")
+        if self.train_timesteps is not None and not 1 <= self.train_timesteps:
+            raise CellfluxError(f"posttrain: train_timesteps must be >= 1, got {self.train_timesteps}")
+        if self.t_sampling == "grid" and (self.train_timesteps or 0) > self.rollout_steps:
+            raise CellfluxError(f"posttrain: train_timesteps {self.train_timesteps} > rollout_steps "
+                                f"{self.rollout_steps} (the grid has only that many times)")
+
+    @property
+    def guidance(self) -> float:
+        """The CFG scale ``w`` of rollouts and training (an unresolved ``None`` counts as 0)."""
+        return float(self.cfg_scale or 0.0)
+
+    @property
+    def n_train_timesteps(self) -> int:
+        """t values per rollout per step (resolves ``None`` to DiffusionNFT's 99% of the grid)."""
+        if self.train_timesteps is not None:
+            return self.train_timesteps
+        return max(1, int(0.99 * self.rollout_steps))
