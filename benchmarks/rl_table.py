@@ -26,9 +26,10 @@ Stages (each is skipped when its output exists, so a killed run continues where 
 4. Evaluation on the same test pairs and the same source noise for every model (paired), the
    in-distribution compounds (the headline) and the held-out (OOD) compounds apart, ``--pairs``
    per split (default: the demo's ``eval_pairs``); every run sampled with its recorded setting (the
-   base's sampler steps and CFG, which the RL runs roll out and train with). Base and rl_all get 4
-   candidates per pair (best-of-4 for Table 1), the single-reward runs 1 (candidate 0 has the same
-   source noise in every run). Per-pair scores are cached per run in
+   base's sampler steps and CFG, which the RL runs roll out and train with). Every run gets 4
+   candidates per pair from the same noise seeds; a run's column is per pair the mean over its 4
+   (best-of-4 for Table 1: each candidate weighted by its chance of being the best of 4, which with
+   4 candidates is the best one). Per-pair scores are cached per run in
    ``WORK/eval_columns_{id,ood}.json``, keyed by the run (path, steps, sampling), the pairs and the seed.
 
 Tables (``WORK/rl_table.md``, ``WORK/rl_table.json``, also printed):
@@ -43,8 +44,8 @@ Tables (``WORK/rl_table.md``, ``WORK/rl_table.json``, also printed):
 CPU time (2 quiet cores, the demo's settings): about ``steps x 15 s`` per RL run (32 rollouts of
 the demo's sampler per step), i.e. with the demo's 20 steps ~5 min per run and ~40 min for rl_all +
 7 singles (~35 min with ``--from-demo`` reusing DEMO/rl); evaluation about the demo's evaluate stage
-((2 x 4 + 7) candidates x 64 pairs x 2 splits, against its 2 x 8 x 64 x 2); data and base as in the
-demo when not reused. ``--quick``: about 2 minutes.
+((2 + 7) x 4 candidates x 64 pairs x 2 splits, against its 2 x 8 x 64 x 2: ~2.3x); data and base as
+in the demo when not reused. ``--quick``: about 2 minutes.
 """
 
 from __future__ import annotations
@@ -230,22 +231,22 @@ def reward_trend(run: Path, k: int = 20) -> tuple[float, float]:
 # --------------------------------------------------------------------------- evaluation
 
 def columns(scores, k: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per-pair values (P,) of every row for N = 1 (and best-of-``k`` when ``k`` > 1) of each run."""
-    from cellfluxrl.evaluation.metrics import best_of_n
+    """Per-pair values (P,) of every row of each run: the mean over its ``k`` candidates and, when
+    ``k > 1``, the best-of-``k`` of those ``k`` (``best_of_n_weights``, as ``evaluate``)."""
+    from cellfluxrl.evaluation.metrics import best_of_n_weights
 
     out = {}
     for name, sc in scores.items():
         if name == "real":
             continue
-        rows = np.arange(sc.total.shape[0])
-        picks = [(name, np.zeros(rows.size, dtype=np.int64))]
+        picks = [(name, best_of_n_weights(sc.total, 1))]
         if k > 1:
-            picks.append((f"{name}+best-of-{k}", best_of_n(sc.total, k)))
-        for label, pick in picks:
-            values = {r: sc.components[r][rows, pick] for r in REWARDS}
-            values["overall"] = sc.total[rows, pick]
-            values["moa_accuracy"] = sc.correct[rows, pick].astype(np.float64)
-            values["moa_accuracy_reward"] = sc.correct_reward[rows, pick].astype(np.float64)
+            picks.append((f"{name}+best-of-{k}", best_of_n_weights(sc.total, k)))
+        for label, w in picks:
+            values = {r: (w * sc.components[r]).sum(1) for r in REWARDS}
+            values["overall"] = (w * sc.total).sum(1)
+            values["moa_accuracy"] = (w * sc.correct).sum(1)
+            values["moa_accuracy_reward"] = (w * sc.correct_reward).sum(1)
             out[label] = values
     return out
 
@@ -263,7 +264,7 @@ def evaluate_split(data: Path, runs: dict[str, Path], n_pairs: int, seed: int, s
     cols, todo = {}, {}
     for name, path in runs.items():
         loaded = load_run(path, weights="ema")
-        k = TTS_N if name in ("base", "rl_all") else 1
+        k = TTS_N  # every run: the same K candidates per pair, so every column is a K-candidate mean
         key = {"path": str(Path(path).resolve()), "step": int(loaded.step), "sampling": loaded.sampling.to_dict(),
                "pairs": n_pairs, "seed": seed, "candidates": k}
         entry = entries.get(name)
