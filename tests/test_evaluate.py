@@ -351,3 +351,15 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert second.exit_code == 0, second.output
     table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 2 * 15 and table == [line for line in second.stdout.splitlines() if line.startswith("| ")]
+
+
+def test_paired_table_signs_gains_and_losses():
+    """The paired-differences table prints ``+`` on gains and ``-`` on losses, the plain cells no sign."""
+    from cellfluxrl.evaluation.report_text import _fmt, _paired_markdown
+
+    section = {"columns": ["base", "rl"], "rows": ["moa", "nuc_size"], "labels": {"moa": "MoA", "nuc_size": "NucSize"},
+               "paired": {"1": {"rl": {"moa": {"mean": 0.0625, "sem": 0.015}, "nuc_size": {"mean": -0.797, "sem": 0.282}}}}}
+    lines = _paired_markdown(section)
+    assert "| MoA | +0.062 ± 0.015 |" in lines and "| NucSize | -0.797 ± 0.282 |" in lines
+    assert lines[2] == "| Metric | rl - base |"
+    assert _fmt({"mean": 0.5, "sem": 0.1}, "moa") == "0.500 ± 0.100"

@@ -15,13 +15,15 @@ from cellfluxrl.data.layout import follow_umask
 from cellfluxrl.evaluation.report import SPLIT_TITLES, headline
 
 
-def _fmt(cell: dict | None, row: str) -> str:
+def _fmt(cell: dict | None, row: str, signed: bool = False) -> str:
+    """One table cell: ``mean ± s.e.`` (``signed``: with a leading ``+`` on gains, for differences)."""
     if cell is None or cell.get("mean") is None:
         return "-"
     mean, sem = cell["mean"], cell.get("sem")
     if row.endswith("_o") or row.endswith("_c"):
         return f"{mean:.4g}" if abs(mean) < 10 else f"{mean:.2f}"
-    return f"{mean:.3f} ± {sem:.3f}" if sem is not None else f"{mean:.3f}"
+    value = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return f"{value} ± {sem:.3f}" if sem is not None else value
 
 
 def markdown_table(section: dict, columns: Sequence[str] | None = None) -> str:
@@ -84,7 +86,7 @@ def _paired_markdown(section: dict) -> list[str]:
     out = [f"### Paired differences against {base} (same pairs, controls and noise seeds; mean ± s.e. over pairs)", "",
            "| Metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for r in rows:
-        out.append(f"| {section['labels'].get(r, r)} | " + " | ".join(_fmt(paired[n][s][r], r) for n, s in columns) + " |")
+        out.append(f"| {section['labels'].get(r, r)} | " + " | ".join(_fmt(paired[n][s][r], r, signed=True) for n, s in columns) + " |")
     return out + [""]
 
 
