@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     jobs = [(str(f), "generated") for f in args.samples]
     if args.targets:
         jobs.insert(0, (str(args.samples[0]), "targets"))
-    print("| images | nuclei / image | nuclei < {0} px | nuclei mostly outside cells | DNA high-freq |".format(args.small))
+    print(f"| images | nuclei / image | nuclei < {args.small} px | nuclei mostly outside cells | DNA high-freq |")
     print("|---|---|---|---|---|")
     for path, key in jobs:
         x = np.load(path)[key].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0

@@ -63,6 +63,11 @@ def scores(data: Path, run: Path, n: int, seed: int, sampling=None, cache: Path 
     return out
 
 
+def cache_file(run: Path, n: int, seed: int, sampling, k: int) -> Path:
+    """Where :func:`scores` caches ``run``'s scores on ``n`` pairs of ``seed`` at ``sampling`` with ``k`` candidates."""
+    return run / f"evalcache_n{n}_s{seed}_k{sampling.steps}_w{sampling.cfg_scale:g}_c{k}.npz"
+
+
 def mean_se(v: np.ndarray) -> str:
     """``mean ± s.e.`` over pairs of a ``(n,)`` or ``(n, k)`` array (then first the mean over k)."""
     v = np.asarray(v, dtype=np.float64)
@@ -118,8 +123,8 @@ def main(argv=None) -> None:
         f"step {st['step']}: reward {st['reward']:.3f} kl {st['kl']:.2e} ({st['t_step']:.1f} s)", flush=True))
     print(f"posttrain {time.perf_counter() - start:.0f} s")
     s = load_run(args.out).sampling
-    cache = args.base / f"evalcache_n{args.n}_s{args.seed}_k{s.steps}_w{s.cfg_scale:g}_c{args.k}.npz"
-    b = scores(args.data, args.base, args.n, args.seed, sampling=s, cache=cache, k=args.k)
+    b = scores(args.data, args.base, args.n, args.seed, sampling=s, cache=cache_file(args.base, args.n, args.seed, s, args.k),
+               k=args.k)
     r = scores(args.data, args.out, args.n, args.seed, k=args.k)
     print(f"{args.n} in-distribution pairs x {args.k} candidates at {s.describe()}\n\n"
           "| row | base | RL | RL - base | real |\n|---|---|---|---|---|")

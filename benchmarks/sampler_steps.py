@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rl_experiment import mean_se, scores  # noqa: E402
+from rl_experiment import cache_file, mean_se, scores  # noqa: E402
 from rl_table import REWARDS  # noqa: E402
 
 
@@ -41,8 +41,8 @@ def main(argv=None) -> None:
     recorded = load_run(args.run).sampling
 
     def cached(s) -> dict:
-        cache = args.run / f"evalcache_n{args.n}_s{args.seed}_k{s.steps}_w{s.cfg_scale:g}_c{args.k}.npz"
-        return scores(args.data, args.run, args.n, args.seed, sampling=s, cache=cache, k=args.k)
+        return scores(args.data, args.run, args.n, args.seed, sampling=s,
+                      cache=cache_file(args.run, args.n, args.seed, s, args.k), k=args.k)
 
     ref = cached(recorded)
     for steps in (int(v) for v in args.steps.split(",")):
