@@ -7,9 +7,12 @@ For each setting, ``--iters`` independent RL iterations (different pairs and sou
 base weights ``theta = old = ref``) each give the policy gradient ``g_k`` of the NFT loss (the KL
 term is zero at the base). With ``g_k = s + n_k`` (a common reward direction ``s`` plus zero-mean
 noise), the mean cosine between two independent gradients estimates ``|s|^2 / E|g|^2``, the share
-of a gradient's energy that is signal; the same with the advantages shuffled inside each group
+of a gradient's energy that is signal; the same with the rewards shuffled inside each group
 (rewards carry no information) is the floor. Everything else is the demo's setting (the base's
-recorded sampler steps and CFG, paper weights unless ``--weights``).
+recorded sampler steps and CFG, per-reward normalised advantages, paper weights unless
+``--weights``). Rollouts come from the training split, as RL's own do: no evaluation pair is read.
+The KL target and the old-policy schedule do not enter a gradient taken at ``theta = old = ref``;
+they are compared by RL runs (``rl_experiment.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ def parse_set(text: str) -> dict:
 
 
 def gradients(data: Path, base: Path, overrides: dict, iters: int, weights: str | None, seed: int) -> dict:
-    """``{"real": (iters, P), "shuffled": (iters, P)}`` flattened policy gradients and seconds."""
+    """``{"real": (iters, P), "shuffled": (iters, P)}`` flattened policy gradients and seconds.
+
+    The advantages are the run's own (``cellfluxrl.rl.step.advantages``: ``reward_norm`` honoured);
+    the null shuffles the reward rows (every reward of a rollout together) inside each group with a
+    fresh permutation per group, so it keeps each group's reward set and loses which rollout earned
+    it. ``P`` counts only the weights the setting trains (``trainable``).
+    """
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.commands.demo import DemoConfig, posttrain_config
     from cellfluxrl.data.layout import load_dataset
@@ -49,7 +58,7 @@ def gradients(data: Path, base: Path, overrides: dict, iters: int, weights: str 
     from cellfluxrl.rl import nft
     from cellfluxrl.rl.reward_worker import RewardWorker, wait_rewards
     from cellfluxrl.rl.rollouts import collect_rollouts, iteration_rng
-    from cellfluxrl.rl.step import build_policies, nft_backward
+    from cellfluxrl.rl.step import advantages, build_policies, nft_backward
 
     loaded = load_run(base)
     s = loaded.sampling
@@ -60,23 +69,25 @@ def gradients(data: Path, base: Path, overrides: dict, iters: int, weights: str 
     pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=seed)
     device = torch.device("cpu")
     embeddings = torch.as_tensor(np.array(dataset.embeddings))
-    policies = build_policies(loaded.net, device, world=1)
+    policies = build_policies(loaded.net, device, 1, cfg.trainable)
+    trained = [p for p in policies.theta.parameters() if p.requires_grad]
     worker = RewardWorker(suite)
     out = {"real": [], "shuffled": []}
+    m = cfg.group_size
     start = time.perf_counter()
     try:
         for k in range(iters):
             ro = collect_rollouts(policies.old, pairs, embeddings, cfg, 1000 + k, 0, cfg.groups_per_step, device,
                                   worker.submit)
-            total, _, _, _ = wait_rewards(ro.futures)
-            A = nft.group_advantages(torch.as_tensor(total).reshape(-1, cfg.group_size), cfg.adv_clip)
-            shuffled = A[:, torch.randperm(cfg.group_size, generator=torch.Generator().manual_seed(k))]
-            for name, adv in (("real", A), ("shuffled", shuffled)):
-                r = nft.optimality(adv, cfg.adv_clip).reshape(-1).float()
+            total, comps, names, _ = wait_rewards(ro.futures)
+            everything = torch.as_tensor(np.concatenate([total[:, None], comps], axis=1), dtype=torch.float64)
+            w = [float(suite.weights.get(name, 0.0)) for name in names]
+            perm = np.random.default_rng([seed, k]).permuted(np.arange(everything.shape[0]).reshape(-1, m), axis=1)
+            for name, rows in (("real", everything), ("shuffled", everything[torch.as_tensor(perm.reshape(-1))])):
+                r = nft.optimality(advantages(cfg, rows, w), cfg.adv_clip).reshape(-1).float()
                 policies.theta.zero_grad(set_to_none=True)
                 nft_backward(policies, ro, r, cfg, iteration_rng(cfg, 1000 + k, 0, 1), device)
-                out[name].append(torch.cat([p.grad.reshape(-1) for p in policies.theta.parameters()
-                                            if p.grad is not None]).double().numpy())
+                out[name].append(torch.cat([p.grad.reshape(-1) for p in trained]).double().numpy())
     finally:
         worker.close()
         suite.close()
@@ -102,7 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print("| setting | cos(g_i, g_j), real advantages | shuffled within groups | s |\n|---|---|---|---|")
+    print("| setting | cos(g_i, g_j), real rewards | shuffled rewards (null) | s |\n|---|---|---|---|")
     for text in args.sets or [""]:
         res = gradients(args.data, args.base, parse_set(text), args.iters, args.weights, args.seed)
         (m, se), (m0, se0) = agreement(res["real"]), agreement(res["shuffled"])

@@ -211,7 +211,7 @@ def test_out_run_must_not_be_another_run(base_run, tmp_path):
 def test_config_validation_and_train_times():
     with pytest.raises(CellfluxError, match="group_size"):
         PosttrainConfig(group_size=1)
-    with pytest.raises(CellfluxError, match="train_timesteps 12 > rollout_steps 10"):
+    with pytest.raises(CellfluxError, match="train_timesteps 12 > the 10 times of the 10-step edm grid"):
         PosttrainConfig(train_timesteps=12)
     assert PosttrainConfig().n_train_timesteps == 9 and PosttrainConfig(rollout_steps=4).n_train_timesteps == 3
     from cellfluxrl.model.sampler import time_grid

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from cellfluxrl.errors import CellfluxError
 
+TRAINABLE = ("all", "conditioning")  # which weights RL updates (cellfluxrl.rl.step.trainable_parameters)
+
 
 @dataclass(frozen=True)
 class PosttrainConfig:
@@ -25,10 +27,13 @@ class PosttrainConfig:
     t_sampling: str = "grid"  # training t: the rollout grid's times (paper App. B) or U[0,1)
     forward_noise: str = "group"  # "group": a group's rollouts share their fresh source noise and t (common random numbers); "independent"
     train_timesteps: int | None = None  # t values per rollout per step (None: int(0.99 rollout_steps), as DiffusionNFT)
+    train_t_max: float = 1.0  # training times are drawn only from t <= train_t_max (grid times above it, or U[0, t_max))
     train_batch: int = 32  # (rollout, t) items per forward/backward micro-batch
     grad_steps: int = 1  # optimizer steps per iteration: the shuffled items split into this many chunks (DiffusionNFT OCR: 2)
     nft_beta: float = 1.0  # DiffusionNFT guidance strength beta (implicit policies, Eqs. 8-9); 1.0 = their default
     kl_weight: float = 1.0  # weight of ||v_theta - v_ref||^2 to the frozen base (the paper's "KL weight beta = 1")
+    kl_target: str = "ref"  # "ref": the frozen base (paper Eq. 7); "old": the sampling policy v_old (Algorithm 1 line 13)
+    trainable: str = "all"  # "all" weights, or "conditioning" (condition projection + every block's embedding projection)
     adv_clip: float = 5.0  # advantage clip C; r = 0.5 + clip(A) / (2 C) (DiffusionNFT: 5)
     reward_norm: str = "none"  # "none": advantages of the raw weighted sum (paper Table 1); "per_reward": each reward standardised first
     adaptive: bool = False  # DiffusionNFT's self-normalised (adaptive-weighting) loss instead of plain velocity MSE
@@ -70,11 +75,18 @@ class PosttrainConfig:
             raise CellfluxError(f"posttrain: forward_noise must be group or independent, got {self.forward_noise!r}")
         if self.rollout_grid not in ("edm", "uniform") or self.t_sampling not in ("grid", "uniform"):
             raise CellfluxError(f"posttrain: bad rollout_grid {self.rollout_grid!r} or t_sampling {self.t_sampling!r}")
+        if self.kl_target not in ("ref", "old"):
+            raise CellfluxError(f"posttrain: kl_target must be ref or old, got {self.kl_target!r}")
+        if self.trainable not in TRAINABLE:
+            raise CellfluxError(f"posttrain: trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if not 0.0 < self.train_t_max <= 1.0:
+            raise CellfluxError(f"posttrain: train_t_max must be in (0, 1], got {self.train_t_max!r}")
         if self.train_timesteps is not None and not 1 <= self.train_timesteps:
             raise CellfluxError(f"posttrain: train_timesteps must be >= 1, got {self.train_timesteps}")
-        if self.t_sampling == "grid" and (self.train_timesteps or 0) > self.rollout_steps:
-            raise CellfluxError(f"posttrain: train_timesteps {self.train_timesteps} > rollout_steps "
-                                f"{self.rollout_steps} (the grid has only that many times)")
+        if self.t_sampling == "grid" and self.n_train_timesteps > len(self.train_grid):
+            raise CellfluxError(f"posttrain: train_timesteps {self.n_train_timesteps} > the {len(self.train_grid)} "
+                                f"times of the {self.rollout_steps}-step {self.rollout_grid} grid at t <= "
+                                f"train_t_max {self.train_t_max:g}")
 
     @property
     def guidance(self) -> float:
@@ -87,3 +99,15 @@ class PosttrainConfig:
         if self.train_timesteps is not None:
             return self.train_timesteps
         return max(1, int(0.99 * self.rollout_steps))
+
+    @property
+    def train_grid(self) -> tuple[float, ...]:
+        """The rollout grid's step times ``t_0 .. t_{N-1}`` at or below ``train_t_max`` (float, ascending).
+
+        These are the points where the Heun predictor evaluates the velocity; the last one of the
+        5-step EDM grid, 0.998, drives only 0.2 % of the path, so ``train_t_max < 0.998`` drops it.
+        """
+        from cellfluxrl.model.sampler import time_grid
+
+        grid = [float(t) for t in time_grid(self.rollout_steps, kind=self.rollout_grid)[:-1]]
+        return tuple(t for t in grid if t <= self.train_t_max)

@@ -167,8 +167,8 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
         from cellfluxrl.rewards import RewardSuite
 
         suite = RewardSuite.from_dataset(str(base.dataset_dir), weights, device=str(dev))
-    policies = build_policies(base.net, dev, world)
-    optimizer = torch.optim.AdamW(policies.theta.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    policies = build_policies(base.net, dev, world, cfg.trainable)
+    optimizer = torch.optim.AdamW([p for p in policies.theta.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     start = 0
     if state is not None:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from cellfluxrl.model.generate import autocast_for, generate
-from cellfluxrl.model.sampler import time_grid
 from cellfluxrl.rl.config import PosttrainConfig
 
 
@@ -97,12 +96,13 @@ def train_times(cfg: PosttrainConfig, n: int, rng: np.random.Generator) -> np.nd
 
     ``"grid"``: for each rollout, a random subset (no repeats) of the rollout grid's step times
     ``t_0 .. t_{N-1}`` (the points where the Heun predictor evaluated the velocity), as DiffusionNFT
-    trains on its sampler's timesteps (paper App. B). ``"uniform"``: ``t ~ U[0, 1)``.
+    trains on its sampler's timesteps (paper App. B). ``"uniform"``: ``t ~ U[0, 1)``. Either way only
+    times ``t <= cfg.train_t_max`` are drawn (``U[0, t_max)`` for uniform).
     """
     T = cfg.n_train_timesteps
     if cfg.t_sampling == "uniform":
-        return rng.random((n, T))
-    grid = np.asarray(time_grid(cfg.rollout_steps, kind=cfg.rollout_grid), dtype=np.float64)[:-1]
+        return rng.random((n, T)) * cfg.train_t_max
+    grid = np.asarray(cfg.train_grid, dtype=np.float64)
     return np.stack([grid[rng.permutation(grid.size)[:T]] for _ in range(n)])
 
 

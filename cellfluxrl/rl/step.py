@@ -39,19 +39,72 @@ def _weights(module: torch.nn.Module) -> list[torch.Tensor]:
     return list(module.state_dict(keep_vars=True).values())
 
 
-def build_policies(base_net: torch.nn.Module, device: torch.device, world: int) -> Policies:
+def build_policies(base_net: torch.nn.Module, device: torch.device, world: int, trainable: str = "all") -> Policies:
     """``theta``, ``old``, ``ema`` start as copies of the base weights; ``ref`` is the base, frozen.
 
+    Only ``theta``'s :func:`trainable_parameters` require gradients (set before any DDP wrap).
     Every network is in eval mode (dropout off) so that equal weights give equal velocities.
     """
     ref = base_net.to(device).eval().requires_grad_(False)
-    theta = copy.deepcopy(ref).requires_grad_(True)
+    theta = copy.deepcopy(ref)
+    trainable_parameters(theta, trainable)
     old, ema = copy.deepcopy(ref), copy.deepcopy(ref)
     train = theta
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         train = torch.nn.parallel.DistributedDataParallel(theta, device_ids=ids)
     return Policies(theta=theta, train=train, old=old, ref=ref, ema=ema)
+
+
+def advantages(cfg: PosttrainConfig, everything: torch.Tensor, weights: list[float], rank: int = 0,
+               n_local: int | None = None) -> torch.Tensor:
+    """This rank's advantages ``(G, m)`` from the iteration's rewards of every rank (Algorithm 1 line 6).
+
+    Args:
+        cfg: ``reward_norm`` (``"none"``: the raw weighted sum, :func:`nft.group_advantages`;
+            ``"per_reward"``: each reward standardised first, :func:`nft.per_reward_advantages`),
+            ``group_size`` and ``adv_clip``.
+        everything: float64 ``(N, 1 + K)`` gathered over ranks in rank order: column 0 the weighted
+            total, then the ``K`` rewards of every rollout, in group order.
+        weights: the ``K`` reward weights, in the columns' order.
+        rank: this process's rank; its rows are ``[rank n_local, (rank + 1) n_local)``.
+        n_local: rollouts on this rank (``None``: all ``N``, one process).
+
+    Returns:
+        float64 ``(n_local / m, m)`` clipped advantages.
+    """
+    m = cfg.group_size
+    n_local = everything.shape[0] if n_local is None else n_local
+    rows = slice(rank * n_local, (rank + 1) * n_local)
+    if cfg.reward_norm == "per_reward":  # every rank computes all advantages, then keeps its own rows
+        w = torch.tensor(weights, dtype=torch.float64)
+        return nft.per_reward_advantages(everything[:, 1:], w, m, cfg.adv_clip).reshape(-1)[rows].reshape(-1, m)
+    return nft.group_advantages(everything[rows, 0].reshape(-1, m), cfg.adv_clip,
+                                std=everything[:, 0].std(correction=0))
+
+
+def trainable_parameters(net: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """The parameters RL updates: ``"all"``, or ``"conditioning"``, the condition projection
+    (``cond_proj``) and every residual block's embedding projection (``*.emb_proj``), which carry
+    the compound (and the time) into each block as a per-channel shift, about a quarter of the
+    ``micro`` UNet's weights. The others keep ``requires_grad = False``.
+
+    Raises:
+        CellfluxError: ``which`` selects no parameter of ``net``.
+    """
+    names = {name for name, _ in net.named_parameters()}
+    if which == "conditioning":
+        keep = {name for name in names if name.startswith("cond_proj.") or ".emb_proj." in name}
+    else:
+        keep = names
+    if not keep:
+        raise CellfluxError(f"posttrain: trainable {which!r} selects no parameter of this network")
+    params = []
+    for name, param in net.named_parameters():
+        param.requires_grad_(name in keep)
+        if name in keep:
+            params.append(param)
+    return params
 
 
 def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: PosttrainConfig,
@@ -68,12 +121,14 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
     the policy that is trained is exactly the policy that is sampled, and guidance stays meaningful
     after RL (docs/posttrain.md).
 
-    The loss is the mean over every (rollout, t) item of ``nft_loss + kl_weight * kl_loss``; items
+    The loss is the mean over every (rollout, t) item of ``nft_loss + kl_weight * kl_loss``, the KL
+    to ``v_ref`` (the frozen base, paper Eq. 7) or, with ``cfg.kl_target = "old"``, to ``v_old`` (the
+    sampling policy, Algorithm 1 line 13: a proximal term that does not anchor to the base); items
     are shuffled and split into micro-batches of ``train_batch``, each back-propagated with weight
     ``len(batch) / n_items`` (DDP all-reduces only on the last one).
 
     Returns:
-        Means over the items: ``loss``, ``policy_loss``, ``kl`` (``||v_theta - v_ref||^2``),
+        Means over the items: ``loss``, ``policy_loss``, ``kl`` (``||v_theta - v_target||^2``, the KL term),
         ``kl_old`` (``||v_old - v_ref||^2``) and ``fm_old`` (``||v_old - v||^2``).
     """
     n, w = ro.x_1.shape[0], cfg.guidance
@@ -102,7 +157,7 @@ def nft_backward(policies: Policies, ro: Rollouts, r: torch.Tensor, cfg: Posttra
             v_theta = guided_velocity(policies.train, cond, w, autocast=cfg.bf16)(x_t, t)
             policy = nft.nft_loss(v_theta, v_old, v, r[idx].float(), cfg.nft_beta, adv_clip=cfg.adv_clip,
                                   adaptive=cfg.adaptive, t=t)
-            kl = nft.kl_loss(v_theta, v_ref)
+            kl = nft.kl_loss(v_theta, v_ref if cfg.kl_target == "ref" else v_old)
             loss = policy + cfg.kl_weight * kl
             (loss.sum() / (hi - lo)).backward()
         with torch.no_grad():
@@ -133,13 +188,8 @@ def run_iteration(policies: Policies, optimizer: torch.optim.Optimizer, pairs, e
     # Advantages: group mean here, std over every rollout of every rank.
     local = torch.as_tensor(np.concatenate([total[:, None], comps], axis=1), device=device)
     everything = all_gather_tensor(local).double().cpu()
-    if cfg.reward_norm == "per_reward":  # every rank computes all advantages, then keeps its own rows
-        w = torch.tensor([float(worker.suite.weights.get(name, 0.0)) for name in names], dtype=torch.float64)
-        A = nft.per_reward_advantages(everything[:, 1:], w, m, cfg.adv_clip).reshape(-1)
-        A = A[rank * len(total):(rank + 1) * len(total)].reshape(-1, m)
-    else:
-        A = nft.group_advantages(torch.as_tensor(total).reshape(-1, m), cfg.adv_clip,
-                                 std=everything[:, 0].std(correction=0))
+    weights = [float(worker.suite.weights.get(name, 0.0)) for name in names]
+    A = advantages(cfg, everything, weights, rank, len(total))
     r = nft.optimality(A, cfg.adv_clip).reshape(-1).to(device=device, dtype=torch.float32)
 
     # Accumulate the NFT + KL gradient of each chunk of items, clip, step (v_old stays the sampler's).
