@@ -3,7 +3,7 @@
     python benchmarks/nucleus_sizes.py DATA RUN [RUN ...] [--stat nuc_size] [--n 64] [--k 4]
 
 The rewards are squared deviations, so they cannot say in which direction a run errs. This prints,
-per MoA of the first ``--n`` in-distribution test pairs, the mean of the raw statistic (default the
+per MoA of ``--n`` in-distribution pairs (validation pairs unless ``--pairs test``), the mean of the raw statistic (default the
 largest nucleus's area in px, the NucSize reward's ``s``) over the real targets and over each run's
 ``--k`` candidates per pair (the same pairs and noise seeds as ``evaluate``, each run at its
 recorded sampling).
@@ -12,10 +12,14 @@ recorded sampling).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rl_experiment import eval_pairs  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -24,6 +28,7 @@ def main(argv=None) -> None:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--stat", default="nuc_size", help="a statistic of the suite's segmentation (RewardResult.stats)")
     p.add_argument("--n", type=int, default=64)
+    p.add_argument("--pairs", choices=("val", "test"), default="val", help="ID validation (default) or test pairs")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -31,12 +36,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.evaluation.candidates import Pairs, quantize, real_images, run_candidates
+    from cellfluxrl.evaluation.candidates import quantize, real_images, run_candidates
     from cellfluxrl.rewards import RewardSuite
 
     dataset = load_dataset(args.data)
     suite = RewardSuite.from_dataset(str(args.data), {"nuc_size": 1.0})
-    pairs = Pairs.from_dataset(dataset, args.n, 0, split="id")
+    pairs = eval_pairs(dataset, args.n, 0, args.pairs)
     moa = np.asarray(pairs.moa)
     batches = [np.arange(b, min(b + args.batch, len(pairs))) for b in range(0, len(pairs), args.batch)]
 

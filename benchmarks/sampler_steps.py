@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     p.add_argument("data", type=Path)
     p.add_argument("run", type=Path)
     p.add_argument("--steps", required=True, help="comma-separated Heun step counts to compare")
-    p.add_argument("--n", type=int, default=64, help="in-distribution test pairs")
+    p.add_argument("--n", type=int, default=64, help="in-distribution pairs")
+    p.add_argument("--pairs", choices=("val", "test"), default="val", help="validation (default) or test pairs")
     p.add_argument("--k", type=int, default=4, help="candidates per pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -41,14 +42,14 @@ def main(argv=None) -> None:
     recorded = load_run(args.run).sampling
 
     def cached(s) -> dict:
-        return scores(args.data, args.run, args.n, args.seed, sampling=s,
-                      cache=cache_file(args.run, args.n, args.seed, s, args.k), k=args.k)
+        return scores(args.data, args.run, args.n, args.seed, sampling=s, pairs=args.pairs,
+                      cache=cache_file(args.run, args.n, args.seed, s, args.k, args.pairs), k=args.k)
 
     ref = cached(recorded)
     for steps in (int(v) for v in args.steps.split(",")):
         s = dataclasses.replace(recorded, steps=steps)
         new = cached(s)
-        print(f"\n{args.n} in-distribution pairs x {args.k} candidates: {s.describe()} against {recorded.describe()}\n\n"
+        print(f"\n{args.n} in-distribution {args.pairs} pairs x {args.k} candidates: {s.describe()} against {recorded.describe()}\n\n"
               "| row | recorded | changed | changed - recorded | real |\n|---|---|---|---|---|")
         for k in (*REWARDS, "overall", "judge"):
             print(f"| {k} | {mean_se(ref[k])} | {mean_se(new[k])} | {mean_se(new[k] - ref[k])} | "

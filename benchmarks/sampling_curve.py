@@ -1,8 +1,9 @@
 """MoA accuracy (judge) against sampler steps and CFG scale for one run: how to sample a base.
 
-    python benchmarks/sampling_curve.py DATA RUN --steps 5,10,20 --cfg 0,0.2,1,2 --n 128 [--split id]
+    python benchmarks/sampling_curve.py DATA RUN --steps 5,10,20 --cfg 0,0.2,1,2 --n 128 [--split val]
 
-Every setting is evaluated on the same test pairs and the same source noise (paired), with the
+Every setting is evaluated on the same pairs (``--split val``, the default: in-distribution validation
+pairs, ``rl_experiment.eval_pairs``; ``id``/``ood``: test pairs, for a final table only) and the same source noise (paired), with the
 evaluation pipeline of ``cellfluxrl evaluate`` (8-bit quantisation, the reward suite, the judge and
 the reward classifier). Prints a markdown table: one row per (steps, CFG) with the judge's MoA
 accuracy, the reward classifier's, the overall (paper-weighted) reward and FD on the judge's
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rl_experiment import eval_pairs  # noqa: E402
 
 REWARDS = ("moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count")
 
@@ -38,7 +42,7 @@ def curve(data: Path, run: Path, steps: list[int], cfgs: list[float], n: int, sp
     dataset = load_dataset(data)
     suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
     classifier, judge = suite.evaluators.moa_classifier("cpu"), suite.evaluators.judge("cpu")
-    pairs = Pairs.from_dataset(dataset, n, seed, split=split)
+    pairs = eval_pairs(dataset, n, seed, "val") if split == "val" else Pairs.from_dataset(dataset, n, seed, split=split)
     net = load_run(run).net
     rows = []
     for s in steps:
@@ -51,7 +55,7 @@ def curve(data: Path, run: Path, steps: list[int], cfgs: list[float], n: int, sp
                                            features=MoAFeatures(judge), classifier=classifier, judge=judge,
                                            best_of=(1,), batch_size=32, kid_subset_size=min(100, len(pairs) // 2),
                                            kid_subsets=10, seed=seed)
-            cells = build_report(results, split=split)["table"]
+            cells = build_report(results, split="id" if split == "val" else split)["table"]
             rows.append({"steps": s, "cfg_scale": w, "seconds": time.perf_counter() - t0,
                          **{k: cells[name][k] for k in ("moa_accuracy", "moa_accuracy_reward", "overall") + REWARDS},
                          "real": {k: cells["real"][k] for k in ("moa_accuracy", "overall") + REWARDS},
@@ -65,7 +69,7 @@ def curve(data: Path, run: Path, steps: list[int], cfgs: list[float], n: int, sp
 def markdown(rows: list[dict], n: int, split: str) -> str:
     """Two tables: accuracies/overall/FD per setting, then every reward per setting beside the real images'."""
     f = lambda c: f"{c['mean']:.3f} ± {c['sem']:.3f}"  # noqa: E731
-    lines = [f"{n} {split} test pairs, same pairs and source noise for every setting; real images: judge accuracy "
+    lines = [f"{n} {split} pairs, same pairs and source noise for every setting; real images: judge accuracy "
              f"{rows[0]['real_moa_accuracy']:.3f}.", "",
              "| Heun steps | CFG | MoA accuracy (judge) | MoA accuracy (reward clf) | Overall | FD-judge | s |",
              "|---|---|---|---|---|---|---|"]
@@ -87,7 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", default="5,10,20")
     p.add_argument("--cfg", default="0,0.2,1,2")
     p.add_argument("--n", type=int, default=128)
-    p.add_argument("--split", default="id", choices=["id", "ood", "all"])
+    p.add_argument("--split", default="val", choices=["val", "id", "ood", "all"],
+                   help="val: ID validation pairs (tuning); id/ood/all: test pairs (final tables only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
