@@ -35,6 +35,7 @@ from torch import nn
 
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.model.unet import VelocityUNet, build_unet
+from cellfluxrl.rundir import dead_temps, remove_dead_temps, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -130,29 +131,14 @@ RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME)
 
 
 def stale_temps(folder: str | os.PathLike, names: tuple[str, ...] = RUN_FILES) -> list[Path]:
-    """The temp files ``.NAME.tmp-PID`` of ``names`` in ``folder`` left by other processes (killed writes)."""
-    found = []
-    for name in names:
-        for tmp in Path(folder).glob(f".{name}.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid():
-                found.append(tmp)
-    return sorted(found)
+    """The temp files ``.NAME.tmp-PID`` of ``names`` in ``folder`` whose writer is dead (killed writes);
+    a live process's temp file is never listed (:func:`cellfluxrl.rundir.dead_temps`)."""
+    return dead_temps(folder, names)
 
 
 def remove_stale_temps(folder: str | os.PathLike, names: tuple[str, ...] = RUN_FILES) -> list[Path]:
-    """Delete :func:`stale_temps` (the process writing a run is its only writer, so another
-    process's temp file is what a killed write left behind); returns what was removed."""
-    removed = []
-    for tmp in stale_temps(folder, names):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except OSError:  # gone already, or not ours to delete: harmless
-            continue
-    if removed:
-        log.info("removed %d stale temp file(s) of killed writes: %s", len(removed), ", ".join(p.name for p in removed))
-    return removed
+    """Delete :func:`stale_temps`; returns what was removed."""
+    return remove_dead_temps(folder, names)
 
 
 def truncate_stats(path: str | os.PathLike, step: int) -> int:
@@ -176,7 +162,7 @@ def truncate_stats(path: str | os.PathLike, step: int) -> int:
         elif line.strip():
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temp_path(path)
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
         log.info("%s: dropped %d record(s) after step %d (logged again on resume)", path, dropped, step)
@@ -187,12 +173,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` with ``torch.save`` to a temp file in the same folder, then rename over ``path``.
 
     A kill at any moment leaves either the old or the new checkpoint, never a partial one; the
-    temp files a killed write left (another PID's ``.checkpoint.pt.tmp-PID``) are removed here.
+    temp files a killed write left (a dead PID's ``.checkpoint.pt.tmp-PID``) are removed here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, tuple(dict.fromkeys((path.name, *RUN_FILES))))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)

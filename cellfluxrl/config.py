@@ -211,6 +211,8 @@ def config_from_dict(cls, d: dict):
 def dump_json(obj: dict, path: str | os.PathLike) -> None:
     """Write a JSON file atomically (temp file + rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from cellfluxrl.rundir import temp_path
+
+    tmp = temp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)

@@ -74,17 +74,25 @@ def test_sample_into_a_read_only_folder_fails_before_generating(toy_run, tmp_pat
 # ---------------------------------------------------------------------------------------------- 5b
 
 def test_a_killed_writes_temp_files_are_removed_by_the_next_save(tmp_path):
+    """Only temp files of dead writers go: a live process's (a concurrent writer's) is left alone."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = [tmp_path / f".checkpoint.pt.tmp-{dead.stdout.strip()}", tmp_path / ".config.json.tmp-1",
-             tmp_path / ".stats.jsonl.tmp-123456789"]
+    stale = [tmp_path / f".checkpoint.pt.tmp-{dead.stdout.strip()}", tmp_path / ".stats.jsonl.tmp-4194305"]
     for path in stale:
         path.write_bytes(b"partial")
-    other = tmp_path / ".notes.tmp-1"
-    other.write_text("not a run file")
-    save_checkpoint(tmp_path / "checkpoint.pt", {"kind": "pretrain", "model": {}})
-    assert not any(p.exists() for p in stale)
-    assert other.exists() and (tmp_path / "checkpoint.pt").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp-1", "checkpoint.pt"]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writing = tmp_path / f".config.json.tmp-{live.pid}"
+        writing.write_text("a live writer's")
+        other = tmp_path / ".notes.tmp-1"
+        other.write_text("not a run file")
+        save_checkpoint(tmp_path / "checkpoint.pt", {"kind": "pretrain", "model": {}})
+        assert not any(p.exists() for p in stale)
+        assert writing.exists() and other.exists() and (tmp_path / "checkpoint.pt").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".config.json.tmp-" + str(live.pid), ".notes.tmp-1",
+                                                              "checkpoint.pt"]
+    finally:
+        live.kill()
+        live.wait()
 
 
 # ---------------------------------------------------------------------------------------------- 5c

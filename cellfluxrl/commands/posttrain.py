@@ -56,6 +56,9 @@ def _options(f):
     for name, kind, text in reversed(specs):
         f = click.option(name, type=kind, default=None, help=text)(f)
     f = click.option("--adaptive/--no-adaptive", default=None, help="DiffusionNFT's adaptive loss weighting [off].")(f)
+    f = click.option("--stop-after-no-signal", "no_signal_stop", type=click.IntRange(min=0), default=None, metavar="N",
+                     help="Stop (with a checkpoint) after N steps in a row without learning signal (every group's "
+                          "rewards equal, or a zero gradient); 0 = never [25].")(f)
     return f
 
 
@@ -83,7 +86,10 @@ def base_notice(base_run: Path) -> str | None:
               help="TOML file of posttrain settings (options given here win).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")
-def posttrain(base_run, out_run, weights, config_file, device, dry_run, **options):
+@click.option("--allow-changed-reference", is_flag=True,
+              help="Resume although the base run's weights or the dataset's evaluators changed since OUT_RUN "
+                   "started (refused by default; the change is recorded in the checkpoint).")
+def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_changed_reference, **options):
     """Post-train BASE_RUN with DiffusionNFT on the weighted rewards into OUT_RUN (re-run to resume).
 
     \b
@@ -108,11 +114,14 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, **option
     if dry_run:
         click.echo(json.dumps(config_to_dict(cfg), indent=2))
         return
+    from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.progress import progress
 
     bars: list = []
+    last: dict = {}
 
     def on_step(stats: dict) -> None:
+        last.update(stats)
         if not bars:  # created on the first step, so an error before it prints no bar
             bars.append(progress(total=cfg.steps, desc="posttrain", unit="step", disable=not is_main()))
         bars[0].n = stats["step"]
@@ -122,9 +131,14 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, **option
         bars[0].refresh()
 
     try:
-        run(base_run, out_run, cfg, device=device, on_step=on_step)
+        with StopSignals() as stop:
+            run(base_run, out_run, cfg, device=device, on_step=on_step, should_stop=stop,
+                allow_changed_reference=allow_changed_reference)
     finally:
         for bar in bars:
             bar.close()
+    if stop() and last.get("step", cfg.steps) < cfg.steps:
+        stop.exit(f"posttrain stopped by {stop.name} at step {last['step']} of {cfg.steps}; checkpoint "
+                  f"{out_run / 'checkpoint.pt'} holds it: run the same command to resume" if is_main() else None)
     if is_main():
         click.echo(f"posttrain run written to {out_run} (stats.jsonl, checkpoint.pt, samples/)")

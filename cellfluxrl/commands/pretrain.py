@@ -92,6 +92,7 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
     Example:
       cellfluxrl pretrain data/synth runs/base --preset tiny --steps 2000 --batch-size 16
     """
+    from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.distributed import cleanup, init_distributed
     from cellfluxrl.model.pretrain import train
     from cellfluxrl.progress import progress
@@ -114,12 +115,17 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
         def on_start(info: dict) -> None:
             click.echo(model_line(info, unet, cfg), err=True)
 
-        result = train(dataset, run, cfg, unet=unet, dist=dist, compile=compile_, init_from=init_from,
-                       on_step=on_step if dist.is_main else None, on_start=on_start if dist.is_main else None)
+        with StopSignals() as stop:
+            result = train(dataset, run, cfg, unet=unet, dist=dist, compile=compile_, init_from=init_from,
+                           on_step=on_step if dist.is_main else None, on_start=on_start if dist.is_main else None,
+                           should_stop=stop)
     finally:
         for bar in bars:
             bar.close()
         cleanup()
+    if result.interrupted:
+        stop.exit(f"pretrain stopped by {stop.name} at step {result.step} of {cfg.steps}; checkpoint "
+                  f"{Path(run) / 'checkpoint.pt'} holds it: run the same command to resume" if dist.is_main else None)
     if dist.is_main:
         what = "already complete" if result.step == result.resumed_from else f"trained to step {result.step}"
         resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""

@@ -18,22 +18,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.rundir import pid_alive as _alive  # one owner of the liveness test
 
 
 def partial_prefix(out: Path) -> str:
     """Name prefix of the temporary build folders of ``out`` made on this host: ``.OUT.partial-HOST-``."""
     return f".{out.name}.partial-{socket.gethostname()}-"
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def remove_stale_partials(out: str | os.PathLike) -> list[Path]:

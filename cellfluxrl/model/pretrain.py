@@ -22,9 +22,10 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,89 +33,22 @@ from torch import nn
 
 from cellfluxrl import __version__
 from cellfluxrl.model import losses
-from cellfluxrl.checkpoint import (CHECKPOINT_NAME, CONFIG_NAME, STATS_NAME, Sampling, load_cellflux_weights,
-                                   load_checkpoint, load_state_strict, save_checkpoint, truncate_stats)
+from cellfluxrl.checkpoint import (CHECKPOINT_NAME, CONFIG_NAME, RUN_FILES, STATS_NAME, Sampling,
+                                   load_cellflux_weights, load_checkpoint, load_state_strict, save_checkpoint,
+                                   truncate_stats)
 from cellfluxrl.config import PretrainConfig, config_to_dict, dump_json
 from cellfluxrl.distributed import DistInfo, all_reduce_sum, barrier
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.model.batches import BatchOrder, EpochItems, batches_per_epoch, collate, micro_batch  # noqa: F401 (micro_batch re-exported)
 from cellfluxrl.model.generate import autocast_for
 from cellfluxrl.model.path import add_source_noise, interpolate, sample_t_skewed, sample_t_uniform
 from cellfluxrl.model.unet import PRESETS, UNetConfig, VelocityUNet, count_parameters
+from cellfluxrl.rundir import check_run_folder, hold
 
 log = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed (they do not change the trajectory).
 RESUMABLE_CHANGES = ("steps", "ckpt_every", "log_every", "num_workers", "sample_steps", "sample_cfg_scale")
-
-
-# --------------------------------------------------------------------------------------------
-# Data order.
-
-def epoch_permutation(n_items: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled item order of one epoch, int64 ``(n_items,)``, a pure function of ``(seed, epoch)``."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n_items)
-
-
-def batches_per_epoch(n_items: int, batch_size: int, world_size: int = 1) -> int:
-    """Full micro-batches each rank gets per epoch (drop_last); at least 1 or an error."""
-    per_rank = n_items // world_size
-    n = per_rank // batch_size
-    if n < 1:
-        raise CellfluxError(f"{n_items} training pairs are too few for batch size {batch_size} x {world_size} "
-                            f"process(es); lower --batch-size")
-    return n
-
-
-def micro_batch(position: int, n_items: int, batch_size: int, seed: int, rank: int = 0,
-                world_size: int = 1) -> tuple[int, np.ndarray]:
-    """``(epoch, item indices)`` of micro-batch number ``position`` of rank ``rank``.
-
-    The epoch permutation is truncated to a multiple of ``world_size`` and dealt round-robin, as
-    ``DistributedSampler(shuffle=True, drop_last=True)`` does; each rank then takes consecutive
-    chunks of ``batch_size``.
-    """
-    bpe = batches_per_epoch(n_items, batch_size, world_size)
-    epoch, j = divmod(int(position), bpe)
-    perm = epoch_permutation(n_items, seed, epoch)
-    mine = perm[: (n_items // world_size) * world_size][rank::world_size]
-    return epoch, mine[j * batch_size:(j + 1) * batch_size]
-
-
-class _EpochItems(torch.utils.data.Dataset):
-    """Items addressed as ``(epoch, i)`` so the epoch travels to DataLoader workers with the index."""
-
-    def __init__(self, paired):
-        self.paired = paired
-
-    def __len__(self) -> int:
-        return len(self.paired)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        self.paired.set_epoch(epoch)
-        return self.paired[i]
-
-
-class _BatchOrder(torch.utils.data.Sampler):
-    """Yields the micro-batches ``start, start + 1, ...`` as lists of ``(epoch, i)``."""
-
-    def __init__(self, n_items: int, batch_size: int, seed: int, rank: int, world_size: int,
-                 start: int, stop: int):
-        self.args = (n_items, batch_size, seed, rank, world_size)
-        self.start, self.stop = start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self) -> Iterator[list]:
-        for p in range(self.start, self.stop):
-            epoch, idx = micro_batch(p, *self.args)
-            yield [(epoch, int(i)) for i in idx]
-
-
-def _collate(items: list[dict]) -> dict:
-    return {"x_0": torch.stack([it["x_0"] for it in items]), "x_1": torch.stack([it["x_1"] for it in items]),
-            "cond": torch.tensor([it["cond"] for it in items], dtype=torch.int64)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +140,7 @@ class TrainResult:
     run_dir: Path
     resumed_from: int = 0
     last_stats: dict = field(default_factory=dict)
+    interrupted: bool = False  # stopped early by ``should_stop`` (a checkpoint at ``step`` was written)
 
 
 def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
@@ -218,8 +153,12 @@ def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
 def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
           unet: UNetConfig | None = None, dist: DistInfo | None = None, compile: bool | None = None,
           init_from: str | Path | None = None, on_step: Callable[[dict], None] | None = None,
-          on_start: Callable[[dict], None] | None = None) -> TrainResult:
+          on_start: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None
+          ) -> TrainResult:
     """Pretrain (or resume pretraining) a CellFlux velocity model in ``run_dir``.
+
+    The main process holds ``run_dir``'s lock (:mod:`cellfluxrl.rundir`) throughout and refuses a
+    folder holding files a pretrain run does not write (a dataset, a foreign ``config.json``).
 
     Args:
         dataset_dir: a prepared dataset folder.
@@ -232,20 +171,33 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
         on_step: called on rank 0 after every optimizer step with that step's stats dict.
         on_start: called on rank 0 once everything is checked and loaded, before the first step, with
             ``{"parameters", "device", "start", "steps"}`` (the command says what it is about to train).
+        should_stop: polled on every rank after each optimizer step; when it returns True on any
+            rank, the run writes a checkpoint and returns with ``interrupted`` set (the command's
+            SIGINT/SIGTERM handler sets it; the library installs none).
 
     Returns:
         :class:`TrainResult`.
 
     Raises:
-        CellfluxError: bad dataset/checkpoint/settings, or a non-finite loss (the last checkpoint is
-            left untouched).
+        CellfluxError: bad dataset/checkpoint/settings, a run folder in use by another process or
+            holding foreign files, or a non-finite loss (the last checkpoint is left untouched).
     """
+    dist = dist or DistInfo()
+    with ExitStack() as held:
+        if dist.is_main:
+            held.enter_context(hold(run_dir, "pretrain"))
+            check_run_folder(run_dir, "pretrain", RUN_FILES)
+        return _train(Path(dataset_dir), Path(run_dir), cfg, unet, dist, compile, init_from, on_step, on_start,
+                      should_stop)
+
+
+def _train(dataset_dir: Path, run_dir: Path, cfg: PretrainConfig, unet: UNetConfig | None, dist: DistInfo,
+           compile: bool | None, init_from, on_step, on_start, should_stop) -> TrainResult:
+    """:func:`train` once the run folder is held."""
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.pairing import PairedDataset
 
-    dist = dist or DistInfo()
     device = dist.device
-    run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
     dataset = load_dataset(dataset_dir)
     if unet is None:
         if cfg.preset not in PRESETS:
@@ -300,10 +252,10 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
     # Data in a resumable order.
     paired = PairedDataset(dataset, "train", flip_p=cfg.flip_p, include_ood=cfg.include_ood,
                            dequantize=cfg.dequantize, seed=cfg.seed)
-    order = _BatchOrder(len(paired), cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
+    order = BatchOrder(len(paired), cfg.batch_size, cfg.seed, dist.rank, dist.world_size,
                         start * cfg.grad_accum, cfg.steps * cfg.grad_accum)
     loader = torch.utils.data.DataLoader(
-        _EpochItems(paired), batch_sampler=order, num_workers=cfg.num_workers, collate_fn=_collate,
+        EpochItems(paired), batch_sampler=order, num_workers=cfg.num_workers, collate_fn=collate,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     embeddings = torch.tensor(np.asarray(dataset.embeddings, dtype=np.float32), device=device)
     bpe = batches_per_epoch(len(paired), cfg.batch_size, dist.world_size)
@@ -359,8 +311,9 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
             if dist.is_main and on_step is not None:
                 on_step(stats)
 
-            # Save.
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            # Save (also when asked to stop: the checkpoint is the resume point).
+            stop = should_stop is not None and _any_rank(should_stop(), device)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
                 if dist.is_main:
                     save_checkpoint(ckpt_path, {
                         "kind": "pretrain", "format_version": 1, "step": step, "config": config,
@@ -368,7 +321,15 @@ def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
                         "rng_scheme": "per-step reseed (seed, rank, step)"})
                 last_saved = step
                 barrier()
+            if stop and step < cfg.steps:
+                result.interrupted = True
+                break
     return result
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is set on any rank (every rank must stop at the same step)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
 class _null:

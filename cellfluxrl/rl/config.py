@@ -45,6 +45,7 @@ class PosttrainConfig:
     eval_ema_max: float = 0.9  # evaluation EMA decay min((1 + s) / (10 + s), eval_ema_max) (DiffusionNFT)
     max_minutes: float = 0.0  # stop after the step that passes this wall time, with a checkpoint (0 = no limit)
     save_every: int = 10  # checkpoint period (steps); also saved at the end
+    no_signal_stop: int = 25  # stop (with a checkpoint) after this many steps in a row without signal; 0 = never
     grid_every: int = 50  # sample-grid period (steps); 0 = never
     grid_pairs: int = 8  # held-out test pairs shown in each grid (control | base | RL | real target)
     seed: int = 0  # seeds the pairs, the source noise and the t draws (a function of (seed, step, rank))
@@ -59,7 +60,7 @@ class PosttrainConfig:
         if self.cfg_scale is not None and not 0.0 <= self.cfg_scale < float("inf"):
             raise CellfluxError(f"posttrain: cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         for name in ("sigma", "kl_weight", "max_minutes", "weight_decay", "grad_clip", "old_rate", "grid_every",
-                     "grid_pairs"):
+                     "grid_pairs", "no_signal_stop"):
             if not getattr(self, name) >= 0:
                 raise CellfluxError(f"posttrain: {name} must be >= 0, got {getattr(self, name)!r}")
         if self.group_size < 2:

@@ -90,24 +90,63 @@ def rollout_sampling(cfg: PosttrainConfig):
                     grid=cfg.rollout_grid, sigma=cfg.sigma)
 
 
+RESUMABLE_CHANGES = ("steps", "no_signal_stop")  # settings a resume may change (they do not change a step)
+
+
 def _resumed_config(state: dict, cfg: PosttrainConfig) -> PosttrainConfig:
-    """The stored settings win on resume, except ``steps`` (a run can be extended)."""
+    """The stored settings win on resume, except :data:`RESUMABLE_CHANGES` (a run can be extended)."""
     stored = config_from_dict(PosttrainConfig, state["posttrain"])
-    changed = [f.name for f in fields(cfg) if f.name != "steps" and getattr(cfg, f.name) is not None
+    changed = [f.name for f in fields(cfg) if f.name not in RESUMABLE_CHANGES and getattr(cfg, f.name) is not None
                and getattr(cfg, f.name) != getattr(stored, f.name)]
     if changed:
         log.warning("resuming: keeping the stored %s (ignoring the new values)", ", ".join(changed))
-    return replace(stored, steps=cfg.steps)
+    return replace(stored, **{name: getattr(cfg, name) for name in RESUMABLE_CHANGES})
+
+
+def _reference(state: dict | None, current: dict, out_run: Path, dataset_dir: Path, accept: bool) -> list[dict]:
+    """The accepted reference changes to record: the stored ones, plus this session's (if accepted).
+
+    Raises:
+        CellfluxError: the base weights or an evaluator file differ from the stored fingerprint and
+            ``accept`` is off (one line naming what changed).
+    """
+    from cellfluxrl.provenance import check_reference, reference_changes, require_fingerprint
+
+    if state is None:
+        return []
+    stored = require_fingerprint(state.get("fingerprints"), str(out_run / CHECKPOINT_FILE))
+    if not stored:
+        log.warning("%s predates reference fingerprints: not checked; recording them from now on", out_run)
+        return list(state.get("reference_changes", []))
+    changes = check_reference(reference_changes(stored, current, dataset_dir), f"posttrain {out_run}",
+                              "--allow-changed-reference", accept)
+    if changes:
+        log.warning("%s: going on against a changed reference (recorded): %s", out_run, "; ".join(changes))
+    return [*state.get("reference_changes", []), *([{"step": int(state["step"]), "changes": changes}] if changes else [])]
+
+
+def no_signal(stats: dict) -> bool:
+    """Whether a step had nothing to learn from: every group's rewards equal, or a zero gradient."""
+    return stats.get("zero_std_groups", 0.0) >= 1.0 or stats.get("grad_norm", 1.0) == 0.0
+
+
+def _no_signal_error(out_run: Path, count: int, done: int) -> CellfluxError:
+    return CellfluxError(f"posttrain {out_run}: no learning signal for {count} steps in a row (to step {done}: "
+                         f"every group's rewards were equal, or the gradient was 0); stopped with a checkpoint. "
+                         f"Check the reward weights (a reward at its floor for every sample teaches nothing), or "
+                         f"raise --stop-after-no-signal (0 = never stop)")
 
 
 def _checkpoint(policies: Policies, optimizer, step: int, run_config: dict, cfg: PosttrainConfig,
-                base_run: Path, weights: dict[str, float]) -> dict:
-    """The ``checkpoint.pt`` content (plain state dicts and Python types)."""
+                base_run: Path, weights: dict[str, float], accepted: list[dict]) -> dict:
+    """The ``checkpoint.pt`` content (plain state dicts and Python types); ``fingerprints`` is the
+    reference it stands on (:mod:`cellfluxrl.provenance`), ``reference_changes`` those accepted."""
     return {"kind": "posttrain", "step": step, "config": run_config, "model": policies.theta.state_dict(),
             "ema": policies.ema.state_dict(), "old_policy": policies.old.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": {"seed": cfg.seed, "note": "all draws derive from (seed, step, rank)"},
             "posttrain": config_to_dict(cfg), "reference_run": str(base_run.resolve()),
-            "reward_weights": dict(weights)}
+            "reward_weights": dict(weights), "fingerprints": run_config["fingerprints"],
+            "reference_changes": accepted}
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
@@ -119,7 +158,8 @@ def _agree(flag: bool, device: torch.device) -> bool:
 
 def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: PosttrainConfig, *,
               device: str | torch.device | None = "auto", suite=None,
-              on_step: Callable[[dict], None] | None = None) -> Path:
+              on_step: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+              allow_changed_reference: bool = False) -> Path:
     """Post-train a base run with DiffusionNFT on the rewards; resume ``out_run`` if it has a checkpoint.
 
     Args:
@@ -130,21 +170,46 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
         cfg: the settings; on resume the stored ones are kept except ``steps``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``; under torchrun each rank takes its local GPU.
         suite: a reward scorer (default: ``RewardSuite.from_dataset`` with ``cfg.weights``).
-        on_step: called on every rank with each step's stats (the command draws its progress bar).
+        on_step: called on every rank with each step's stats (the command draws its progress bar);
+            ``stats["no_signal"]`` marks a step with nothing to learn from (:func:`no_signal`).
+        should_stop: polled after every step; True on any rank stops the run after a checkpoint
+            (the command's SIGINT/SIGTERM handler sets it; the library installs none).
+        allow_changed_reference: resume even though the base weights or the evaluators differ from
+            the fingerprints in the checkpoint (the change is recorded in it).
+
+    The main process holds ``out_run``'s lock throughout (:mod:`cellfluxrl.rundir`). After
+    ``cfg.no_signal_stop`` steps in a row without signal (0 = never) the run stops with a checkpoint.
 
     Returns:
         ``out_run``.
 
     Raises:
-        CellfluxError: a bad base run or OUT_RUN, a reward/data problem, or a NaN loss.
+        CellfluxError: a bad base run or OUT_RUN (in use, foreign files, a changed reference), a
+            reward/data problem, a NaN loss, or too many steps without signal.
     """
+    from contextlib import ExitStack
+
+    from cellfluxrl.distributed import is_main
+    from cellfluxrl.rundir import check_run_folder, hold
+
+    with ExitStack() as held:
+        if is_main():
+            held.enter_context(hold(out_run, "posttrain"))
+            check_run_folder(out_run, "posttrain", (CHECKPOINT_FILE, "config.json", STATS_FILE, GRID_DIR))
+        return _posttrain(Path(base_run), Path(out_run), cfg, device, suite, on_step, should_stop,
+                          allow_changed_reference)
+
+
+def _posttrain(base_run: Path, out_run: Path, cfg: PosttrainConfig, device, suite, on_step, should_stop,
+               allow_changed_reference: bool) -> Path:
+    """:func:`posttrain` once ``out_run`` is held."""
     from cellfluxrl.checkpoint import load_run, load_state_strict, save_checkpoint
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.pairing import PairedDataset
     from cellfluxrl.distributed import barrier, init_distributed
+    from cellfluxrl.provenance import reference_fingerprint
     from cellfluxrl.rewards.weights import parse_weights
 
-    base_run, out_run = Path(base_run), Path(out_run)
     info = init_distributed(device)
     dev, rank, world = info.device, info.rank, info.world_size
     if cfg.groups_per_step % world:
@@ -160,6 +225,8 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
         if base.recorded is None:
             log.warning("%s predates recorded sampling settings: rolling out and training with CellFlux's CFG %g "
                         "(give --cfg-scale to choose)", base_run, cfg.cfg_scale)
+    fingerprints = reference_fingerprint(base_run, base.net.state_dict(), base.dataset_dir)
+    accepted = _reference(state, fingerprints, out_run, base.dataset_dir, allow_changed_reference)
     dataset = load_dataset(base.dataset_dir)
     pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=cfg.seed)
     weights = parse_weights(cfg.weights)
@@ -180,7 +247,7 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
         log.info("resuming %s at step %d", out_run, start)
     run_config = {**base.config, "kind": "posttrain", "base_run": str(base_run.resolve()),
                   "posttrain": config_to_dict(cfg), "reward_weights": dict(weights),
-                  "sampling": rollout_sampling(cfg).to_dict()}
+                  "sampling": rollout_sampling(cfg).to_dict(), "fingerprints": fingerprints}
     if info.is_main:
         out_run.mkdir(parents=True, exist_ok=True)
         dump_json(run_config, out_run / "config.json")
@@ -188,24 +255,37 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
     grid = SampleGrid(dataset, policies.ref, cfg, dev) if info.is_main and cfg.grid_every else None
     embeddings = torch.as_tensor(np.array(dataset.embeddings), device=dev)
     worker = RewardWorker(suite)
-    began = time.perf_counter()
+    began, silent, warned = time.perf_counter(), 0, False
     try:
         for step in range(start, cfg.steps):
             stats = run_iteration(policies, optimizer, pairs, embeddings, worker, cfg, step, rank, world, dev)
             done = step + 1
+            stats["no_signal"] = no_signal(stats)
+            silent = silent + 1 if stats["no_signal"] else 0
+            if stats["no_signal"] and not warned:
+                warned = True
+                log.warning("posttrain %s: step %d had no learning signal (every group's rewards equal, or a zero "
+                            "gradient); %s", out_run, done, "stopping after %d such steps in a row" % cfg.no_signal_stop
+                            if cfg.no_signal_stop else "it will not stop for that (--stop-after-no-signal 0)")
+            starved = cfg.no_signal_stop > 0 and silent >= cfg.no_signal_stop
             out_of_time = cfg.max_minutes > 0 and _agree(time.perf_counter() - began > 60 * cfg.max_minutes, dev)
+            stop = should_stop is not None and _agree(should_stop(), dev)
             if info.is_main:
                 with open(out_run / STATS_FILE, "a") as f:
                     f.write(json.dumps(stats) + "\n")
-                if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
-                    save_checkpoint(out_run / CHECKPOINT_FILE,
-                                    _checkpoint(policies, optimizer, done, run_config, cfg, base_run, weights))
+                if done % cfg.save_every == 0 or done == cfg.steps or out_of_time or stop or starved:
+                    save_checkpoint(out_run / CHECKPOINT_FILE, _checkpoint(policies, optimizer, done, run_config, cfg,
+                                                                           base_run, weights, accepted))
                 if grid is not None and (done % cfg.grid_every == 0 or done == cfg.steps or out_of_time):
                     grid.write(out_run / GRID_DIR / f"step_{done:06d}.png", policies.ema, done)
             if on_step is not None:
                 on_step(stats)
-            if out_of_time:
-                log.info("stopping after step %d: the %.1f-minute limit is reached", done, cfg.max_minutes)
+            if starved:
+                barrier()
+                raise _no_signal_error(out_run, silent, done)
+            if out_of_time or stop:
+                log.info("stopping after step %d: %s", done, "asked to stop" if stop else
+                         f"the {cfg.max_minutes:.1f}-minute limit is reached")
                 break
         barrier()
     finally:
