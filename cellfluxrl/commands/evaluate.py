@@ -63,29 +63,81 @@ def resolve_device(device: str) -> str:
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=100, show_default=True)
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--allow-changed-reference", is_flag=True,
+              help="Evaluate a posttrain run although its evaluators or its base run (evaluated beside it) changed "
+                   "since it was trained (refused by default; recorded in report.json).")
 def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, steps, cfg_scale, sigma, seed,
-             batch_size, kid_subset_size, kid_subsets, device):
+             batch_size, kid_subset_size, kid_subsets, device, allow_changed_reference):
     """Score RUNs on the same test pairs and seeds: rewards, MoA accuracy, FID/KID, best-of-N.
 
     In-distribution and held-out (OOD) compounds are reported in separate sections; each run is
     sampled with its recorded sampler steps and CFG unless --steps/--cfg-scale are given; MoA
     accuracy and the distances are graded by the judge, a classifier RL never optimised.
 
+    OUT must be new, empty, or hold an earlier report, which is replaced whole at the end.
+
     \b
     Example:
       cellfluxrl evaluate --data data/synthetic runs/base runs/rl --best-of 1,2,4,8 --out runs/eval
     """
-    from cellfluxrl.evaluation.pipeline import evaluate as run_evaluation
-    from cellfluxrl.progress import progress
-    from cellfluxrl.rewards import parse_weights
+    from cellfluxrl.commands import report_folder as folder
+    from cellfluxrl.commands.interrupts import StopSignals
+    from cellfluxrl.rundir import hold
 
     best = parse_best_of(best_of)
     if tts_n is not None and tts_n not in {1, *best}:
         raise click.UsageError(f"--table-best-of {tts_n} is not one of --best-of {best_of}")
+    from cellfluxrl.rewards import parse_weights
+
     parse_weights(weights)  # a bad weight is refused before anything is loaded
-    for line in preflight(list(runs), dataset, n=n, split=split, best_of=best, steps=steps, cfg_scale=cfg_scale,
-                          sigma=sigma, seed=seed, device=resolve_device(device)):
+    folder.check_writable_folder(Path(out))
+    with hold(out, "evaluate"), StopSignals(graceful=False) as stop:
+        folder.check_report_folder(Path(out))
+        staged = None
+        try:
+            staged = _prepare(Path(out), list(runs), dataset, allow_changed_reference, n=n, split=split, best_of=best,
+                              steps=steps, cfg_scale=cfg_scale, sigma=sigma, seed=seed, device=resolve_device(device))
+            report = _evaluate_into(staged, list(runs), dataset, allow_changed_reference, n=n, split=split,
+                                    best_of=best, weights=weights, seed=seed, batch_size=batch_size, steps=steps,
+                                    cfg_scale=cfg_scale, sigma=sigma, inception=inception,
+                                    device=resolve_device(device), kid_subset_size=kid_subset_size,
+                                    kid_subsets=kid_subsets, tts_n=tts_n)
+            folder.replace_folder(staged, Path(out))
+        except KeyboardInterrupt:
+            stop.exit(f"evaluate stopped by {stop.name} before it finished: nothing of it was kept and {out} is as it "
+                      f"was; run the same command to evaluate again")
+        finally:
+            if staged is not None and staged.exists():
+                folder.discard(staged)
+    click.echo(print_report(report))
+    click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures")
+
+
+def _prepare(out: Path, runs: list[Path], dataset: Path, allow_changed_reference: bool, **options) -> Path:
+    """Everything checked before the slow part: the runs against --data (:func:`preflight`, printed),
+    their references (a changed one refused unless allowed); then the staged output folder."""
+    from cellfluxrl.checkpoint import read_run_config
+    from cellfluxrl.commands.report_folder import reference_changes_of, staged_folder
+    from cellfluxrl.provenance import check_reference
+
+    for line in preflight(runs, dataset, **options):
         click.echo(line, err=True)
+    changes = reference_changes_of(runs, [read_run_config(run) for run in runs], dataset)
+    for change in check_reference(changes, "evaluate", "--allow-changed-reference", allow_changed_reference):
+        click.echo(f"warning: evaluating against a changed reference (recorded in report.json): {change}", err=True)
+    return staged_folder(out)
+
+
+def _evaluate_into(staged: Path, runs: list[Path], dataset: Path, allow_changed_reference: bool, **options) -> dict:
+    """Run the evaluation into ``staged`` (progress bars on stderr) and add the fingerprints of the
+    runs and evaluators, and the accepted reference changes, to its report.json."""
+    from cellfluxrl.checkpoint import read_run_config
+    from cellfluxrl.commands.report_folder import reference_changes_of, report_fingerprints
+    from cellfluxrl.evaluation.pipeline import evaluate as run_evaluation
+    from cellfluxrl.evaluation.pipeline import run_names
+    from cellfluxrl.evaluation.report_text import write_report
+    from cellfluxrl.progress import progress
+
     bars: dict = {}
 
     def on_progress(stage: str, done: int, total: int) -> None:
@@ -96,16 +148,15 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
         bars[stage].update(done - bars[stage].n)
 
     try:
-        report = run_evaluation(dataset, list(runs), n=n, split=split, best_of=best, weights=weights,
-                                seed=seed, batch_size=batch_size, steps=steps, cfg_scale=cfg_scale, sigma=sigma,
-                                inception=inception, device=resolve_device(device), out=out,
-                                kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, tts_n=tts_n,
-                                on_progress=on_progress)
+        report = run_evaluation(dataset, runs, out=staged, on_progress=on_progress, **options)
     finally:
         for bar in bars.values():
             bar.close()
-    click.echo(print_report(report))
-    click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures")
+    configs = [read_run_config(run) for run in runs]
+    accepted = reference_changes_of(runs, configs, dataset) if allow_changed_reference else []
+    report["settings"]["fingerprints"] = report_fingerprints(runs, run_names(runs), configs, dataset, accepted)
+    write_report(report, staged)
+    return report
 
 
 def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: tuple[int, ...], steps: int | None,
