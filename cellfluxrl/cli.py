@@ -59,10 +59,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def hoist_debug(argv: list[str]) -> list[str]:
+    """``--debug`` anywhere before a ``--`` (e.g. after the subcommand) moved to the front, where the group takes it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return list(argv)
+    return ["--debug", *[a for a in argv[:end] if a != "--debug"], *argv[end:]]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the CLI, turning every error into one line on stderr."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    argv = hoist_debug(sys.argv[1:] if argv is None else list(argv))
+    debug = argv[:1] == ["--debug"]
     try:
         cli.main(args=argv, prog_name="cellfluxrl", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -77,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
+        click.echo("Interrupted: the work since the last checkpoint (or of this command) is lost; re-run the same "
+                   "command to resume from what was saved.", err=True)
         sys.exit(130)
     except CellfluxError as exc:
         if debug:

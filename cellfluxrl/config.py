@@ -27,6 +27,17 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+
+# Seeds reach numpy (SeedSequence, RandomState: non-negative, below 2**32 for the latter) and torch.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: int, where: str = "seed") -> int:
+    """``seed`` as an int in ``[0, SEED_MAX]``, or a one-line :class:`CellfluxError` naming ``where``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise CellfluxError(f"{where} must be an integer from 0 to {SEED_MAX}, got {seed!r}")
+    return seed
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Flow-matching pretraining (defaults: CellFlux's BBBC021 run unless noted).
@@ -82,6 +93,7 @@ class PretrainConfig:
     sample_cfg_scale: float = 0.2
 
     def __post_init__(self):
+        check_seed(self.seed, "config: seed")
         positive = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "sample_steps")
         for name in positive:
             if getattr(self, name) < 1:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
+
 
 @click.command("cellpose-model")
 @click.argument("dataset", type=click.Path(path_type=Path))
@@ -15,7 +17,7 @@ import click
 @click.option("--n-images", type=click.IntRange(min=1), default=128, show_default=True,
               help="Training crops, drawn at random from the train split.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Passes over those crops.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--gpu/--cpu", default=None, help="Train on CUDA (default: when available).")
 def cellpose_model(dataset, out, target, n_images, epochs, seed, batch_size, gpu):

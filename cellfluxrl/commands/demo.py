@@ -22,6 +22,8 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -70,7 +72,13 @@ def _settings_file(out: Path, cfg: DemoConfig) -> None:
 
     path, current = out / "demo.json", json.loads(json.dumps(dataclasses.asdict(cfg)))
     if path.is_file():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise CellfluxError(f"{path}: not readable ({type(exc).__name__}: {exc}); delete it (or use a new --out) to "
+                                f"record the settings again") from None
+        if not isinstance(stored, dict):
+            raise CellfluxError(f"{path}: not a demo settings file (a JSON object); delete it or use a new --out")
         if stored != current:
             diff = sorted(k for k in current if stored.get(k) != current[k])
             raise CellfluxError(f"{path}: this demo folder was made with other settings ({', '.join(diff)}); "
@@ -118,7 +126,7 @@ def posttrain_config(cfg: DemoConfig, **overrides):
     return PosttrainConfig(**{**settings, **overrides})
 
 
-def stage_pretrain(data: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
+def stage_pretrain(data: Path, out: Path, cfg: DemoConfig, device: str, should_stop=None) -> Path:
     """Pretrain (or resume) the demo's CellFlux model; a finished run returns at once."""
     from cellfluxrl.distributed import init_distributed
     from cellfluxrl.model.pretrain import train
@@ -132,11 +140,11 @@ def stage_pretrain(data: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
             bar.refresh()
 
-        train(data, run, pcfg, dist=init_distributed(device), on_step=on_step)
+        train(data, run, pcfg, dist=init_distributed(device), on_step=on_step, should_stop=should_stop)
     return run
 
 
-def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str) -> Path:
+def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str, should_stop=None) -> Path:
     """Post-train (or resume) CellFluxRL from the base run with the paper's reward weights."""
     from cellfluxrl.progress import progress
     from cellfluxrl.rl.loop import posttrain
@@ -149,21 +157,44 @@ def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str) -> Path
             bar.set_postfix(reward=f"{stats['reward']:.3f}")
             bar.refresh()
 
-        posttrain(base, run, pcfg, device=device, on_step=on_step)
+        posttrain(base, run, pcfg, device=device, on_step=on_step, should_stop=should_stop)
     return run
 
 
 def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig, device: str) -> dict:
     """Evaluate base and RL runs on the same pairs, each with its recorded sampling, in-distribution
-    and held-out compounds apart; returns the report (read back if already written)."""
+    and held-out compounds apart; returns the report (read back if already written).
+
+    The report is built in a staged folder and swapped in whole (:mod:`cellfluxrl.commands.report_folder`),
+    with the fingerprints of both runs and of the evaluators.
+    """
+    from cellfluxrl.checkpoint import read_run_config
+    from cellfluxrl.commands import report_folder as folder
+    from cellfluxrl.evaluation.pipeline import evaluate
+    from cellfluxrl.evaluation.report_text import write_report
     from cellfluxrl.progress import progress
 
-    from cellfluxrl.evaluation.pipeline import evaluate
+    target = out / "eval"
+    if (target / "report.json").is_file():  # the staged folder is swapped in only when complete
+        return folder.read_report(target / "report.json")
+    folder.check_report_folder(target)
+    staged = folder.staged_folder(target)
+    try:
+        report = _evaluate_demo(evaluate, progress, data, base, rl, staged, cfg, device)
+        runs = [base, rl]
+        report["settings"]["fingerprints"] = folder.report_fingerprints(
+            runs, ["CellFlux", "CellFluxRL"], [read_run_config(run) for run in runs], data, [])
+        write_report(report, staged)
+        folder.replace_folder(staged, target)
+    finally:
+        if staged.exists():
+            folder.discard(staged)
+    return report
 
-    done = out / "eval" / "report.json"
-    if done.is_file():  # written last and atomically, after the figures
-        return json.loads(done.read_text())
 
+def _evaluate_demo(evaluate, progress, data: Path, base: Path, rl: Path, into: Path, cfg: DemoConfig,
+                   device: str) -> dict:
+    """The demo's evaluation call (with its progress bar), writing into ``into``."""
     with progress(total=None, desc="evaluate", unit="pair") as bar:
         current = []
 
@@ -175,7 +206,7 @@ def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig,
             bar.update(done - bar.n)
 
         return evaluate(data, [base, rl], names=["CellFlux", "CellFluxRL"], n=cfg.eval_pairs, best_of=cfg.best_of,
-                        seed=cfg.seed, batch_size=16, split="both", device=device, out=out / "eval", tts_n=cfg.tts_n,
+                        seed=cfg.seed, batch_size=16, split="both", device=device, out=into, tts_n=cfg.tts_n,
                         on_progress=on_progress)
 
 
@@ -193,7 +224,7 @@ def demo_columns(report: dict) -> list[str]:
 @click.option("--pretrain-steps", type=click.IntRange(min=1), default=None, help=f"Pretraining steps [{DemoConfig().pretrain_steps}].")
 @click.option("--posttrain-steps", type=click.IntRange(min=1), default=None, help=f"DiffusionNFT steps [{DemoConfig().posttrain_steps}].")
 @click.option("--eval-pairs", type=click.IntRange(min=2), default=None, help=f"Evaluated test pairs per split [{DemoConfig().eval_pairs}].")
-@click.option("--seed", type=int, default=None, help="Seed of every stage (data, pretraining, RL, evaluation) [0].")
+@click.option("--seed", type=SEED, default=None, help="Seed of every stage (data, pretraining, RL, evaluation) [0].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, seed, device):
     """The main job: prepare synthetic -> pretrain -> posttrain -> evaluate, then print the table.
@@ -205,21 +236,35 @@ def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, seed, de
       cellfluxrl demo --quick --out /tmp/demo-quick
     """
     from cellfluxrl.commands.evaluate import print_report, resolve_device
+    from cellfluxrl.commands.interrupts import StopSignals
+    from cellfluxrl.commands.prepare import check_size
+    from cellfluxrl.rundir import hold
 
     cfg, device, began = DEMO_PRESETS["quick" if quick else "default"], resolve_device(device), time.perf_counter()
     overrides = {"size": size, "pretrain_steps": pretrain_steps, "posttrain_steps": posttrain_steps,
                  "eval_pairs": eval_pairs, "seed": seed}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    _settings_file(out, cfg)
+    check_size(cfg.size)
     timings = {}
-    for name, stage in (("prepare", lambda: stage_prepare(out, cfg)),
-                        ("pretrain", lambda: stage_pretrain(out / "data", out, cfg, device)),
-                        ("posttrain", lambda: stage_posttrain(out / "base", out, cfg, device)),
-                        ("evaluate", lambda: stage_evaluate(out / "data", out / "base", out / "rl", out, cfg, device))):
-        t0 = time.perf_counter()
-        click.echo(f"== {name}", err=True)
-        result = stage()
-        timings[name] = time.perf_counter() - t0
+    with hold(out, "demo"), StopSignals() as stop:
+        _settings_file(out, cfg)
+        for name, stage, graceful in (
+                ("prepare", lambda: stage_prepare(out, cfg), False),
+                ("pretrain", lambda: stage_pretrain(out / "data", out, cfg, device, stop), True),
+                ("posttrain", lambda: stage_posttrain(out / "base", out, cfg, device, stop), True),
+                ("evaluate", lambda: stage_evaluate(out / "data", out / "base", out / "rl", out, cfg, device), False)):
+            t0 = time.perf_counter()
+            click.echo(f"== {name}", err=True)
+            stop.graceful = graceful  # a training step is finished and saved; other stages stop at once
+            try:
+                result = stage()
+            except KeyboardInterrupt:
+                stop.exit(f"demo stopped by {stop.name} during {name}: the finished stages in {out} are kept; run the "
+                          f"same command to resume")
+            if stop():
+                stop.exit(f"demo stopped by {stop.name} during {name} (its checkpoint is written); run the same "
+                          f"command to resume")
+            timings[name] = time.perf_counter() - t0
     click.echo(print_report(result, columns=demo_columns(result)))
     click.echo(f"stages: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; "
                f"total {time.perf_counter() - began:.0f} s; report {out / 'eval' / 'report.md'}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
 from cellfluxrl.rewards.weights import weights_option
 
 
@@ -58,7 +59,7 @@ def resolve_device(device: str) -> str:
               help="CFG weight w for every run. [default: each run's recorded setting]")
 @click.option("--sigma", type=click.FloatRange(min=0), default=None,
               help="Source-noise std for every run. [default: each run's recorded setting]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Pairs, source noise and KID subsets.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Pairs, source noise and KID subsets.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per batch.")
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=100, show_default=True)
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
 from cellfluxrl.rewards.weights import weights_option
 
 POS_INT, POS_FLOAT = click.IntRange(min=1), click.FloatRange(min=0, min_open=True)
@@ -51,7 +52,7 @@ def _options(f):
         ("--max-minutes", NONNEG_FLOAT, "Stop (with a checkpoint) once this wall time has passed, 0 = no limit [0]."),
         ("--save-every", POS_INT, "Checkpoint period in steps [10]."),
         ("--grid-every", click.IntRange(min=0), "Sample-grid period in steps, 0 = never [50]."),
-        ("--seed", int, "Seed of pairs, source noise and t draws [0]."),
+        ("--seed", SEED, "Seed of pairs, source noise and t draws [0]."),
     ]
     for name, kind, text in reversed(specs):
         f = click.option(name, type=kind, default=None, help=text)(f)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
+
 
 def _evaluator_options(f):
     f = click.option("--segmenter", type=click.Choice(["classical", "cellpose"]), default="classical",
@@ -63,6 +65,48 @@ def _finish(out: Path, segmenter: str, cellpose_model: str | None, no_evaluators
     click.echo(summarize(load_dataset(out), evaluators))
 
 
+def _held(out: Path, work) -> None:
+    """Run ``work()`` holding OUT's lock; SIGINT/SIGTERM stop it at once and say what was kept.
+
+    A build interrupted while writing images keeps nothing (its partial folder is removed); one
+    interrupted while fitting evaluators keeps the dataset and the evaluators already written,
+    which the same command resumes from. Exits 130 (SIGINT) / 143 (SIGTERM).
+    """
+    from cellfluxrl.commands.interrupts import StopSignals
+    from cellfluxrl.rundir import hold
+
+    with hold(out, "prepare"), StopSignals(graceful=False) as stop:
+        try:
+            work()
+        except KeyboardInterrupt:
+            if (out / "meta.json").is_file():
+                kept = sorted(p.name for p in (out / "evaluators").glob("*") if not p.name.startswith(".")) \
+                    if (out / "evaluators").is_dir() else []
+                stop.exit(f"prepare stopped by {stop.name} while fitting the evaluators: the dataset {out} is kept, "
+                          f"with {', '.join(kept) if kept else 'no evaluator files yet'}; run the same command to "
+                          f"fit the rest")
+            stop.exit(f"prepare stopped by {stop.name} while writing {out}: nothing was kept (the partial build is "
+                      f"removed); run the same command to start again")
+
+
+def size_multiple() -> int:
+    """Crop sizes must be a multiple of this so that every UNet preset can take them (its downsampling)."""
+    from cellfluxrl.model.unet import PRESETS
+
+    return max(2 ** (len(preset.channel_mult) - 1) for preset in PRESETS.values())
+
+
+def check_size(size: int, option: str = "--size") -> None:
+    """Refuse a crop size no UNet preset can take, before anything is written (one line with the accepted ones)."""
+    from cellfluxrl.errors import CellfluxError
+
+    k = size_multiple()
+    if size % k:
+        near = sorted({max(32, size - size % k), size - size % k + k})
+        raise CellfluxError(f"{option} {size}: the UNet presets take crops of a multiple of {k} px, at least 32 "
+                            f"(e.g. {', '.join(map(str, near))}, 48 or 96)")
+
+
 def summarize(dataset, evaluators: dict | None = None) -> str:
     """A short human-readable summary of a dataset (and of its fitted evaluators)."""
     meta, table = dataset.meta, dataset.table
@@ -87,8 +131,9 @@ def prepare() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--n-images", type=click.IntRange(min=100), default=20000, show_default=True,
               help="Number of crops (treated + controls).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--size", type=click.IntRange(min=32), default=96, show_default=True, help="Crop size (px).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(min=32), default=96, show_default=True,
+              help="Crop size (px): a multiple of 4, at least 32 (what every UNet preset takes).")
 @click.option("--plates", type=click.IntRange(min=2), default=6, show_default=True, help="Number of plates.")
 @_embeddings_option
 @_evaluator_options
@@ -100,11 +145,16 @@ def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, seg
     """
     from cellfluxrl.data.synthetic import prepare_synthetic, synthetic_settings
 
+    check_size(size)
     settings = synthetic_settings(n_images, seed, size, plates, embeddings)
-    if not _resume(out, "synthetic", "generator", settings, segmenter, cellpose_model, no_evaluators, seed):
-        prepare_synthetic(out, n_images=n_images, seed=seed, size=size, n_plates=plates, progress=True,
-                          embeddings=embeddings)
-    _finish(out, segmenter, cellpose_model, no_evaluators, seed)
+
+    def work() -> None:
+        if not _resume(out, "synthetic", "generator", settings, segmenter, cellpose_model, no_evaluators, seed):
+            prepare_synthetic(out, n_images=n_images, seed=seed, size=size, n_plates=plates, progress=True,
+                              embeddings=embeddings)
+        _finish(out, segmenter, cellpose_model, no_evaluators, seed)
+
+    _held(out, work)
 
 
 @prepare.command("bbbc021")
@@ -119,7 +169,7 @@ def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, seg
 @click.option("--scale", type=float, default=None,
               help="With --raw, instead of --pixel-size: resize factor of the fields before cropping "
                    "(e.g. 0.5 for images at twice BBBC021's magnification).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @_embeddings_option
 @_evaluator_options
 def prepare_bbbc021_command(out, impa, raw, pixel_size, scale, seed, embeddings, segmenter, cellpose_model,
@@ -144,14 +194,18 @@ def prepare_bbbc021_command(out, impa, raw, pixel_size, scale, seed, embeddings,
     else:
         source, settings = "bbbc021-raw", {"raw_dir": _absolute(raw), "seed": seed,
                                            "embeddings_csv": _absolute(embeddings), "scale": factor}
-    if _resume(out, source, "preparation", settings, segmenter, cellpose_model, no_evaluators, seed):
-        pass  # finished with these settings: on to the evaluators it lacks
-    elif impa is not None:
-        bbbc021.prepare_impa(impa, out, progress=True, embeddings=embeddings)
-    else:
-        bbbc021.prepare_raw(raw, out, seed=seed, progress=True, embeddings=embeddings, pixel_size_um=pixel_size,
-                            scale=scale)
-    _finish(out, segmenter, cellpose_model, no_evaluators, seed)
+
+    def work() -> None:
+        if _resume(out, source, "preparation", settings, segmenter, cellpose_model, no_evaluators, seed):
+            pass  # finished with these settings: on to the evaluators it lacks
+        elif impa is not None:
+            bbbc021.prepare_impa(impa, out, progress=True, embeddings=embeddings)
+        else:
+            bbbc021.prepare_raw(raw, out, seed=seed, progress=True, embeddings=embeddings, pixel_size_um=pixel_size,
+                                scale=scale)
+        _finish(out, segmenter, cellpose_model, no_evaluators, seed)
+
+    _held(out, work)
 
 
 from cellfluxrl.commands.cellpose_train import cellpose_model as _cellpose_model  # noqa: E402 (imports only click)

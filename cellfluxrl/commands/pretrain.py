@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
+
 
 def resolve_config(config_file: Path | None, **options):
     """Defaults -> TOML file (``[unet]`` table allowed) -> CLI options; returns ``(PretrainConfig, UNetConfig)``."""
@@ -69,7 +71,7 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
               help="Write checkpoint.pt every STEPS steps (and at the end). [default: 1000]")
 @click.option("--log-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="stats.jsonl interval. [default: 10]")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers. [default: 0]")
-@click.option("--seed", type=int, default=None, help="Seed of data order, pairing, noise and dropout. [default: 0]")
+@click.option("--seed", type=SEED, default=None, help="Seed of data order, pairing, noise and dropout. [default: 0]")
 @click.option("--sample-steps", type=click.IntRange(min=1), default=None, metavar="N",
               help="Heun steps this run is meant to be sampled with (recorded; used by sample/evaluate). [default: 50]")
 @click.option("--sample-cfg-scale", type=click.FloatRange(min=0), default=None, metavar="W",

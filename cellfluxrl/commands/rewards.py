@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
+
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     """Left-aligned columns separated by two spaces."""
@@ -78,7 +80,7 @@ def check_all(infos: dict, dataset: Path | None) -> tuple[int, int]:
 @click.option("--segmenter", type=click.Choice(["classical", "cellpose"]), default="classical", show_default=True,
               help="Segmentation backend for the reference statistics.")
 @click.option("--cellpose-model", default=None, help="Cellpose model name (cached weights) or local path.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the MoA classifier training.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the MoA classifier training.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="MoA classifier epochs [default: about 300 optimizer steps].")
 @click.option("--device", default=None, help="Torch device for the classifier [default: cuda if available, else cpu].")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cellfluxrl.commands import SEED
 from cellfluxrl.rewards.weights import weights_option
 
 
@@ -86,7 +87,7 @@ def check_writable(out: Path) -> None:
               help="CFG weight w. [default: the run's recorded setting]")
 @click.option("--weights-from", "which", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
               help="Network weights to sample with.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the control draw and source noise.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the control draw and source noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per solver batch.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.npz")

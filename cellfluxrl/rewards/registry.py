@@ -106,6 +106,13 @@ def get_info(name: str, available: dict[str, RewardInfo] | None = None) -> Rewar
     return available[name]
 
 
+def _describe(exc: BaseException) -> str:
+    """``"Type: message"``; a ``SystemExit`` says it called ``sys.exit`` and with which code."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def load_factory(info: RewardInfo) -> Callable[[Any], Callable]:
     """Import the entry point of ``info`` and return its factory.
 
@@ -115,9 +122,9 @@ def load_factory(info: RewardInfo) -> Callable[[Any], Callable]:
     """
     try:
         factory = info.entry_point.load()
-    except Exception as exc:  # any import-time failure of third-party code
+    except (Exception, SystemExit) as exc:  # any import-time failure of third-party code, sys.exit() included
         raise RewardPluginError(f"reward {info.name!r} from {info.origin} failed to load: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                                f"{_describe(exc)}") from exc
     if not callable(factory):
         raise RewardPluginError(f"reward {info.name!r} from {info.origin}: {info.value} is a "
                                 f"{type(factory).__name__}, not a factory callable")
@@ -139,9 +146,9 @@ def load_reward(info: RewardInfo, context: Any) -> Callable:
         reward = factory(context)
     except CellfluxError as exc:
         raise RewardPluginError(f"reward {info.name!r} from {info.origin}: {exc}") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise RewardPluginError(f"reward {info.name!r} from {info.origin}: factory raised "
-                                f"{type(exc).__name__}: {exc}") from exc
+                                f"{_describe(exc)}") from exc
     if not callable(reward):
         raise RewardPluginError(f"reward {info.name!r} from {info.origin}: factory returned a "
                                 f"{type(reward).__name__}, not a callable reward")

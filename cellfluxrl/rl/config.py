@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cellfluxrl.config import check_seed
 from cellfluxrl.errors import CellfluxError
 
 TRAINABLE = ("all", "conditioning")  # which weights RL updates (cellfluxrl.rl.step.trainable_parameters)
@@ -52,6 +53,7 @@ class PosttrainConfig:
     bf16: bool = True  # bf16 autocast for every forward pass on GPU (ignored on CPU)
 
     def __post_init__(self):
+        check_seed(self.seed, "posttrain: seed")
         positive = ("steps", "group_size", "groups_per_step", "rollout_steps", "rollout_batch", "train_batch",
                     "grad_steps", "nft_beta", "adv_clip", "save_every", "lr")
         for name in positive:
