@@ -76,4 +76,4 @@ class StopSignals:
         """Print ``line`` (if any: other ranks print nothing) on stderr and exit with :attr:`exit_code`."""
         if line:
             click.echo(line, err=True)
-        raise click.exceptions.Exit(self.exit_code)
+        raise SystemExit(self.exit_code)
