@@ -99,7 +99,7 @@ def check_reference(changes: list[str], where: str, flag: str, accept: bool) -> 
     """
     if changes and not accept:
         more = f" (and {len(changes) - 1} more change(s))" if len(changes) > 1 else ""
-        raise CellfluxError(f"{where}: its reference changed since it was recorded: {changes[0]}{more}; restore it, "
+        raise CellfluxError(f"{where}: a reference changed since it was recorded: {changes[0]}{more}; restore it, "
                             f"use a new folder, or pass {flag} to go on against the new one (recorded)")
     return changes
 

@@ -281,6 +281,33 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
     assert "\n| Overall |" in output and "\n| MoA accuracy (judge) |" in output  # the command prints the table
 
 
+def test_a_new_report_replaces_the_old_one_whole_and_records_fingerprints(dataset_dir, cli_report, tmp_path):
+    """Issue 22: evaluating over an earlier report leaves no stale OOD figures; report.json holds the
+    fingerprints of the evaluators and of each run's weights."""
+    import shutil
+
+    from cellfluxrl.cli import cli
+    from cellfluxrl.provenance import evaluator_digests
+
+    old, _ = cli_report
+    report = json.loads((old / "report.json").read_text())
+    fingerprints = report["settings"]["fingerprints"]
+    assert fingerprints["evaluators"] == evaluator_digests(dataset_dir) and "judge.pt" in fingerprints["evaluators"]
+    assert fingerprints["runs"]["base"]["weights"] == fingerprints["runs"]["base#2"]["weights"]
+    assert fingerprints["runs"]["base"]["weights"].startswith("sha256:")
+    out = tmp_path / "eval"
+    shutil.copytree(old, out)
+    assert (out / "fig4_grid_ood.png").is_file()
+    run = json.loads((old / "report.json").read_text())["settings"]["runs"][0]["path"]
+    result = CliRunner().invoke(cli, ["evaluate", "--data", str(dataset_dir), run, "--n", "6", "--split", "id",
+                                      "--best-of", "1", "--batch-size", "6", "--kid-subset-size", "3",
+                                      "--kid-subsets", "2", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["fig4_grid.png", "fig5_best_of_n.png", "report.json", "report.md"]
+    assert list(json.loads((out / "report.json").read_text())["sections"]) == ["id"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no staged folder or lock left
+
+
 def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset_dir, tmp_path):
     """Same weights, different recorded sampling: different samples; one override for all: identical."""
     from cellfluxrl.evaluation.pipeline import _load_runs, evaluate

@@ -331,3 +331,22 @@ def test_posttrain_into_a_folder_another_process_holds(base_run, tmp_path):
         holder.kill()
         holder.wait()
     assert not (tmp_path / "rl").exists()
+
+
+def test_evaluate_refuses_a_posttrain_run_whose_base_changed(toy, tmp_path, capsys):
+    """Evaluated beside its base, a post-trained run must find the base weights it started from."""
+    from cellfluxrl.config import dump_json
+
+    base = tmp_path / "base"
+    train(toy.root, base, quick_cfg(steps=1), unet=MICRO)
+    state = load_checkpoint(base / "checkpoint.pt")
+    fingerprints = {"base_run": str(base.resolve()), "base_weights": "sha256:" + "0" * 64, "evaluators": {}}
+    config = {**state["config"], "kind": "posttrain", "fingerprints": fingerprints}
+    save_checkpoint(tmp_path / "rl" / "checkpoint.pt", {**state, "kind": "posttrain", "config": config,
+                                                        "fingerprints": fingerprints})
+    dump_json(config, tmp_path / "rl" / "config.json")
+    code, _, err = run_main(capsys, "evaluate", "--data", str(toy.root), str(base), str(tmp_path / "rl"), "--n", "2",
+                            "--device", "cpu", "--out", str(tmp_path / "eval"))
+    assert_one_line_error(code, err, "reference changed", f"run {tmp_path / 'rl'}", "other weights",
+                          "--allow-changed-reference")
+    assert not (tmp_path / "eval").exists() and not list(tmp_path.glob(".eval*"))

@@ -121,11 +121,12 @@ def _prepare(out: Path, runs: list[Path], dataset: Path, allow_changed_reference
     from cellfluxrl.commands.report_folder import reference_changes_of, staged_folder
     from cellfluxrl.provenance import check_reference
 
-    for line in preflight(runs, dataset, **options):
-        click.echo(line, err=True)
+    lines = preflight(runs, dataset, **options)
     changes = reference_changes_of(runs, [read_run_config(run) for run in runs], dataset)
     for change in check_reference(changes, "evaluate", "--allow-changed-reference", allow_changed_reference):
-        click.echo(f"warning: evaluating against a changed reference (recorded in report.json): {change}", err=True)
+        lines.insert(0, f"warning: evaluating against a changed reference (recorded in report.json): {change}")
+    for line in lines:
+        click.echo(line, err=True)
     return staged_folder(out)
 
 
