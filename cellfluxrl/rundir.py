@@ -133,14 +133,21 @@ def check_owned(folder: str | os.PathLike, command: str, allowed: Iterable[str],
     return True
 
 
-def check_run_folder(folder: str | os.PathLike, kind: str, names: Iterable[str]) -> bool:
-    """:func:`check_owned` for a ``pretrain``/``posttrain`` run folder, whose ``config.json`` (when
-    present) must be a run config of this ``kind``; True when the folder already holds run files.
+def check_run_folder(folder: str | os.PathLike, kind: str, names: Iterable[str],
+                     checkpoint: str = "checkpoint.pt") -> bool:
+    """May ``kind`` write into this run folder? True when it already holds run files.
+
+    A folder with a ``checkpoint`` is a run to resume (its kind is checked when it is loaded); files
+    the user added beside it are left alone, since a run writes only its own names. Without one,
+    the folder must pass :func:`check_owned` for ``names`` and its ``config.json`` (when present)
+    must be a run config of this ``kind`` (a run killed before its first checkpoint).
 
     Raises:
         CellfluxError: a foreign file, a dataset folder, or a ``config.json`` of another kind or program.
     """
     folder = Path(folder)
+    if folder.is_dir() and (folder / checkpoint).is_file() and not (folder / "meta.json").exists():
+        return True
     if not check_owned(folder, kind, names, "run folder"):
         return False
     config = folder / "config.json"
