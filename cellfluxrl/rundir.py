@@ -287,3 +287,17 @@ def hold(folder: str | os.PathLike, command: str) -> Iterator[FolderLock]:
         yield lock
     finally:
         release(lock)
+
+
+@contextmanager
+def hold_as_main(folder: str | os.PathLike, command: str) -> Iterator[FolderLock | None]:
+    """:func:`hold` in the main process of a torchrun job (``RANK`` 0 or unset); other ranks hold nothing.
+
+    Commands take the lock first, before their heavy imports, so a second writer is refused at
+    once; the library they call holds it again (nested holds share the lock).
+    """
+    if os.environ.get("RANK", "0") != "0":
+        yield None
+        return
+    with hold(folder, command) as lock:
+        yield lock

@@ -117,6 +117,7 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
         return
     from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.progress import progress
+    from cellfluxrl.rundir import hold_as_main
 
     bars: list = []
     last: dict = {}
@@ -132,7 +133,7 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
         bars[0].refresh()
 
     try:
-        with StopSignals() as stop:
+        with hold_as_main(out_run, "posttrain"), StopSignals() as stop:
             run(base_run, out_run, cfg, device=device, on_step=on_step, should_stop=stop,
                 allow_changed_reference=allow_changed_reference)
     finally:

@@ -94,15 +94,22 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
     Example:
       cellfluxrl pretrain data/synth runs/base --preset tiny --steps 2000 --batch-size 16
     """
+    from cellfluxrl.rundir import hold_as_main
+
+    with hold_as_main(run, "pretrain"):  # a second writer is refused at once, before torch loads
+        _pretrain(dataset, run, config_file, device, compile_, init_from, preset=preset, steps=steps,
+                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every, log_every=log_every,
+                  num_workers=num_workers, seed=seed, sample_steps=sample_steps, sample_cfg_scale=sample_cfg_scale)
+
+
+def _pretrain(dataset: Path, run: Path, config_file, device: str, compile_, init_from, **options) -> None:
+    """The command once RUN is held: train, then say where the run stands."""
     from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.distributed import cleanup, init_distributed
     from cellfluxrl.model.pretrain import train
     from cellfluxrl.progress import progress
 
-    cfg, unet = resolve_config(config_file, preset=preset, steps=steps, batch_size=batch_size,
-                               grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every, log_every=log_every,
-                               num_workers=num_workers, seed=seed, sample_steps=sample_steps,
-                               sample_cfg_scale=sample_cfg_scale)
+    cfg, unet = resolve_config(config_file, **options)
     dist = init_distributed(device)
     bars: list = []
     try:
