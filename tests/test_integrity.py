@@ -350,3 +350,36 @@ def test_evaluate_refuses_a_posttrain_run_whose_base_changed(toy, tmp_path, caps
     assert_one_line_error(code, err, "reference changed", f"run {tmp_path / 'rl'}", "other weights",
                           "--allow-changed-reference")
     assert not (tmp_path / "eval").exists() and not list(tmp_path.glob(".eval*"))
+
+
+def test_prepare_and_evaluate_interrupted_say_what_was_kept(toy, tmp_path, capsys, monkeypatch):
+    """prepare/evaluate have no step to finish: an interrupt stops at once, keeps what resumes, exits 130."""
+    import shutil
+
+    import cellfluxrl.evaluation.pipeline as pipeline
+    from cellfluxrl.commands.prepare import _held
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        _held(tmp_path / "new", interrupted)
+    assert info.value.code == 130 and "while writing" in capsys.readouterr().err
+    data = tmp_path / "data"
+    shutil.copytree(toy.root, data)
+    (data / "evaluators").mkdir()
+    (data / "evaluators" / "reference_stats.json").write_text("{}")
+    with pytest.raises(SystemExit) as info:
+        _held(data, interrupted)
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and f"the dataset {data} is kept, with reference_stats.json" in err
+
+    train(toy.root, tmp_path / "run", quick_cfg(steps=1), unet=MICRO)
+    out = tmp_path / "eval"
+    _report(out)
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: interrupted())
+    code, _, err = run_main(capsys, "evaluate", "--data", str(toy.root), str(tmp_path / "run"), "--n", "2",
+                            "--device", "cpu", "--out", str(out))
+    assert code == 130 and "evaluate stopped by SIGINT" in err and "is as it was" in err
+    assert sorted(p.name for p in out.iterdir()) == before and not list(tmp_path.glob(".eval*"))
