@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from cellfluxrl.checkpoint import load_checkpoint, save_checkpoint
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.model.pretrain import train
 from cellfluxrl.rundir import FolderBusy, hold, lock_path
 from test_cli import assert_one_line_error, run_main
+from test_posttrain import ChannelSuite, base_run, small_cfg  # noqa: F401 (base_run is a fixture)
 from test_pretrain import MICRO, make_toy_dataset, quick_cfg, state_equal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,9 +234,6 @@ def test_debug_after_the_subcommand_is_the_global_flag(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- posttrain
-
-from test_posttrain import ChannelSuite, base_run, small_cfg  # noqa: E402,F401 (base_run is a fixture)
-
 
 class ConstantSuite(ChannelSuite):
     """Every reward at its floor for every sample: zero spread in every group."""

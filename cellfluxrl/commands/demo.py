@@ -173,11 +173,12 @@ def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig,
     from cellfluxrl.evaluation.pipeline import evaluate
     from cellfluxrl.evaluation.report_text import write_report
     from cellfluxrl.progress import progress
+    from cellfluxrl.rundir import check_owned
 
     target = out / "eval"
     if (target / "report.json").is_file():  # the staged folder is swapped in only when complete
         return folder.read_report(target / "report.json")
-    folder.check_report_folder(target)
+    check_owned(target, "demo", folder.REPORT_FILES, "folder")  # figures of a killed older run are replaced
     staged = folder.staged_folder(target)
     try:
         report = _evaluate_demo(evaluate, progress, data, base, rl, staged, cfg, device)
