@@ -18,6 +18,7 @@ they are compared by RL runs (``rl_experiment.py``).
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import time
 from pathlib import Path
@@ -42,14 +43,23 @@ def parse_set(text: str) -> dict:
     return out
 
 
-def gradients(data: Path, base: Path, overrides: dict, iters: int, weights: str | None, seed: int) -> dict:
-    """``{"real": (iters, P), "shuffled": (iters, P)}`` flattened policy gradients and seconds.
+ROLLOUT_KEYS = ("group_size", "groups_per_step", "rollout_steps", "rollout_grid", "rollout_batch", "sigma",
+                "cfg_scale", "seed", "weights")  # the settings that change the rollouts or their rewards
+
+
+def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights: str | None, seed: int) -> list[dict]:
+    """Per setting ``{"real": (iters, P), "shuffled": (iters, P), "seconds": s}`` flattened policy gradients.
 
     The advantages are the run's own (``cellfluxrl.rl.step.advantages``: ``reward_norm`` honoured);
     the null shuffles the reward rows (every reward of a rollout together) inside each group with a
     fresh permutation per group, so it keeps each group's reward set and loses which rollout earned
-    it. ``P`` counts only the weights the setting trains (``trainable``).
+    it. ``P`` counts only the weights the setting trains (``trainable``): the gradient of a subset is
+    the same whichever other weights train, so settings that differ only there share one backward
+    pass, and settings with equal :data:`ROLLOUT_KEYS` share their rollouts (the same pairs, noise
+    and rewards: a paired comparison).
     """
+    from dataclasses import asdict, replace
+
     from cellfluxrl.checkpoint import load_run
     from cellfluxrl.commands.demo import DemoConfig, posttrain_config
     from cellfluxrl.data.layout import load_dataset
@@ -58,40 +68,62 @@ def gradients(data: Path, base: Path, overrides: dict, iters: int, weights: str 
     from cellfluxrl.rl import nft
     from cellfluxrl.rl.reward_worker import RewardWorker, wait_rewards
     from cellfluxrl.rl.rollouts import collect_rollouts, iteration_rng
-    from cellfluxrl.rl.step import advantages, build_policies, nft_backward
+    from cellfluxrl.rl.step import advantages, build_policies, nft_backward, trainable_parameters
 
     loaded = load_run(base)
     s = loaded.sampling
-    cfg = posttrain_config(DemoConfig(), rollout_steps=s.steps, cfg_scale=s.cfg_scale, weights=weights,
-                           kl_weight=0.0, seed=seed, **overrides)
+    cfgs = [posttrain_config(DemoConfig(), **{**dict(rollout_steps=s.steps, cfg_scale=s.cfg_scale, weights=weights,
+                                                     kl_weight=0.0, seed=seed), **o}) for o in settings]
     dataset = load_dataset(data)
-    suite = RewardSuite.from_dataset(dataset, parse_weights(cfg.weights))
-    pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=seed)
     device = torch.device("cpu")
     embeddings = torch.as_tensor(np.array(dataset.embeddings))
-    policies = build_policies(loaded.net, device, 1, cfg.trainable)
-    trained = [p for p in policies.theta.parameters() if p.requires_grad]
-    worker = RewardWorker(suite)
-    out = {"real": [], "shuffled": []}
-    m = cfg.group_size
-    start = time.perf_counter()
+    policies = build_policies(loaded.net, device, 1, "all")
+    subsets = []
+    for cfg in cfgs:  # which flattened parameters each setting trains
+        probe = copy.deepcopy(loaded.net)
+        trainable_parameters(probe, cfg.trainable)
+        subsets.append([i for i, p in enumerate(probe.parameters()) if p.requires_grad])
+    out = [{"real": [], "shuffled": [], "seconds": 0.0} for _ in cfgs]
+    suites: dict = {}
     try:
         for k in range(iters):
-            ro = collect_rollouts(policies.old, pairs, embeddings, cfg, 1000 + k, 0, cfg.groups_per_step, device,
-                                  worker.submit)
-            total, comps, names, _ = wait_rewards(ro.futures)
-            everything = torch.as_tensor(np.concatenate([total[:, None], comps], axis=1), dtype=torch.float64)
-            w = [float(suite.weights.get(name, 0.0)) for name in names]
-            perm = np.random.default_rng([seed, k]).permuted(np.arange(everything.shape[0]).reshape(-1, m), axis=1)
-            for name, rows in (("real", everything), ("shuffled", everything[torch.as_tensor(perm.reshape(-1))])):
-                r = nft.optimality(advantages(cfg, rows, w), cfg.adv_clip).reshape(-1).float()
-                policies.theta.zero_grad(set_to_none=True)
-                nft_backward(policies, ro, r, cfg, iteration_rng(cfg, 1000 + k, 0, 1), device)
-                out[name].append(torch.cat([p.grad.reshape(-1) for p in trained]).double().numpy())
+            rollouts: dict = {}
+            for j, cfg in enumerate(cfgs):
+                began = time.perf_counter()
+                rkey = tuple(getattr(cfg, key) for key in ROLLOUT_KEYS)
+                if rkey not in rollouts:
+                    if cfg.weights not in suites:
+                        suite = RewardSuite.from_dataset(dataset, parse_weights(cfg.weights))
+                        suites[cfg.weights] = (suite, RewardWorker(suite))
+                    suite, worker = suites[cfg.weights]
+                    pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=cfg.seed)
+                    ro = collect_rollouts(policies.old, pairs, embeddings, cfg, 1000 + k, 0, cfg.groups_per_step,
+                                          device, worker.submit)
+                    total, comps, reward_names, _ = wait_rewards(ro.futures)
+                    rows = torch.as_tensor(np.concatenate([total[:, None], comps], axis=1), dtype=torch.float64)
+                    w = [float(suite.weights.get(name, 0.0)) for name in reward_names]
+                    perm = np.random.default_rng([seed, k]).permuted(
+                        np.arange(rows.shape[0]).reshape(-1, cfg.group_size), axis=1).reshape(-1)
+                    rollouts[rkey] = (ro, rows, w, perm, {})
+                ro, rows, w, perm, grads = rollouts[rkey]
+                lkey = tuple(sorted((key, v) for key, v in asdict(replace(cfg, trainable="all")).items()))
+                if lkey not in grads:
+                    grads[lkey] = {}
+                    for name, table in (("real", rows), ("shuffled", rows[torch.as_tensor(perm)])):
+                        r = nft.optimality(advantages(cfg, table, w), cfg.adv_clip).reshape(-1).float()
+                        policies.theta.zero_grad(set_to_none=True)
+                        nft_backward(policies, ro, r, cfg, iteration_rng(cfg, 1000 + k, 0, 1), device)
+                        grads[lkey][name] = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                                             for p in policies.theta.parameters()]
+                for name in ("real", "shuffled"):
+                    parts = grads[lkey][name]
+                    out[j][name].append(torch.cat([parts[i].reshape(-1) for i in subsets[j]]).double().numpy())
+                out[j]["seconds"] += time.perf_counter() - began
     finally:
-        worker.close()
-        suite.close()
-    return {name: np.stack(v) for name, v in out.items()} | {"seconds": time.perf_counter() - start}
+        for suite, worker in suites.values():
+            worker.close()
+            suite.close()
+    return [{name: np.stack(v) if name != "seconds" else v for name, v in o.items()} for o in out]
 
 
 def agreement(g: np.ndarray) -> tuple[float, float]:
@@ -113,12 +145,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print("| setting | cos(g_i, g_j), real rewards | shuffled rewards (null) | s |\n|---|---|---|---|")
-    for text in args.sets or [""]:
-        res = gradients(args.data, args.base, parse_set(text), args.iters, args.weights, args.seed)
+    print("| setting | cos(g_i, g_j), real rewards | shuffled rewards (null) | real - null | weights | s |\n"
+          "|---|---|---|---|---|---|")
+    texts = args.sets or [""]
+    results = gradients(args.data, args.base, [parse_set(t) for t in texts], args.iters, args.weights, args.seed)
+    for text, res in zip(texts, results):
         (m, se), (m0, se0) = agreement(res["real"]), agreement(res["shuffled"])
-        print(f"| {text or 'demo'} | {m:.4f} ± {se:.4f} | {m0:.4f} ± {se0:.4f} | {res['seconds']:.0f} |", flush=True)
-
+        print(f"| {text or 'demo'} | {m:.4f} ± {se:.4f} | {m0:.4f} ± {se0:.4f} | {m - m0:+.4f} | "
+              f"{res['real'].shape[1]:,} | {res['seconds']:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()
