@@ -4,7 +4,7 @@ Importing the package is cheap: it imports nothing heavy (no torch, no numba). T
 direction of their imports are in docs/architecture.md.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from cellfluxrl import _moved  # noqa: E402 (old module paths still import, with a DeprecationWarning)
 
