@@ -31,6 +31,7 @@ LAYERS = ("plumbing", "data", "model", "rewards", "rl", "evaluation", "app")
 TOP_LEVEL = {
     "cellfluxrl": "plumbing", "_moved": "plumbing", "errors": "plumbing", "config": "plumbing",
     "distributed": "plumbing", "images": "plumbing", "progress": "plumbing", "grids": "plumbing",
+    "export": "plumbing",
     "rundir": "plumbing", "checkpoint": "model", "provenance": "model", "cli": "app", "commands": "app",
     "data": "data", "model": "model", "rewards": "rewards", "rl": "rl", "evaluation": "evaluation",
 }

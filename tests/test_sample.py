@@ -145,3 +145,69 @@ def test_sample_out_must_be_an_npz_so_the_png_cannot_overwrite_it(trained, tmp_p
     code, _, err = run_main(capsys, "sample", str(run), "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s.png"))
     assert code == 2 and len(visible_lines(err)) == 1 and ".npz" in err
     assert not (tmp_path / "s.png").exists()
+
+
+def test_sample_format_tiff_reads_back_with_channel_names_and_csv_matches_npz(trained, tmp_path):
+    import csv
+
+    import tifffile
+
+    from cellfluxrl.cli import cli
+
+    ds, run = trained
+    out = tmp_path / "s.npz"
+    result = CliRunner().invoke(cli, ["sample", str(run), "--n", "3", "--steps", "2", "--device", "cpu",
+                                      "--format", "tiff", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = np.load(out)
+    rows = list(csv.DictReader(open(tmp_path / "s" / "samples.csv")))
+    assert [r["pair"] for r in rows] == ["0", "1", "2"]
+    assert [r["compound"] for r in rows] == list(data["compound"])
+    assert [r["moa"] for r in rows] == list(data["moa"])
+    assert [int(r["control_index"]) for r in rows] == list(data["control_index"])
+    assert [int(r["target_index"]) for r in rows] == list(data["target_index"])
+    t = data["target_index"]
+    assert [r["plate"] for r in rows] == list(ds.table["batch"][t])
+    assert [float(r["dose"]) for r in rows] == list(ds.table["dose"][t])
+    assert [r["control_source"] for r in rows] == list(ds.table["source"][data["control_index"]])
+    for i, row in enumerate(rows):
+        with tifffile.TiffFile(tmp_path / "s" / row["file"]) as tif:
+            assert tif.is_ome and tif.series[0].axes == "CYX"
+            names = [c.get("Name") for c in tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]["Channel"]]
+            assert names == list(ds.channels)
+            assert np.array_equal(tif.asarray(), np.moveaxis(data["generated"][i], 2, 0))
+
+
+def test_sample_format_png_writes_rgb_previews(trained, tmp_path):
+    from PIL import Image
+
+    from cellfluxrl.cli import cli
+
+    _, run = trained
+    out = tmp_path / "s.npz"
+    result = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--steps", "2", "--device", "cpu",
+                                      "--format", "png", "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert files == sorted([f"00000_{np.load(out)['compound'][0]}.png", f"00001_{np.load(out)['compound'][1]}.png",
+                            "samples.csv"])
+    png = Image.open(tmp_path / "s" / files[0])
+    assert png.mode == "RGB" and np.array_equal(np.asarray(png), np.load(out)["generated"][0])
+    (tmp_path / "f").write_text("")
+    clash = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--format", "png", "--out", str(tmp_path / "f.npz")])
+    assert clash.exit_code == 2 and "is a file" in clash.output
+
+
+def test_samples_csv_records_the_kept_candidate_and_every_reward(trained, tmp_path):
+    import csv
+
+    from cellfluxrl.export import export_samples
+
+    ds, run = trained
+    targets, controls = test_pairs(ds, 3, seed=0)
+    best = sample_pairs(load_run(run).net, ds, targets, controls, seed=7, num_steps=2, best_of_k=3, suite=FakeSuite())
+    path = export_samples(tmp_path / "x", best, ds.table, ds.channels, "tiff")
+    rows = list(csv.DictReader(open(path)))
+    assert [int(r["candidate"]) for r in rows] == list(np.argmax(best.candidate_rewards, axis=1))
+    assert np.allclose([float(r["reward"]) for r in rows], best.rewards, rtol=0, atol=1e-12)
+    assert np.allclose([float(r["reward_dna"]) for r in rows], best.components["dna"], rtol=0, atol=1e-12)

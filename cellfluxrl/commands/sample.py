@@ -91,11 +91,16 @@ def check_writable(out: Path) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per solver batch.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.npz")
+@click.option("--format", "fmt", type=click.Choice(["npz", "tiff", "png"]), default="npz", show_default=True,
+              help="Also write each generated image to the folder FILE/ with samples.csv: tiff = one "
+                   "multi-channel OME-TIFF per image with channel names (Fiji, napari); png = RGB previews.")
 def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, cfg_scale, which, seed, batch_size,
-           device, out):
+           device, out, fmt):
     """Generate perturbed cells from RUN for the first N treated test rows (same-plate controls).
 
-    Writes FILE.npz (uint8 generated/control/target images and metadata) and FILE.png.
+    Writes FILE.npz (uint8 generated/control/target images and metadata) and FILE.png; with
+    --format tiff or png also FILE/ (one image per generated cell and samples.csv: pair, candidate,
+    compound, dose, MoA, plate, control image and every reward).
 
     \b
     Example:
@@ -112,6 +117,9 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     if Path(out).suffix != ".npz":  # FILE.png is written beside it: another suffix would be overwritten
         raise click.BadParameter(f"{out} must end in .npz (the PNG grid is written beside it)", param_hint="--out")
     check_writable(Path(out))
+    if fmt != "npz" and Path(out).with_suffix("").exists() and not Path(out).with_suffix("").is_dir():
+        raise click.BadParameter(f"{Path(out).with_suffix('')} is a file; --format {fmt} writes a folder there",
+                                 param_hint="--out")
     dev = resolve_device(device)
     loaded = load_run(run, device=dev, weights=which)
     dataset = load_dataset(loaded.dataset_dir)
@@ -141,3 +149,8 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     npz, png = write_outputs(Path(out), samples, meta)
     extra = f"; mean reward {samples.rewards.mean():.4f}" if samples.rewards is not None else ""
     click.echo(f"wrote {len(samples.generated)} images to {npz} and {png}{extra}")
+    if fmt != "npz":
+        from cellfluxrl.export import export_samples
+
+        table = export_samples(Path(out).with_suffix(""), samples, dataset.table, dataset.channels, fmt)
+        click.echo(f"wrote {len(samples.generated)} {fmt.upper()} files and {table.name} to {table.parent}")
