@@ -1,4 +1,4 @@
-"""The flat ``cellfluxrl`` command line: prepare | pretrain | posttrain | sample | evaluate | rewards.
+"""The flat ``cellfluxrl`` command line: prepare | pretrain | posttrain | sample | evaluate | info | rewards.
 
 Each command lives in ``cellfluxrl/commands/<name>.py`` and is imported only when it is run, so
 ``cellfluxrl --help`` stays fast (no torch import). Every :class:`~cellfluxrl.errors.CellfluxError`
@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "posttrain": ("cellfluxrl.commands.posttrain", "posttrain", "Post-train a base run with DiffusionNFT on the rewards."),
     "sample": ("cellfluxrl.commands.sample", "sample", "Generate perturbed cells from a run (optionally best-of-N)."),
     "evaluate": ("cellfluxrl.commands.evaluate", "evaluate", "Score runs: rewards, MoA accuracy, FID/KID, best-of-N curves."),
+    "info": ("cellfluxrl.commands.info", "info", "Describe a dataset, a run or a sample file (how it was made, sizes)."),
     "rewards": ("cellfluxrl.commands.rewards", "rewards", "List the installed reward plugins and where they come from."),
     "demo": ("cellfluxrl.commands.demo", "demo", "The main job: prepare -> pretrain -> posttrain -> evaluate on synthetic data."),
 }

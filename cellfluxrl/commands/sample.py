@@ -69,6 +69,34 @@ def check_writable(out: Path) -> None:
         raise CellfluxError(f"--out {out}: cannot write in {folder} ({exc.strerror or type(exc).__name__})") from None
 
 
+def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None) -> Path:
+    """The dataset to sample from: ``--data DIR`` if given (checked against the run), else the run's own.
+
+    Raises:
+        CellfluxError: the run's dataset is gone and no ``--data`` was given; ``--data`` is not a
+            dataset folder or cannot fit the run (image size, embedding width).
+    """
+    from cellfluxrl.checkpoint import trained_on_problem
+    from cellfluxrl.errors import CellfluxError
+
+    if data_dir is None:
+        if not (trained_on / "meta.json").is_file():
+            raise CellfluxError(f"run {run} was trained on {trained_on}, which is gone (moved?); "
+                                f"give its new place with --data DIR")
+        return trained_on
+    if not data_dir.is_dir() or not (data_dir / "meta.json").is_file():
+        what = "a file" if data_dir.is_file() else ("a folder without meta.json" if data_dir.is_dir() else "missing")
+        raise CellfluxError(f"--data {data_dir}: {what}; give a dataset folder made by `cellfluxrl prepare`")
+    problem = trained_on_problem(config, str(run), data_dir)
+    if problem is not None and problem[0] == "error":
+        raise CellfluxError(problem[1])
+    if problem is not None and (trained_on / "meta.json").is_file():
+        click.echo(f"warning: {problem[1]}", err=True)
+    elif problem is not None:  # the run's own dataset is gone: --data is taken to be where it moved
+        click.echo(f"note: run {run} was trained on {trained_on} (gone); sampling {data_dir}", err=True)
+    return data_dir
+
+
 @click.command("sample")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True,
@@ -90,12 +118,14 @@ def check_writable(out: Path) -> None:
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the control draw and source noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per solver batch.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Dataset to take the test pairs from. [default: the one the run was trained on]")
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.npz")
 @click.option("--format", "fmt", type=click.Choice(["npz", "tiff", "png"]), default="npz", show_default=True,
               help="Also write each generated image to the folder FILE/ with samples.csv: tiff = one "
                    "multi-channel OME-TIFF per image with channel names (Fiji, napari); png = RGB previews.")
 def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, cfg_scale, which, seed, batch_size,
-           device, out, fmt):
+           device, data_dir, out, fmt):
     """Generate perturbed cells from RUN for the first N treated test rows (same-plate controls).
 
     Writes FILE.npz (uint8 generated/control/target images and metadata) and FILE.png; with
@@ -122,7 +152,8 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
                                  param_hint="--out")
     dev = resolve_device(device)
     loaded = load_run(run, device=dev, weights=which)
-    dataset = load_dataset(loaded.dataset_dir)
+    dataset_dir = dataset_for(run, loaded.config, loaded.dataset_dir, data_dir)
+    dataset = load_dataset(dataset_dir)
     names = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     split = split or ("all" if names else "id")
     target_idx, control_idx = test_pairs(dataset, n, seed, names, split=split)
@@ -135,13 +166,13 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     if best_of_k > 1 or weights:
         from cellfluxrl.rewards import RewardSuite, format_weights, parse_weights
 
-        suite = RewardSuite.from_dataset(loaded.dataset_dir, parse_weights(weights), device=str(dev))
+        suite = RewardSuite.from_dataset(dataset_dir, parse_weights(weights), device=str(dev))
     with progress(total=len(target_idx), desc="sample", unit="img") as bar:
         samples = sample_pairs(loaded.net, dataset, target_idx, control_idx, seed=seed, num_steps=sampling.steps,
                                cfg_scale=sampling.cfg_scale, grid=sampling.grid, solver=sampling.solver,
                                sigma=sampling.sigma, batch_size=batch_size, best_of_k=best_of_k, suite=suite,
                                device=dev, on_batch=bar.update)
-    meta = {"run": str(run), "kind": loaded.kind, "step": loaded.step, "weights_from": loaded.weights,
+    meta = {"run": str(run), "dataset": str(dataset_dir), "kind": loaded.kind, "step": loaded.step, "weights_from": loaded.weights,
             "num_steps": sampling.steps, "solver": sampling.solver, "grid": sampling.grid,
             "cfg_scale": sampling.cfg_scale, "sigma": sampling.sigma, "sampling_source": source, "split": split,
             "seed": seed,
