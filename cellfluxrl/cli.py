@@ -20,7 +20,7 @@ from cellfluxrl.errors import CellfluxError
 
 # name -> (module, attribute, one-line help shown by `cellfluxrl --help` without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("cellfluxrl.commands.prepare", "prepare", "Build a dataset: synthetic, or BBBC021 (IMPA or raw Broad layout)."),
+    "prepare": ("cellfluxrl.commands.prepare", "prepare", "Build a dataset: synthetic, BBBC021 (IMPA or raw Broad layout), or your own images."),
     "pretrain": ("cellfluxrl.commands.pretrain", "pretrain", "Pretrain the CellFlux base model with flow matching."),
     "posttrain": ("cellfluxrl.commands.posttrain", "posttrain", "Post-train a base run with DiffusionNFT on the rewards."),
     "sample": ("cellfluxrl.commands.sample", "sample", "Generate perturbed cells from a run (optionally best-of-N)."),

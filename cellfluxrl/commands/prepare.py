@@ -211,3 +211,7 @@ def prepare_bbbc021_command(out, impa, raw, pixel_size, scale, seed, embeddings,
 from cellfluxrl.commands.cellpose_train import cellpose_model as _cellpose_model  # noqa: E402 (imports only click)
 
 prepare.add_command(_cellpose_model)
+
+from cellfluxrl.commands.prepare_images import make_images_command  # noqa: E402 (imports only click)
+
+prepare.add_command(make_images_command([_embeddings_option, _evaluator_options], _resume, _finish))

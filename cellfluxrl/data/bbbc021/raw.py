@@ -160,13 +160,21 @@ def split_fields(keys: list[tuple[str, str]], test_fraction: float, seed: int) -
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    """One grayscale TIFF plane -> float32 ``(H, W)`` in its stored units (16-bit counts)."""
-    import tifffile
-
+    """One grayscale TIFF (or PNG, for ``prepare images``) plane -> float32 ``(H, W)`` in its stored
+    units (8- or 16-bit counts)."""
     try:
-        image = tifffile.imread(path)
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as png:
+                image = np.asarray(png)
+        else:
+            import tifffile
+
+            image = tifffile.imread(path)
     except Exception as exc:  # tifffile raises many types (ValueError, TiffFileError, OSError) for damage
-        raise CellfluxError(f"{path}: corrupt or truncated TIFF ({type(exc).__name__}: {exc})") from None
+        kind = "PNG" if path.suffix.lower() == ".png" else "TIFF"
+        raise CellfluxError(f"{path}: corrupt or truncated {kind} ({type(exc).__name__}: {exc})") from None
     image = np.squeeze(image)
     if image.ndim != 2:
         raise CellfluxError(f"{path}: expected one grayscale plane, found shape {image.shape}")

@@ -1,0 +1,68 @@
+"""``cellfluxrl prepare images OUT --csv FILE.csv``: a dataset from the user's own plates.
+
+``prepare.py`` builds the command with :func:`make_images_command`, passing in its shared options
+(embeddings, evaluators) and its resume/finish steps, so this module does not import it (no cycle).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import click
+
+HELP = """Your own plates: nucleus-centred crops from per-channel images listed in a CSV.
+
+    Fields go through the raw-BBBC021 pipeline (per-plate illumination correction, nuclei on the
+    DNA channel, 96 px crops, per-plate scaling to uint8); the split is drawn per plate and well.
+    Run again on the same OUT with the same CSV and settings, it resumes like `prepare synthetic`.
+    The CSV's columns are in docs/data.md.
+
+    \b
+    Example CSV (paths relative to the CSV):
+      actin,tubulin,dna,compound,dose,plate,well,control,smiles,moa
+      P1/B02_w2.tif,P1/B02_w3.tif,P1/B02_w1.tif,DMSO,0,P1,B02,1,,
+      P1/C05_w2.tif,P1/C05_w3.tif,P1/C05_w1.tif,taxol,0.3,P1,C05,0,,
+    """
+
+
+def make_images_command(shared_options: list[Callable], resume: Callable, finish: Callable) -> click.Command:
+    """The ``prepare images`` click command.
+
+    Args:
+        shared_options: ``prepare``'s option decorators (``--embeddings``, evaluator options).
+        resume: ``prepare``'s ``_resume(out, source, section, settings, segmenter, cellpose_model,
+            no_evaluators, seed) -> bool``.
+        finish: ``prepare``'s ``_finish(out, segmenter, cellpose_model, no_evaluators, seed)``.
+    """
+    def command(out, csv_path, size, pixel_size, scale, seed, embeddings, segmenter, cellpose_model, no_evaluators):
+        from cellfluxrl.data.bbbc021.fields import field_scale
+        from cellfluxrl.data.images_csv import images_settings, prepare_images
+
+        factor = field_scale(pixel_size, scale)  # a bad value fails here, before anything is read
+        settings = images_settings(csv_path, seed, size, factor, embeddings)
+        if not resume(out, "images", "preparation", settings, segmenter, cellpose_model, no_evaluators, seed):
+            prepare_images(csv_path, out, seed=seed, progress=True, crop_size=size, embeddings=embeddings,
+                           pixel_size_um=pixel_size, scale=scale)
+        finish(out, segmenter, cellpose_model, no_evaluators, seed)
+
+    for decorate in reversed(shared_options):
+        command = decorate(command)
+    options = [
+        click.argument("out", type=click.Path(path_type=Path)),
+        click.option("--csv", "csv_path", type=click.Path(path_type=Path), required=True, metavar="FILE.csv",
+                     help="One row per field (or crop): actin, tubulin, dna (image files, TIFF or PNG, 8/16-bit "
+                          "grayscale, relative to the CSV), compound, dose, plate, well, control (1/0); "
+                          "optional smiles, moa."),
+        click.option("--size", type=click.IntRange(min=8), default=96, show_default=True,
+                     help="Crop size (px); images of exactly this size are taken whole as crops."),
+        click.option("--pixel-size", type=float, default=None, metavar="UM",
+                     help="Microns per pixel of the fields when not BBBC021's (0.325); they are resized so a "
+                          "crop holds a BBBC021 crop's field of view."),
+        click.option("--scale", type=float, default=None,
+                     help="Instead of --pixel-size: resize factor of the fields before cropping."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/test split (per well)."),
+    ]
+    for decorate in reversed(options):
+        command = decorate(command)
+    return click.command("images", help=HELP)(command)
