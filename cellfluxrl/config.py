@@ -228,3 +228,52 @@ def dump_json(obj: dict, path: str | os.PathLike) -> None:
     tmp = temp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def _toml_value(value: Any, where: str) -> str:
+    """One TOML value: bool, int, float (repr round-trips, inf/nan as TOML spells them), str, list."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        text = repr(value)
+        return text if any(c in text for c in ".en") else f"{text}.0"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
+    raise CellfluxError(f"{where}: cannot write {type(value).__name__} {value!r} as TOML")
+
+
+def dump_toml(settings: dict, tables: dict[str, dict] | None = None, header: str = "") -> str:
+    """Settings as TOML text that :func:`load_toml_overrides` reads back to the same values.
+
+    Args:
+        settings: top-level ``{key: value}`` (bool, int, float, str, lists of those; ``None`` values
+            are written as a comment, since TOML has no null and an absent key keeps the default
+            ``None`` of such fields).
+        tables: ``{table name: {key: value}}``, written after the top level as ``[name]``.
+        header: comment lines put first (each prefixed with ``# ``).
+
+    Returns:
+        The TOML text (ends with a newline).
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+
+    def block(items: dict, where: str) -> None:
+        for key, value in items.items():
+            if value is None:
+                lines.append(f"# {key} = (not set: the default)")
+            else:
+                lines.append(f"{key} = {_toml_value(value, f'{where}{key}')}")
+
+    block(settings, "")
+    for name, items in (tables or {}).items():
+        lines += ["", f"[{name}]"]
+        block(items, f"[{name}] ")
+    return "\n".join(lines) + "\n"

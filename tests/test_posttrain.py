@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from cellfluxrl.checkpoint import load_checkpoint, load_run, save_checkpoint
 from cellfluxrl.cli import cli
-from cellfluxrl.config import dump_json
+from cellfluxrl.config import dump_json, tomllib
 from cellfluxrl.data.layout import DatasetWriter
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.model.unet import UNetConfig, build_unet
@@ -340,7 +340,7 @@ def test_cli_dry_run_resolves_options_and_toml(base_run, tmp_path):
     result = CliRunner().invoke(cli, ["posttrain", str(base_run), str(tmp_path / "rl"), "--config", str(toml),
                                       "--kl-weight", "2", "--weights", "moa=5,nuc_size=0", "--adaptive", "--dry-run"])
     assert result.exit_code == 0, result.output
-    resolved = json.loads(result.output)
+    resolved = tomllib.loads(result.output)
     assert resolved["nft_beta"] == 0.1 and resolved["kl_weight"] == 2.0 and resolved["group_size"] == 4
     assert resolved["adaptive"] is True and resolved["weights"] == "moa=5,nuc_size=0"
     bad = CliRunner().invoke(cli, ["posttrain", str(base_run), str(tmp_path / "rl"), "--group-size", "1"])

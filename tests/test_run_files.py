@@ -13,6 +13,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from cellfluxrl.config import tomllib
 from cellfluxrl.checkpoint import read_run_config, save_checkpoint, trained_on_problem, truncate_stats
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.model.pretrain import train
@@ -197,7 +198,7 @@ def test_posttrain_on_a_posttrain_run_says_so(toy_run, tmp_path, capsys):
     rl.mkdir()
     (rl / "config.json").write_text(json.dumps({**read_run_config(run), "kind": "posttrain", "base_run": str(run)}))
     code, out, err = run_main(capsys, "posttrain", str(rl), str(tmp_path / "rl2"), "--dry-run")
-    assert code == 0 and json.loads(out)["steps"] == 1200
+    assert code == 0 and tomllib.loads(out)["steps"] == 1200
     assert err.splitlines() == [f"note: BASE_RUN {rl} is itself a posttrain run (from {run}): RL continues from its "
                                 f"EMA weights, which are also the KL reference"]
     assert base_notice(tmp_path / "missing") is None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -86,7 +85,8 @@ def base_notice(base_run: Path) -> str | None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="TOML file of posttrain settings (options given here win).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved settings as TOML (which --config reads back unchanged) and exit.")
 @click.option("--allow-changed-reference", is_flag=True,
               help="Resume although the base run's weights or the dataset's evaluators changed since OUT_RUN "
                    "started (refused by default; the change is recorded in the checkpoint).")
@@ -113,7 +113,11 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
     if notice:
         click.echo(notice, err=True)
     if dry_run:
-        click.echo(json.dumps(config_to_dict(cfg), indent=2))
+        from cellfluxrl.config import dump_toml
+
+        click.echo(dump_toml(config_to_dict(cfg), header="cellfluxrl posttrain: resolved settings (defaults < --config "
+                                                         "< options).\nRead back with: cellfluxrl posttrain BASE_RUN "
+                                                         "OUT_RUN --config THIS.toml"), nl=False)
         return
     from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.progress import progress

@@ -27,6 +27,15 @@ def resolve_config(config_file: Path | None, **options):
     return cfg, dataclasses.replace(PRESETS[cfg.preset], **unet_over)
 
 
+def settings_toml(cfg, unet) -> str:
+    """The resolved pretraining settings as TOML: PretrainConfig keys, then the ``[unet]`` table."""
+    from cellfluxrl.config import config_to_dict, dump_toml
+
+    return dump_toml(config_to_dict(cfg), {"unet": config_to_dict(unet)},
+                     header="cellfluxrl pretrain: resolved settings (defaults < --config < options).\n"
+                            "Read back with: cellfluxrl pretrain DATASET RUN --config THIS.toml")
+
+
 BIG_ON_CPU = 10_000_000  # parameters above which a CPU run gets the "slow" notice
 
 
@@ -83,8 +92,10 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
               help="torch.compile the network. [default: on for CUDA, off for CPU]")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None, metavar="CKPT",
               help="Initialise a new run from a CellFlux checkpoint (ADM UNet names).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved settings as TOML (which --config reads back unchanged) and exit.")
 def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every, log_every, num_workers, seed,
-             sample_steps, sample_cfg_scale, config_file, device, compile_, init_from):
+             sample_steps, sample_cfg_scale, config_file, device, compile_, init_from, dry_run):
     """Pretrain the CellFlux base model on DATASET into RUN.
 
     Re-running the same command on a RUN that has a checkpoint resumes it exactly. Several
@@ -94,12 +105,16 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
     Example:
       cellfluxrl pretrain data/synth runs/base --preset tiny --steps 2000 --batch-size 16
     """
+    options = dict(preset=preset, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                   ckpt_every=ckpt_every, log_every=log_every, num_workers=num_workers, seed=seed,
+                   sample_steps=sample_steps, sample_cfg_scale=sample_cfg_scale)
+    if dry_run:  # touches nothing: no lock, no run folder
+        click.echo(settings_toml(*resolve_config(config_file, **options)), nl=False)
+        return
     from cellfluxrl.rundir import hold_as_main
 
     with hold_as_main(run, "pretrain"):  # a second writer is refused at once, before torch loads
-        _pretrain(dataset, run, config_file, device, compile_, init_from, preset=preset, steps=steps,
-                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, ckpt_every=ckpt_every, log_every=log_every,
-                  num_workers=num_workers, seed=seed, sample_steps=sample_steps, sample_cfg_scale=sample_cfg_scale)
+        _pretrain(dataset, run, config_file, device, compile_, init_from, **options)
 
 
 def _pretrain(dataset: Path, run: Path, config_file, device: str, compile_, init_from, **options) -> None:
