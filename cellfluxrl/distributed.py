@@ -35,10 +35,16 @@ class DistInfo:
 
 
 def resolve_device(spec: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"``/``None`` -> ``cuda:{local_rank}`` if CUDA is available else CPU; ``"cuda"`` gets the local rank."""
+    """``"auto"``/``None`` -> ``cuda:{local_rank}`` if CUDA is available else CPU; ``"cuda"`` (or ``"gpu"``)
+    gets the local rank; an unknown spec or CUDA without a GPU is a one-line :class:`CellfluxError`."""
     if spec is None or str(spec) == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
+    if isinstance(spec, str) and spec.strip().lower().startswith("gpu"):
+        spec = "cuda" + spec.strip()[3:]  # "gpu", "gpu:1": CUDA
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise CellfluxError(f"device {spec!r}: use auto, cpu, cuda, cuda:N or gpu (= cuda)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CellfluxError("device cuda requested but CUDA is not available")

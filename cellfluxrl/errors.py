@@ -31,3 +31,24 @@ def finite_float(text: str, what: str) -> float:
     if not math.isfinite(value):
         raise CellfluxError(f"{what} {text!r} is not finite")
     return value
+
+
+def did_you_mean(name: str, choices) -> str:
+    """``"did you mean 'taxol'? available: ..."`` for an unknown ``name`` (the tail of a one-line error).
+
+    Args:
+        name: what the user typed.
+        choices: the valid names.
+
+    Returns:
+        ``"did you mean 'x'? available: a, b, c"`` (the hint only when a close match exists, case
+        ignored; at most 30 names listed, then how many more).
+    """
+    import difflib
+
+    choices = sorted(str(c) for c in choices)
+    lookup = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(name).lower(), list(lookup), n=1, cutoff=0.6)
+    hint = f"did you mean {lookup[close[0]]!r}? " if close else ""
+    listed = ", ".join(choices[:30]) + (f" and {len(choices) - 30} more" if len(choices) > 30 else "")
+    return f"{hint}available: {listed}"

@@ -620,11 +620,11 @@ def test_prepare_command_pixel_size_and_scale(tmp_path, capsys):
 
     write_raw(tmp_path / "raw", n_interior=1)
     _zoom_raw(tmp_path / "raw", tmp_path / "zoom", 2)
-    for args, needle in ((["--pixel-size", "nan"], "--pixel-size must be a positive finite number"),
-                         (["--scale", "-2"], "--scale must be a positive finite number"),
-                         (["--scale", "0.5", "--pixel-size", "0.3"], "not both")):
+    for args, needle, status in ((["--pixel-size", "nan"], "'--pixel-size': must be a positive finite number", 2),
+                                 (["--scale", "-2"], "'--scale': must be a positive finite number", 2),
+                                 (["--scale", "0.5", "--pixel-size", "0.3"], "not both", 1)):
         code, err = run(str(tmp_path / "bad"), "--raw", str(tmp_path / "zoom"), *args)
-        assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert code == status and needle in err and len(err.strip().splitlines()) == 1, (args, err)
     code, err = run(str(tmp_path / "bad"), "--impa", str(tmp_path), "--scale", "0.5")
     assert code == 1 and "apply to --raw only" in err
     assert not (tmp_path / "bad").exists()

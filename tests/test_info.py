@@ -96,6 +96,6 @@ def test_sample_data_dir_for_a_run_whose_dataset_moved(made, tmp_path):
         assert "(gone); sampling" in ok.stderr
         wrong = CliRunner().invoke(cli, ["sample", str(tmp_path / "run"), "--n", "2", "--device", "cpu",
                                          "--data", str(tmp_path / "a.npz"), "--out", str(tmp_path / "b.npz")])
-        assert wrong.exit_code == 1 and "--data" in str(wrong.exception) and "a file" in str(wrong.exception)
+        assert wrong.exit_code == 2 and "is a file; give a dataset folder" in wrong.output
     finally:
         shutil.move(str(moved), ds.root)

@@ -374,7 +374,7 @@ def test_bad_or_empty_weights_are_refused_before_anything_runs(base_run, tmp_pat
 
     out = tmp_path / "rl"
     code, _, err = run_main(capsys, "posttrain", str(base_run), str(out), "--weights", "moa=inf", "--dry-run")
-    assert code == 1 and visible_lines(err) == [l for l in visible_lines(err) if l.startswith("error: ")]
+    assert code == 2 and visible_lines(err) == [l for l in visible_lines(err) if l.startswith("error: ")]
     assert "moa" in err and "finite" in err and not out.exists()
     code, _, err = run_main(capsys, "posttrain", str(base_run), str(out), "--weights", "", "--dry-run")
     assert code == 2 and len(visible_lines(err)) == 1 and "--weights" in err and "empty" in err

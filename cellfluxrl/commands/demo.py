@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import DEVICE, Folder
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def demo_columns(report: dict) -> list[str]:
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+@click.option("--out", type=Folder("demo"), default=Path("runs/demo"), show_default=True,
               help="Folder for the dataset, both runs and the evaluation (re-run to resume).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (about a minute): a smoke test, not a result.")
 @click.option("--size", type=click.IntRange(min=32), default=None, help=f"Crop size in px, a multiple of 16 [{DemoConfig().size}].")
@@ -226,7 +227,7 @@ def demo_columns(report: dict) -> list[str]:
 @click.option("--posttrain-steps", type=click.IntRange(min=1), default=None, help=f"DiffusionNFT steps [{DemoConfig().posttrain_steps}].")
 @click.option("--eval-pairs", type=click.IntRange(min=2), default=None, help=f"Evaluated test pairs per split [{DemoConfig().eval_pairs}].")
 @click.option("--seed", type=SEED, default=None, help="Seed of every stage (data, pretraining, RL, evaluation) [0].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
 def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, seed, device):
     """The main job: prepare synthetic -> pretrain -> posttrain -> evaluate, then print the table.
 

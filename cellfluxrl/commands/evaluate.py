@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import DEVICE, File, Folder, as_usage_error
 from cellfluxrl.rewards.weights import weights_option
 
 
@@ -36,21 +37,22 @@ def resolve_device(device: str) -> str:
 
 
 @click.command("evaluate")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--data", "dataset", required=True, type=click.Path(path_type=Path), help="Dataset folder (with evaluators).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.json, report.md and figures.")
+@click.argument("runs", nargs=-1, required=True, type=Folder("run"))
+@click.option("--data", "dataset", required=True, type=Folder("dataset"), metavar="DIR", help="Dataset folder (with evaluators).")
+@click.option("--out", required=True, type=Folder("output"), metavar="DIR", help="Folder for report.json, report.md and figures.")
 @click.option("--n", "n", type=click.IntRange(min=2), default=5120, show_default=True,
               help="Test pairs per split: the first N treated test rows in CSV order (CellFlux: 5120).")
 @click.option("--split", type=click.Choice(["both", "id", "ood", "all"]), default="both", show_default=True,
               help="Compound split: in-distribution (the headline) and held-out OOD compounds as separate "
                    "sections (both), one of them, or all mixed in one section.")
 @click.option("--best-of", "best_of", default="1,2,4", show_default=True, metavar="N,N,...",
+              callback=as_usage_error(lambda spec: (parse_best_of(spec), None)[1]),
               help="N values of the best-of-N curves (Figure 5).")
 @click.option("--table-best-of", "tts_n", type=click.IntRange(min=1), default=None, metavar="N",
               help="N of the table's best-of (TTS) column and of Figure 4, one of --best-of (paper Table 1: 4). "
                    "[default: the largest]")
 @weights_option
-@click.option("--inception", type=click.Path(path_type=Path), default=None,
+@click.option("--inception", type=File("Inception weights"), default=None, metavar="FILE",
               help="FID InceptionV3 weights (pytorch-fid/torch-fidelity .pth or TorchScript .pt). "
                    "Without it: the offline FD-judge/KD-judge substitute on the judge classifier's features (not FID/KID).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -63,7 +65,7 @@ def resolve_device(device: str) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per batch.")
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=100, show_default=True)
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
 @click.option("--allow-changed-reference", is_flag=True,
               help="Evaluate a posttrain run although its evaluators or its base run (evaluated beside it) changed "
                    "since it was trained (refused by default; recorded in report.json).")

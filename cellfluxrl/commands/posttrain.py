@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import DEVICE, File, Folder
 from cellfluxrl.rewards.weights import weights_option
 
 POS_INT, POS_FLOAT = click.IntRange(min=1), click.FloatRange(min=0, min_open=True)
@@ -62,6 +63,24 @@ def _options(f):
     return f
 
 
+def check_base_run(base_run: Path) -> None:
+    """Refuse, before anything runs (``--dry-run`` too), a BASE_RUN that cannot be post-trained: no
+    run config, a missing, corrupt or foreign ``checkpoint.pt``, or a dataset that is gone.
+
+    Raises:
+        CellfluxError: one line naming BASE_RUN and the problem.
+    """
+    from cellfluxrl.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_run_config
+    from cellfluxrl.errors import CellfluxError
+
+    config = read_run_config(base_run)
+    load_checkpoint(base_run / CHECKPOINT_NAME)
+    dataset = config.get("dataset")
+    if not dataset or not (Path(dataset) / "meta.json").is_file():
+        raise CellfluxError(f"BASE_RUN {base_run}: its dataset {dataset or '(unrecorded)'} is gone (moved or "
+                            f"deleted); put it back there to post-train this run")
+
+
 def base_notice(base_run: Path) -> str | None:
     """A one-line notice when BASE_RUN is itself a posttrain run (allowed: RL continues from RL)."""
     from cellfluxrl.checkpoint import read_run_config
@@ -79,12 +98,12 @@ def base_notice(base_run: Path) -> str | None:
 
 @click.command("posttrain")
 @click.argument("base_run", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.argument("out_run", type=click.Path(path_type=Path))
+@click.argument("out_run", type=Folder("run"))
 @weights_option
 @_options
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+@click.option("--config", "config_file", type=File("TOML settings"), default=None, metavar="FILE.toml",
               help="TOML file of posttrain settings (options given here win).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved settings as TOML (which --config reads back unchanged) and exit.")
 @click.option("--allow-changed-reference", is_flag=True,
@@ -109,6 +128,7 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
     from cellfluxrl.rewards.weights import parse_weights
 
     parse_weights(cfg.weights)  # a bad weight (moa=inf, unknown name) is refused before anything runs
+    check_base_run(base_run)
     notice = base_notice(base_run) if is_main() else None
     if notice:
         click.echo(notice, err=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import File, Folder, positive_option
 
 
 def _evaluator_options(f):
@@ -22,7 +23,7 @@ def _evaluator_options(f):
 def _embeddings_option(f):
     """``--embeddings FILE.csv``: a user's compound embeddings (see data/README.md), passed on as ``embeddings=``."""
     return click.option(
-        "--embeddings", type=click.Path(path_type=Path), default=None, metavar="FILE.csv",
+        "--embeddings", type=File("embeddings CSV"), default=None, metavar="FILE.csv",
         help="Compound embeddings to use instead of the built-in ones: a CSV laid out like "
              "cellfluxrl/data/bbbc021_emb_fp.csv (a header line, then one line per compound: its name, "
              "then D numbers); every compound of the dataset (DMSO included) needs a row. Default: RDKit "
@@ -128,7 +129,7 @@ def prepare() -> None:
 
 
 @prepare.command("synthetic")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=Folder("dataset"))
 @click.option("--n-images", type=click.IntRange(min=100), default=20000, show_default=True,
               help="Number of crops (treated + controls).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -158,15 +159,15 @@ def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, seg
 
 
 @prepare.command("bbbc021")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--impa", type=click.Path(path_type=Path), default=None,
+@click.argument("out", type=Folder("dataset"))
+@click.option("--impa", type=Folder("IMPA"), default=None, metavar="DIR",
               help="Folder in the IMPA/CellFlux layout (metadata/bbbc021_df_all.csv + per-cell .npy).")
-@click.option("--raw", type=click.Path(path_type=Path), default=None,
+@click.option("--raw", type=Folder("raw BBBC021"), default=None, metavar="DIR",
               help="Folder in the Broad BBBC021 v1 layout (three CSVs + per-channel TIFFs).")
-@click.option("--pixel-size", type=float, default=None, metavar="UM",
+@click.option("--pixel-size", type=float, default=None, metavar="UM", callback=positive_option("--pixel-size"),
               help="With --raw: microns per pixel of the images when they are not BBBC021's (0.325); the "
                    "fields are resized so a 96 px crop holds a BBBC021 crop's field of view.")
-@click.option("--scale", type=float, default=None,
+@click.option("--scale", type=float, default=None, callback=positive_option("--scale"),
               help="With --raw, instead of --pixel-size: resize factor of the fields before cropping "
                    "(e.g. 0.5 for images at twice BBBC021's magnification).")
 @click.option("--seed", type=SEED, default=0, show_default=True)

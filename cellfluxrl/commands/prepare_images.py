@@ -11,6 +11,8 @@ from typing import Callable
 
 import click
 
+from cellfluxrl.commands.params import File, Folder, positive_option
+
 HELP = """Your own plates: nucleus-centred crops from per-channel images listed in a CSV.
 
     Fields go through the raw-BBBC021 pipeline (per-plate illumination correction, nuclei on the
@@ -49,17 +51,17 @@ def make_images_command(shared_options: list[Callable], resume: Callable, finish
     for decorate in reversed(shared_options):
         command = decorate(command)
     options = [
-        click.argument("out", type=click.Path(path_type=Path)),
-        click.option("--csv", "csv_path", type=click.Path(path_type=Path), required=True, metavar="FILE.csv",
+        click.argument("out", type=Folder("dataset")),
+        click.option("--csv", "csv_path", type=File("images CSV"), required=True, metavar="FILE.csv",
                      help="One row per field (or crop): actin, tubulin, dna (image files, TIFF or PNG, 8/16-bit "
                           "grayscale, relative to the CSV), compound, dose, plate, well, control (1/0); "
                           "optional smiles, moa."),
         click.option("--size", type=click.IntRange(min=8), default=96, show_default=True,
                      help="Crop size (px); images of exactly this size are taken whole as crops."),
-        click.option("--pixel-size", type=float, default=None, metavar="UM",
+        click.option("--pixel-size", type=float, default=None, metavar="UM", callback=positive_option("--pixel-size"),
                      help="Microns per pixel of the fields when not BBBC021's (0.325); they are resized so a "
                           "crop holds a BBBC021 crop's field of view."),
-        click.option("--scale", type=float, default=None,
+        click.option("--scale", type=float, default=None, callback=positive_option("--scale"),
                      help="Instead of --pixel-size: resize factor of the fields before cropping."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/test split (per well)."),
     ]

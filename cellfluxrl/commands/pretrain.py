@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import DEVICE, File, Folder
 
 
 def resolve_config(config_file: Path | None, **options):
@@ -68,8 +69,8 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
 
 
 @click.command("pretrain")
-@click.argument("dataset", type=click.Path(path_type=Path))
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("dataset", type=Folder("dataset"))
+@click.argument("run", type=Folder("run"))
 @click.option("--preset", type=click.Choice(["paper", "tiny", "micro"]), default=None,
               help="UNet preset: paper (CellFlux, 56.2M), tiny (CPU, 1.7M) or micro (the demo's, 1.2M). [default: paper]")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps in total. [default: 100000]")
@@ -85,12 +86,12 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
               help="Heun steps this run is meant to be sampled with (recorded; used by sample/evaluate). [default: 50]")
 @click.option("--sample-cfg-scale", type=click.FloatRange(min=0), default=None, metavar="W",
               help="CFG weight this run is meant to be sampled with (recorded). [default: 0.2]")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
+@click.option("--config", "config_file", type=File("TOML settings"), default=None, metavar="FILE.toml",
               help="TOML overrides (PretrainConfig keys; a [unet] table overrides the preset).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the network. [default: on for CUDA, off for CPU]")
-@click.option("--init-from", type=click.Path(path_type=Path), default=None, metavar="CKPT",
+@click.option("--init-from", type=File("CellFlux checkpoint"), default=None, metavar="CKPT",
               help="Initialise a new run from a CellFlux checkpoint (ADM UNet names).")
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved settings as TOML (which --config reads back unchanged) and exit.")

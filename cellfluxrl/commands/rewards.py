@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import DEVICE
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -83,7 +84,7 @@ def check_all(infos: dict, dataset: Path | None) -> tuple[int, int]:
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the MoA classifier training.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="MoA classifier epochs [default: about 300 optimizer steps].")
-@click.option("--device", default=None, help="Torch device for the classifier [default: cuda if available, else cpu].")
+@click.option("--device", type=DEVICE, default=None, help="Torch device for the classifier: cpu, cuda, cuda:N or gpu [default: cuda if available, else cpu].")
 def fit(dataset: Path, segmenter: str, cellpose_model: str | None, seed: int, epochs: int | None,
         device: str | None) -> None:
     """(Re)fit DATASET/evaluators: per-MoA reference statistics and the MoA classifier.

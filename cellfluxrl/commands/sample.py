@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import DEVICE, File, Folder
 from cellfluxrl.rewards.weights import weights_option
 
 
@@ -98,7 +99,7 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
 
 
 @click.command("sample")
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("run", type=Folder("run"))
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True,
               help="Number of (control, target) requests: the first N treated test rows.")
 @click.option("--conditions", default=None, metavar="NAME,...", help="Restrict to these compounds (comma-separated).")
@@ -117,10 +118,10 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
               help="Network weights to sample with.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the control draw and source noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per solver batch.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
+@click.option("--data", "data_dir", type=Folder("dataset"), default=None, metavar="DIR",
               help="Dataset to take the test pairs from. [default: the one the run was trained on]")
-@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.npz")
+@click.option("--out", type=File("FILE.npz"), required=True, metavar="FILE.npz")
 @click.option("--format", "fmt", type=click.Choice(["npz", "tiff", "png"]), default="npz", show_default=True,
               help="Also write each generated image to the folder FILE/ with samples.csv: tiff = one "
                    "multi-channel OME-TIFF per image with channel names (Fiji, napari); png = RGB previews.")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -320,9 +321,12 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
             raise CellfluxError(f"Inception weights {path}: not a loadable TorchScript file ({exc})") from exc
         return InceptionFeatures(module, torchscript=True, device=device, source=str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise CellfluxError(f"Inception weights {path}: not a readable state dict ({' '.join(str(exc).split())})") from exc
+        raise CellfluxError(f"Inception weights {path}: not a PyTorch state dict or TorchScript file "
+                            f"({type(exc).__name__})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

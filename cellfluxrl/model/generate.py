@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellfluxrl.errors import CellfluxError
+from cellfluxrl.errors import CellfluxError, did_you_mean
 from cellfluxrl.model.path import add_source_noise
 from cellfluxrl.model.sampler import solve, time_grid
 from cellfluxrl.model.unet import VelocityUNet
@@ -153,7 +153,8 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
         known = set(dataset.conditions["compound"].tolist())
         for name in conditions:
             if name not in known:
-                raise CellfluxError(f"{dataset.root}: unknown condition {name!r} (not in conditions.csv)")
+                raise CellfluxError(f"{dataset.root}: unknown condition {name!r} (not in conditions.csv); "
+                                    f"{did_you_mean(name, known)}")
         targets = targets[np.isin(dataset.table["compound"][targets], list(conditions))]
     if targets.size == 0:
         what = f" for {', '.join(conditions)}" if conditions else ""

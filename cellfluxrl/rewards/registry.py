@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cellfluxrl.errors import CellfluxError
+from cellfluxrl.errors import CellfluxError, did_you_mean
 
 GROUP = "cellfluxrl.rewards"
 BUILTIN_DISTRIBUTION = "cellfluxrl"
@@ -102,7 +102,7 @@ def get_info(name: str, available: dict[str, RewardInfo] | None = None) -> Rewar
     """The :class:`RewardInfo` of one reward; unknown name -> error listing the available ones."""
     available = available_rewards() if available is None else available
     if name not in available:
-        raise RewardPluginError(f"unknown reward {name!r}; available: {', '.join(available) or 'none'}")
+        raise RewardPluginError(f"unknown reward {name!r}; {did_you_mean(name, available) if available else 'none installed'}")
     return available[name]
 
 

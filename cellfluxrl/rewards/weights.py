@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 import click
 
-from cellfluxrl.errors import CellfluxError
+from cellfluxrl.errors import CellfluxError, did_you_mean
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "moa": 5.0, "nuc_in_cyto": 2.0, "roundness": 1.0, "nuc_size": 1.0, "cyto_size": 1.0,
@@ -73,7 +73,7 @@ def parse_weights(spec: str | None, available: Iterable[str] | None = None) -> d
         if name in seen:
             raise CellfluxError(f"--weights {spec!r}: {name!r} is given twice")
         if name not in names:
-            raise CellfluxError(f"--weights {spec!r}: unknown reward {name!r}; available: {', '.join(sorted(names))}")
+            raise CellfluxError(f"--weights {spec!r}: unknown reward {name!r}; {did_you_mean(name, names)}")
         seen.add(name)
         weights[name] = weight
     weights = {name: w for name, w in weights.items() if w != 0.0}
@@ -88,9 +88,16 @@ def format_weights(weights: Mapping[str, float]) -> str:
 
 
 def _given_weights(ctx, param, value: str | None) -> str | None:
-    """Refuse an explicitly empty ``--weights ""`` (it used to mean the defaults without a word)."""
-    if value is not None and not value.strip():
+    """Refuse, as a usage error (exit 2), an explicitly empty ``--weights ""`` (it used to mean the
+    defaults without a word) and any weight string :func:`parse_weights` rejects."""
+    if value is None:
+        return value
+    if not value.strip():
         raise click.BadParameter("is empty; give NAME=W,... or leave the option out for the paper's weights")
+    try:
+        parse_weights(value)
+    except CellfluxError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--weights {value!r}: ")) from None
     return value
 
 
