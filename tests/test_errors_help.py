@@ -103,3 +103,10 @@ def test_posttrain_dry_run_checks_the_base_run(made, tmp_path, capsys):
     finally:
         shutil.move(str(tmp_path / "moved"), made / "ds")
     assert code == 1 and f"its dataset {made / 'ds'} is gone" in err and not (tmp_path / "rl").exists()
+
+
+def test_posttrain_says_what_the_remaining_iterations_need():
+    from cellfluxrl.commands.posttrain import first_iteration_line
+
+    assert first_iteration_line(1, 31, 16.0) == ("posttrain: iteration 1 took 16 s (start-up included); the 30 "
+                                                 "remaining iterations need at most about 8 min at this speed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -61,6 +62,16 @@ def _options(f):
                      help="Stop (with a checkpoint) after N steps in a row without learning signal (every group's "
                           "rewards equal, or a zero gradient); 0 = never [25].")(f)
     return f
+
+
+def first_iteration_line(step: int, total: int, seconds: float) -> str:
+    """After the first iteration of this invocation: what it took (start-up included) and what the
+    remaining ones would take at that speed (an upper bound: start-up is paid once)."""
+    from cellfluxrl.progress import format_duration
+
+    left = total - step
+    return (f"posttrain: iteration {step} took {format_duration(seconds)} (start-up included); the {left} "
+            f"remaining iterations need at most about {format_duration(left * seconds)} at this speed")
 
 
 def check_base_run(base_run: Path) -> None:
@@ -146,9 +157,13 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
     bars: list = []
     last: dict = {}
 
+    started = time.perf_counter()
+
     def on_step(stats: dict) -> None:
         last.update(stats)
         if not bars:  # created on the first step, so an error before it prints no bar
+            if is_main():
+                click.echo(first_iteration_line(stats["step"], cfg.steps, time.perf_counter() - started), err=True)
             bars.append(progress(total=cfg.steps, desc="posttrain", unit="step", disable=not is_main()))
         bars[0].n = stats["step"]
         bars[0].set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2e}",
