@@ -612,7 +612,7 @@ def test_prepare_command_pixel_size_and_scale(tmp_path, capsys):
 
     def run(*args):
         try:
-            main(["prepare", "bbbc021", *args, "--no-evaluators"])
+            main(["prepare", "bbbc021", "--out", *args, "--no-evaluators"])
             code = 0
         except SystemExit as exc:
             code = exc.code or 0

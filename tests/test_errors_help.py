@@ -38,13 +38,13 @@ def test_did_you_mean():
 
 def test_a_file_for_a_folder_and_the_reverse_is_named_as_such(made, capsys):
     assert f"{made / 'afile'} is a file; give a dataset folder" in usage_error(
-        capsys, "pretrain", made / "afile", made / "r", "--dry-run")
+        capsys, "pretrain", made / "afile", "--out", made / "r", "--dry-run")
     assert f"{made / 'afile'} is a file; give a run folder" in usage_error(capsys, "sample", made / "afile", "--out", made / "s.npz")
     assert f"{made / 'ds'} is a folder; give a FILE.npz file" in usage_error(capsys, "sample", made / "run", "--out", made / "ds")
-    assert "is a folder; give a TOML settings file" in usage_error(capsys, "pretrain", made / "ds", made / "r", "--config", made / "ds")
-    assert "is a folder; give a Inception weights file" in usage_error(
+    assert "is a folder; give a TOML settings file" in usage_error(capsys, "pretrain", made / "ds", "--out", made / "r", "--config", made / "ds")
+    assert "is a folder; give an Inception weights file" in usage_error(
         capsys, "evaluate", made / "run", "--data", made / "ds", "--out", made / "ev", "--inception", made / "ds")
-    assert "is a file; give a raw BBBC021 folder" in usage_error(capsys, "prepare", "bbbc021", made / "o", "--raw", made / "afile")
+    assert "is a file; give a raw BBBC021 folder" in usage_error(capsys, "prepare", "bbbc021", "--out", made / "o", "--raw", made / "afile")
 
 
 def test_device_gpu_means_cuda_or_one_line(made, capsys):
@@ -73,9 +73,9 @@ def test_every_invalid_value_exits_2(made, capsys):
                                                             "--weights", "moa=x")
     assert "values must be >= 1, got 0" in usage_error(capsys, "evaluate", made / "run", "--data", made / "ds",
                                                        "--out", made / "ev", "--best-of", "0,4")
-    assert "--pixel-size" in usage_error(capsys, "prepare", "bbbc021", made / "o", "--raw", made / "ds",
+    assert "--pixel-size" in usage_error(capsys, "prepare", "bbbc021", "--out", made / "o", "--raw", made / "ds",
                                          "--pixel-size", "-0.3")
-    assert "--scale" in usage_error(capsys, "prepare", "images", made / "o", "--csv", made / "afile", "--scale", "0")
+    assert "--scale" in usage_error(capsys, "prepare", "images", "--out", made / "o", "--csv", made / "afile", "--scale", "0")
 
 
 def test_bad_inception_file_is_one_short_line(tmp_path):
@@ -89,17 +89,17 @@ def test_bad_inception_file_is_one_short_line(tmp_path):
 
 
 def test_posttrain_dry_run_checks_the_base_run(made, tmp_path, capsys):
-    code, out, _ = run_main(capsys, "posttrain", str(made / "run"), str(tmp_path / "rl"), "--dry-run")
+    code, out, _ = run_main(capsys, "posttrain", str(made / "run"), "--out", str(tmp_path / "rl"), "--dry-run")
     assert code == 0 and "steps = 1200" in out
     broken = tmp_path / "broken"
     shutil.copytree(made / "run", broken)
     (broken / "checkpoint.pt").write_text("not a checkpoint")
-    code, _, err = run_main(capsys, "posttrain", str(broken), str(tmp_path / "rl"), "--dry-run")
+    code, _, err = run_main(capsys, "posttrain", str(broken), "--out", str(tmp_path / "rl"), "--dry-run")
     assert code == 1 and visible_lines(err) == [f"error: {broken / 'checkpoint.pt'}: not a readable cellfluxrl "
                                                 f"checkpoint (UnpicklingError)"]
     shutil.move(str(made / "ds"), tmp_path / "moved")
     try:
-        code, _, err = run_main(capsys, "posttrain", str(made / "run"), str(tmp_path / "rl"), "--dry-run")
+        code, _, err = run_main(capsys, "posttrain", str(made / "run"), "--out", str(tmp_path / "rl"), "--dry-run")
     finally:
         shutil.move(str(tmp_path / "moved"), made / "ds")
     assert code == 1 and f"its dataset {made / 'ds'} is gone" in err and not (tmp_path / "rl").exists()

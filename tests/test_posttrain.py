@@ -337,13 +337,13 @@ def test_rl_run_records_its_sampling_and_evaluate_uses_it(base_run, tmp_path):
 def test_cli_dry_run_resolves_options_and_toml(base_run, tmp_path):
     toml = tmp_path / "rl.toml"
     toml.write_text("nft_beta = 0.1\nkl_weight = 0.5\ngroup_size = 4\n")
-    result = CliRunner().invoke(cli, ["posttrain", str(base_run), str(tmp_path / "rl"), "--config", str(toml),
+    result = CliRunner().invoke(cli, ["posttrain", str(base_run), "--out", str(tmp_path / "rl"), "--config", str(toml),
                                       "--kl-weight", "2", "--weights", "moa=5,nuc_size=0", "--adaptive", "--dry-run"])
     assert result.exit_code == 0, result.output
     resolved = tomllib.loads(result.output)
     assert resolved["nft_beta"] == 0.1 and resolved["kl_weight"] == 2.0 and resolved["group_size"] == 4
     assert resolved["adaptive"] is True and resolved["weights"] == "moa=5,nuc_size=0"
-    bad = CliRunner().invoke(cli, ["posttrain", str(base_run), str(tmp_path / "rl"), "--group-size", "1"])
+    bad = CliRunner().invoke(cli, ["posttrain", str(base_run), "--out", str(tmp_path / "rl"), "--group-size", "1"])
     assert bad.exit_code == 2 and "group-size" in bad.output
 
 

@@ -207,7 +207,7 @@ def test_cli_resumes_and_refuses_an_edited_csv(tmp_path, plates):
 
     path, _, _, ds = plates
     out = tmp_path / "out"
-    args = ["prepare", "images", str(out), "--csv", str(path), "--no-evaluators"]
+    args = ["prepare", "images", "--out", str(out), "--csv", str(path), "--no-evaluators"]
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
     assert np.array_equal(np.asarray(load_dataset(out).images), np.asarray(ds.images))
@@ -216,8 +216,8 @@ def test_cli_resumes_and_refuses_an_edited_csv(tmp_path, plates):
     edited = tmp_path / "edited.csv"
     edited.write_text(path.read_text().replace("2.5", "5.0"))
     os.replace(edited, path.with_name("images.csv.new"))
-    other = CliRunner().invoke(cli, ["prepare", "images", str(out), "--csv", str(path.with_name("images.csv.new")),
+    other = CliRunner().invoke(cli, ["prepare", "images", "--out", str(out), "--csv", str(path.with_name("images.csv.new")),
                                      "--no-evaluators"])
     assert other.exit_code == 1 and "already prepared with" in str(other.exception)
-    folder = CliRunner().invoke(cli, ["prepare", "images", str(tmp_path / "o2"), "--csv", str(path.parent)])
-    assert folder.exit_code == 1 and "--csv" in str(folder.exception) and "a folder" in str(folder.exception)
+    folder = CliRunner().invoke(cli, ["prepare", "images", "--out", str(tmp_path / "o2"), "--csv", str(path.parent)])
+    assert folder.exit_code == 2 and f"{path.parent} is a folder; give an images CSV file" in folder.output

@@ -105,8 +105,8 @@ def test_pretrain_says_what_it_trains_and_times_the_first_step_on_cpu(toy_run, t
     conf = tmp_path / "micro.toml"
     conf.write_text("batch_size = 4\n[unet]\nmodel_channels = 32\nchannel_mult = [1, 1]\nnum_res_blocks = 1\n"
                     "attention_resolutions = []\n")
-    result = CliRunner().invoke(cli, ["pretrain", str(ds.root), str(tmp_path / "run"), "--preset", "tiny", "--config",
-                                      str(conf), "--steps", "3", "--device", "cpu", "--no-compile"],
+    result = CliRunner().invoke(cli, ["pretrain", str(ds.root), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                                      "--config", str(conf), "--train-steps", "3", "--device", "cpu", "--no-compile"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     err = result.stderr.splitlines()

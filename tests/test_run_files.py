@@ -198,7 +198,7 @@ def test_posttrain_on_a_posttrain_run_says_so(toy_run, tmp_path, capsys):
     rl.mkdir()
     (rl / "config.json").write_text(json.dumps({**read_run_config(run), "kind": "posttrain", "base_run": str(run)}))
     (rl / "checkpoint.pt").symlink_to(run / "checkpoint.pt")  # posttrain --dry-run checks the base run's checkpoint
-    code, out, err = run_main(capsys, "posttrain", str(rl), str(tmp_path / "rl2"), "--dry-run")
+    code, out, err = run_main(capsys, "posttrain", str(rl), "--out", str(tmp_path / "rl2"), "--dry-run")
     assert code == 0 and tomllib.loads(out)["steps"] == 1200
     assert err.splitlines() == [f"note: BASE_RUN {rl} is itself a posttrain run (from {run}): RL continues from its "
                                 f"EMA weights, which are also the KL reference"]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from cellfluxrl.commands import SEED
+from cellfluxrl.commands.params import DEVICE, Folder
+from cellfluxrl.commands.vocabulary import renamed
 
 
-@click.command("cellpose-model")
-@click.argument("dataset", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.command("cellpose-model", **renamed(renames={"--gpu": ["--device", "cuda"], "--cpu": ["--device", "cpu"]},
+                                           positional_out=1))
+@click.argument("dataset", type=Folder("dataset"))
+@click.option("--out", type=Folder("models"), required=True, metavar="DIR", help="Folder for the trained model(s).")
 @click.option("--target", type=click.Choice(["nuclei", "cyto", "both"]), default="both", show_default=True,
               help="Which model(s) to train: nucleus (DNA) and/or whole-cell (actin + tubulin, DNA).")
 @click.option("--n-images", type=click.IntRange(min=1), default=128, show_default=True,
@@ -19,9 +20,9 @@ from cellfluxrl.commands import SEED
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True, help="Passes over those crops.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--gpu/--cpu", default=None, help="Train on CUDA (default: when available).")
-def cellpose_model(dataset, out, target, n_images, epochs, seed, batch_size, gpu):
-    """Train Cellpose 3 model(s) from scratch on DATASET's ground-truth masks into folder OUT.
+@click.option("--device", type=DEVICE, default="auto", help="auto (CUDA when available), cpu, cuda or gpu (= cuda).")
+def cellpose_model(dataset, out, target, n_images, epochs, seed, batch_size, device):
+    """Train Cellpose 3 model(s) from scratch on DATASET's ground-truth masks into --out DIR.
 
     No download is involved: the networks start from random weights. DATASET must carry masks
     (a synthetic dataset). Use the results with
@@ -31,6 +32,7 @@ def cellpose_model(dataset, out, target, n_images, epochs, seed, batch_size, gpu
     """
     from cellfluxrl.rewards.segmentation.cellpose_backend import train_cellpose
 
+    gpu = None if device == "auto" else device.startswith("cuda")  # Cellpose takes a CUDA switch
     targets = ("nuclei", "cyto") if target == "both" else (target,)
     for t in targets:
         path = train_cellpose(dataset, out, target=t, n_images=n_images, n_epochs=epochs, seed=seed,

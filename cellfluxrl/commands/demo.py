@@ -24,6 +24,7 @@ import click
 
 from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import DEVICE, Folder
+from cellfluxrl.commands.vocabulary import renamed
 
 
 @dataclass(frozen=True)
@@ -218,15 +219,19 @@ def demo_columns(report: dict) -> list[str]:
     return ["CellFlux", f"CellFlux+best-of-{k}", "CellFluxRL", f"CellFluxRL+best-of-{k}", "real"]
 
 
-@click.command("demo")
+@click.command("demo", **renamed(renames={"--pretrain-steps": "--train-steps", "--posttrain-steps": "--iterations"},
+                                 meaning={"--train-steps": "pretraining optimizer steps",
+                                          "--iterations": "RL iterations"}))
 @click.option("--out", type=Folder("demo"), default=Path("runs/demo"), show_default=True,
               help="Folder for the dataset, both runs and the evaluation (re-run to resume).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (about a minute): a smoke test, not a result.")
-@click.option("--size", type=click.IntRange(min=32), default=None, help=f"Crop size in px, a multiple of 16 [{DemoConfig().size}].")
-@click.option("--pretrain-steps", type=click.IntRange(min=1), default=None, help=f"Pretraining steps [{DemoConfig().pretrain_steps}].")
-@click.option("--posttrain-steps", type=click.IntRange(min=1), default=None, help=f"DiffusionNFT steps [{DemoConfig().posttrain_steps}].")
-@click.option("--eval-pairs", type=click.IntRange(min=2), default=None, help=f"Evaluated test pairs per split [{DemoConfig().eval_pairs}].")
-@click.option("--seed", type=SEED, default=None, help="Seed of every stage (data, pretraining, RL, evaluation) [0].")
+@click.option("--size", type=click.IntRange(min=32), default=None, help=f"Crop size in px, a multiple of 16. [default: {DemoConfig().size}]")
+@click.option("--train-steps", "pretrain_steps", type=click.IntRange(min=1), default=None,
+              help=f"Pretraining optimizer steps. [default: {DemoConfig().pretrain_steps}]")
+@click.option("--iterations", "posttrain_steps", type=click.IntRange(min=1), default=None,
+              help=f"DiffusionNFT iterations. [default: {DemoConfig().posttrain_steps}]")
+@click.option("--eval-pairs", type=click.IntRange(min=2), default=None, help=f"Evaluated test pairs per split. [default: {DemoConfig().eval_pairs}]")
+@click.option("--seed", type=SEED, default=None, help="Seed of every stage (data, pretraining, RL, evaluation). [default: 0]")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
 def demo(out, quick, size, pretrain_steps, posttrain_steps, eval_pairs, seed, device):
     """The main job: prepare synthetic -> pretrain -> posttrain -> evaluate, then print the table.

@@ -14,6 +14,11 @@ import click
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|gpu)(:\d+)?)$")
 
 
+def _a(word: str) -> str:
+    """``"a dataset"``, ``"an Inception weights"``: the indefinite article and the word."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 class Folder(click.ParamType):
     """A folder path (need not exist yet); an existing *file* is refused as such (exit 2).
 
@@ -29,7 +34,7 @@ class Folder(click.ParamType):
     def convert(self, value, param, ctx) -> Path:
         path = Path(value)
         if path.is_file():
-            self.fail(f"{path} is a file; give a {self.what} folder", param, ctx)
+            self.fail(f"{path} is a file; give {_a(self.what)} folder", param, ctx)
         return path
 
 
@@ -48,7 +53,7 @@ class File(click.ParamType):
     def convert(self, value, param, ctx) -> Path:
         path = Path(value)
         if path.is_dir():
-            self.fail(f"{path} is a folder; give a {self.what} file", param, ctx)
+            self.fail(f"{path} is a folder; give {_a(self.what)} file", param, ctx)
         return path
 
 

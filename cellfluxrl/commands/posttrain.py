@@ -1,7 +1,8 @@
-"""``cellfluxrl posttrain BASE_RUN OUT_RUN``: DiffusionNFT post-training on the biological rewards."""
+"""``cellfluxrl posttrain BASE_RUN --out RUN``: DiffusionNFT post-training on the biological rewards."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import click
 
 from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import DEVICE, File, Folder
+from cellfluxrl.commands.vocabulary import renamed
+
 from cellfluxrl.rewards.weights import weights_option
 
 POS_INT, POS_FLOAT = click.IntRange(min=1), click.FloatRange(min=0, min_open=True)
@@ -18,7 +21,7 @@ NONNEG_FLOAT = click.FloatRange(min=0)
 def _options(f):
     """The PosttrainConfig fields as options (defaults shown are the config's; None = keep)."""
     specs = [
-        ("--steps", POS_INT, "RL iterations (x --grad-steps optimizer steps) [1200]."),
+        ("--iterations", POS_INT, "RL iterations (x --grad-steps optimizer steps) [1200]."),
         ("--group-size", click.IntRange(min=2), "Rollouts m per fixed (x_0, c) group [8]."),
         ("--groups-per-step", POS_INT, "Groups per iteration over all ranks [16]."),
         ("--rollout-steps", POS_INT, "Heun steps of the rollout sampler [10]."),
@@ -55,12 +58,14 @@ def _options(f):
         ("--grid-every", click.IntRange(min=0), "Sample-grid period in steps, 0 = never [50]."),
         ("--seed", SEED, "Seed of pairs, source noise and t draws [0]."),
     ]
+    dest = {"--iterations": "steps"}  # the PosttrainConfig field behind a renamed option
     for name, kind, text in reversed(specs):
-        f = click.option(name, type=kind, default=None, help=text)(f)
-    f = click.option("--adaptive/--no-adaptive", default=None, help="DiffusionNFT's adaptive loss weighting [off].")(f)
+        f = click.option(name, *[dest[name]] if name in dest else [], type=kind, default=None,
+                         help=re.sub(r" \[([^\]]+)\]\.$", r". [default: \1]", text))(f)
+    f = click.option("--adaptive/--no-adaptive", default=None, help="DiffusionNFT's adaptive loss weighting. [default: off]")(f)
     f = click.option("--stop-after-no-signal", "no_signal_stop", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Stop (with a checkpoint) after N steps in a row without learning signal (every group's "
-                          "rewards equal, or a zero gradient); 0 = never [25].")(f)
+                          "rewards equal, or a zero gradient); 0 = never. [default: 25]")(f)
     return f
 
 
@@ -107,9 +112,11 @@ def base_notice(base_run: Path) -> str | None:
             f"from its EMA weights, which are also the KL reference")
 
 
-@click.command("posttrain")
+@click.command("posttrain", **renamed(renames={"--steps": "--iterations"}, positional_out=1,
+                                      meaning={"--iterations": "RL iterations"}))
 @click.argument("base_run", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.argument("out_run", type=Folder("run"))
+@click.option("--out", "out_run", type=Folder("run"), required=True, metavar="RUN",
+              help="Run folder to write (checkpoint.pt, config.json, stats.jsonl, samples/); re-run to resume.")
 @weights_option
 @_options
 @click.option("--config", "config_file", type=File("TOML settings"), default=None, metavar="FILE.toml",
@@ -118,14 +125,14 @@ def base_notice(base_run: Path) -> str | None:
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved settings as TOML (which --config reads back unchanged) and exit.")
 @click.option("--allow-changed-reference", is_flag=True,
-              help="Resume although the base run's weights or the dataset's evaluators changed since OUT_RUN "
+              help="Resume although the base run's weights or the dataset's evaluators changed since --out RUN "
                    "started (refused by default; the change is recorded in the checkpoint).")
 def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_changed_reference, **options):
-    """Post-train BASE_RUN with DiffusionNFT on the weighted rewards into OUT_RUN (re-run to resume).
+    """Post-train BASE_RUN with DiffusionNFT on the weighted rewards into --out RUN (re-run to resume).
 
     \b
     Example (CPU, tiny model):
-      cellfluxrl posttrain runs/base runs/rl --steps 100 --groups-per-step 4 --rollout-steps 6
+      cellfluxrl posttrain runs/base --out runs/rl --iterations 100 --groups-per-step 4 --rollout-steps 6
     """
     from cellfluxrl.config import config_to_dict, load_toml_overrides, replace_validated
     from cellfluxrl.distributed import is_main
@@ -148,7 +155,7 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
 
         click.echo(dump_toml(config_to_dict(cfg), header="cellfluxrl posttrain: resolved settings (defaults < --config "
                                                          "< options).\nRead back with: cellfluxrl posttrain BASE_RUN "
-                                                         "OUT_RUN --config THIS.toml"), nl=False)
+                                                         "--out RUN --config THIS.toml"), nl=False)
         return
     from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.progress import progress

@@ -8,6 +8,7 @@ import click
 
 from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import File, Folder, positive_option
+from cellfluxrl.commands.vocabulary import renamed
 
 
 def _evaluator_options(f):
@@ -128,8 +129,9 @@ def prepare() -> None:
     """Build a dataset in the cellfluxrl layout (see data/README.md)."""
 
 
-@prepare.command("synthetic")
-@click.argument("out", type=Folder("dataset"))
+@prepare.command("synthetic", **renamed(positional_out=0))
+@click.option("--out", type=Folder("dataset"), required=True, metavar="DIR",
+              help="Dataset folder to write (must not exist, be empty, or hold this very dataset: then it resumes).")
 @click.option("--n-images", type=click.IntRange(min=100), default=20000, show_default=True,
               help="Number of crops (treated + controls).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -141,7 +143,7 @@ def prepare() -> None:
 def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, segmenter, cellpose_model, no_evaluators):
     """The embedded default: a BBBC021-like cell-painting simulator with ground-truth masks.
 
-    Run again on the same OUT with the same settings, it resumes: a finished dataset is kept and
+    Run again on the same --out with the same settings, it resumes: a finished dataset is kept and
     only missing evaluators are fitted; a dataset made with other settings is refused.
     """
     from cellfluxrl.data.synthetic import prepare_synthetic, synthetic_settings
@@ -158,8 +160,9 @@ def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, seg
     _held(out, work)
 
 
-@prepare.command("bbbc021")
-@click.argument("out", type=Folder("dataset"))
+@prepare.command("bbbc021", **renamed(positional_out=0))
+@click.option("--out", type=Folder("dataset"), required=True, metavar="DIR",
+              help="Dataset folder to write (must not exist, be empty, or hold this very dataset: then it resumes).")
 @click.option("--impa", type=Folder("IMPA"), default=None, metavar="DIR",
               help="Folder in the IMPA/CellFlux layout (metadata/bbbc021_df_all.csv + per-cell .npy).")
 @click.option("--raw", type=Folder("raw BBBC021"), default=None, metavar="DIR",
@@ -177,7 +180,7 @@ def prepare_bbbc021_command(out, impa, raw, pixel_size, scale, seed, embeddings,
                             no_evaluators):
     """Real BBBC021, from the IMPA/CellFlux crops (--impa) or the raw Broad images (--raw).
 
-    Run again on the same OUT with the same settings, it resumes like `prepare synthetic`.
+    Run again on the same --out with the same settings, it resumes like `prepare synthetic`.
     """
     from cellfluxrl.errors import CellfluxError
 

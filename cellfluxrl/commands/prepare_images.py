@@ -1,4 +1,4 @@
-"""``cellfluxrl prepare images OUT --csv FILE.csv``: a dataset from the user's own plates.
+"""``cellfluxrl prepare images --out DIR --csv FILE.csv``: a dataset from the user's own plates.
 
 ``prepare.py`` builds the command with :func:`make_images_command`, passing in its shared options
 (embeddings, evaluators) and its resume/finish steps, so this module does not import it (no cycle).
@@ -12,12 +12,13 @@ from typing import Callable
 import click
 
 from cellfluxrl.commands.params import File, Folder, positive_option
+from cellfluxrl.commands.vocabulary import renamed
 
 HELP = """Your own plates: nucleus-centred crops from per-channel images listed in a CSV.
 
     Fields go through the raw-BBBC021 pipeline (per-plate illumination correction, nuclei on the
     DNA channel, 96 px crops, per-plate scaling to uint8); the split is drawn per plate and well.
-    Run again on the same OUT with the same CSV and settings, it resumes like `prepare synthetic`.
+    Run again on the same --out with the same CSV and settings, it resumes like `prepare synthetic`.
     The CSV's columns are in docs/data.md.
 
     \b
@@ -51,7 +52,9 @@ def make_images_command(shared_options: list[Callable], resume: Callable, finish
     for decorate in reversed(shared_options):
         command = decorate(command)
     options = [
-        click.argument("out", type=Folder("dataset")),
+        click.option("--out", type=Folder("dataset"), required=True, metavar="DIR",
+                     help="Dataset folder to write (must not exist, be empty, or hold this very dataset: then it "
+                          "resumes)."),
         click.option("--csv", "csv_path", type=File("images CSV"), required=True, metavar="FILE.csv",
                      help="One row per field (or crop): actin, tubulin, dna (image files, TIFF or PNG, 8/16-bit "
                           "grayscale, relative to the CSV), compound, dose, plate, well, control (1/0); "
@@ -67,4 +70,4 @@ def make_images_command(shared_options: list[Callable], resume: Callable, finish
     ]
     for decorate in reversed(options):
         command = decorate(command)
-    return click.command("images", help=HELP)(command)
+    return click.command("images", help=HELP, **renamed(positional_out=0))(command)

@@ -9,6 +9,7 @@ import click
 
 from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import DEVICE, File, Folder
+from cellfluxrl.commands.vocabulary import renamed
 
 
 def resolve_config(config_file: Path | None, **options):
@@ -34,7 +35,7 @@ def settings_toml(cfg, unet) -> str:
 
     return dump_toml(config_to_dict(cfg), {"unet": config_to_dict(unet)},
                      header="cellfluxrl pretrain: resolved settings (defaults < --config < options).\n"
-                            "Read back with: cellfluxrl pretrain DATASET RUN --config THIS.toml")
+                            "Read back with: cellfluxrl pretrain DATASET --out RUN --config THIS.toml")
 
 
 BIG_ON_CPU = 10_000_000  # parameters above which a CPU run gets the "slow" notice
@@ -68,16 +69,19 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
             f"about {format_duration(left * seconds)} at this speed")
 
 
-@click.command("pretrain")
+@click.command("pretrain", **renamed(renames={"--steps": "--train-steps", "--ckpt-every": "--save-every"},
+                                     positional_out=1, meaning={"--train-steps": "optimizer steps"}))
 @click.argument("dataset", type=Folder("dataset"))
-@click.argument("run", type=Folder("run"))
+@click.option("--out", "run", type=Folder("run"), required=True, metavar="RUN",
+              help="Run folder to write (checkpoint.pt, config.json, stats.jsonl); re-run to resume.")
 @click.option("--preset", type=click.Choice(["paper", "tiny", "micro"]), default=None,
               help="UNet preset: paper (CellFlux, 56.2M), tiny (CPU, 1.7M) or micro (the demo's, 1.2M). [default: paper]")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps in total. [default: 100000]")
+@click.option("--train-steps", "steps", type=click.IntRange(min=1), default=None,
+              help="Optimizer steps in total. [default: 100000]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per process per micro-batch. [default: 32]")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per optimizer step. [default: 1]")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="AdamW learning rate. [default: 1e-4]")
-@click.option("--ckpt-every", type=click.IntRange(min=1), default=None, metavar="STEPS",
+@click.option("--save-every", "ckpt_every", type=click.IntRange(min=1), default=None, metavar="STEPS",
               help="Write checkpoint.pt every STEPS steps (and at the end). [default: 1000]")
 @click.option("--log-every", type=click.IntRange(min=1), default=None, metavar="STEPS", help="stats.jsonl interval. [default: 10]")
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers. [default: 0]")
@@ -97,14 +101,14 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
               help="Print the resolved settings as TOML (which --config reads back unchanged) and exit.")
 def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every, log_every, num_workers, seed,
              sample_steps, sample_cfg_scale, config_file, device, compile_, init_from, dry_run):
-    """Pretrain the CellFlux base model on DATASET into RUN.
+    """Pretrain the CellFlux base model on DATASET into --out RUN.
 
     Re-running the same command on a RUN that has a checkpoint resumes it exactly. Several
-    processes: torchrun --no-python --nproc_per_node N cellfluxrl pretrain DATASET RUN ...
+    processes: torchrun --no-python --nproc_per_node N cellfluxrl pretrain DATASET --out RUN ...
 
     \b
     Example:
-      cellfluxrl pretrain data/synth runs/base --preset tiny --steps 2000 --batch-size 16
+      cellfluxrl pretrain data/synth --out runs/base --preset tiny --train-steps 2000 --batch-size 16
     """
     options = dict(preset=preset, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                    ckpt_every=ckpt_every, log_every=log_every, num_workers=num_workers, seed=seed,

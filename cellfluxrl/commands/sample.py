@@ -8,6 +8,8 @@ import click
 
 from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import DEVICE, File, Folder
+from cellfluxrl.commands.vocabulary import renamed
+
 from cellfluxrl.rewards.weights import weights_option
 
 
@@ -98,7 +100,8 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
     return data_dir
 
 
-@click.command("sample")
+@click.command("sample", **renamed(renames={"--weights-from": "--network"},
+                                   meaning={"--network": "which weights of the run sample"}))
 @click.argument("run", type=Folder("run"))
 @click.option("--n", "n", type=click.IntRange(min=1), default=64, show_default=True,
               help="Number of (control, target) requests: the first N treated test rows.")
@@ -114,7 +117,7 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
 @click.option("--grid", type=click.Choice(["edm", "uniform"]), default=None, help="Time grid. [default: the run's]")
 @click.option("--cfg-scale", type=click.FloatRange(min=0), default=None,
               help="CFG weight w. [default: the run's recorded setting]")
-@click.option("--weights-from", "which", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
+@click.option("--network", "which", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
               help="Network weights to sample with.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the control draw and source noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per solver batch.")
