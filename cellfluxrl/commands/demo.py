@@ -222,7 +222,7 @@ def demo_columns(report: dict) -> list[str]:
 @click.command("demo", **renamed(renames={"--pretrain-steps": "--train-steps", "--posttrain-steps": "--iterations"},
                                  meaning={"--train-steps": "pretraining optimizer steps",
                                           "--iterations": "RL iterations"}))
-@click.option("--out", type=Folder("demo"), default=Path("runs/demo"), show_default=True,
+@click.option("--out", type=Folder("demo"), default=Path("runs/demo"), show_default=True, metavar="DIR",
               help="Folder for the dataset, both runs and the evaluation (re-run to resume).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (about a minute): a smoke test, not a result.")
 @click.option("--size", type=click.IntRange(min=32), default=None, help=f"Crop size in px, a multiple of 16. [default: {DemoConfig().size}]")

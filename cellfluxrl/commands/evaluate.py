@@ -46,7 +46,7 @@ def resolve_device(device: str) -> str:
               help="Compound split: in-distribution (the headline) and held-out OOD compounds as separate "
                    "sections (both), one of them, or all mixed in one section.")
 @click.option("--best-of", "best_of", default="1,2,4", show_default=True, metavar="N,N,...",
-              callback=as_usage_error(lambda spec: (parse_best_of(spec), None)[1]),
+              callback=as_usage_error(lambda spec: parse_best_of(spec) and None),
               help="N values of the best-of-N curves (Figure 5).")
 @click.option("--table-best-of", "tts_n", type=click.IntRange(min=1), default=None, metavar="N",
               help="N of the table's best-of (TTS) column and of Figure 4, one of --best-of (paper Table 1: 4). "

@@ -93,14 +93,15 @@ def as_usage_error(check):
     return callback
 
 
-def positive_option(name: str):
-    """A callback refusing a value that is not a positive finite number (``--pixel-size``, ``--scale``)."""
+def _positive(value: float) -> float:
+    """``value`` if it is a positive finite number, else a one-line CellfluxError."""
     import math
 
-    def check(value):
-        if not (math.isfinite(value) and value > 0):
-            from cellfluxrl.errors import CellfluxError
+    if not (math.isfinite(value) and value > 0):
+        from cellfluxrl.errors import CellfluxError
 
-            raise CellfluxError(f"must be a positive finite number, got {value!r}")
-        return value
-    return as_usage_error(check)
+        raise CellfluxError(f"must be a positive finite number, got {value!r}")
+    return value
+
+
+POSITIVE = as_usage_error(_positive)  # click callback for --pixel-size, --scale (exit 2 when invalid)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
-from cellfluxrl.commands.params import File, Folder, positive_option
+from cellfluxrl.commands.params import POSITIVE, File, Folder
 from cellfluxrl.commands.vocabulary import renamed
 
 
@@ -167,10 +167,10 @@ def prepare_synthetic_command(out, n_images, seed, size, plates, embeddings, seg
               help="Folder in the IMPA/CellFlux layout (metadata/bbbc021_df_all.csv + per-cell .npy).")
 @click.option("--raw", type=Folder("raw BBBC021"), default=None, metavar="DIR",
               help="Folder in the Broad BBBC021 v1 layout (three CSVs + per-channel TIFFs).")
-@click.option("--pixel-size", type=float, default=None, metavar="UM", callback=positive_option("--pixel-size"),
+@click.option("--pixel-size", type=float, default=None, metavar="UM", callback=POSITIVE,
               help="With --raw: microns per pixel of the images when they are not BBBC021's (0.325); the "
                    "fields are resized so a 96 px crop holds a BBBC021 crop's field of view.")
-@click.option("--scale", type=float, default=None, callback=positive_option("--scale"),
+@click.option("--scale", type=float, default=None, callback=POSITIVE,
               help="With --raw, instead of --pixel-size: resize factor of the fields before cropping "
                    "(e.g. 0.5 for images at twice BBBC021's magnification).")
 @click.option("--seed", type=SEED, default=0, show_default=True)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import click
 
-from cellfluxrl.commands.params import File, Folder, positive_option
+from cellfluxrl.commands.params import POSITIVE, File, Folder
 from cellfluxrl.commands.vocabulary import renamed
 
 HELP = """Your own plates: nucleus-centred crops from per-channel images listed in a CSV.
@@ -61,10 +61,10 @@ def make_images_command(shared_options: list[Callable], resume: Callable, finish
                           "optional smiles, moa."),
         click.option("--size", type=click.IntRange(min=8), default=96, show_default=True,
                      help="Crop size (px); images of exactly this size are taken whole as crops."),
-        click.option("--pixel-size", type=float, default=None, metavar="UM", callback=positive_option("--pixel-size"),
+        click.option("--pixel-size", type=float, default=None, metavar="UM", callback=POSITIVE,
                      help="Microns per pixel of the fields when not BBBC021's (0.325); they are resized so a "
                           "crop holds a BBBC021 crop's field of view."),
-        click.option("--scale", type=float, default=None, callback=positive_option("--scale"),
+        click.option("--scale", type=float, default=None, callback=POSITIVE,
                      help="Instead of --pixel-size: resize factor of the fields before cropping."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/test split (per well)."),
     ]
