@@ -11,6 +11,7 @@ from typing import Callable
 
 import click
 
+from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import POSITIVE, File, Folder
 from cellfluxrl.commands.vocabulary import renamed
 
@@ -66,7 +67,7 @@ def make_images_command(shared_options: list[Callable], resume: Callable, finish
                           "crop holds a BBBC021 crop's field of view."),
         click.option("--scale", type=float, default=None, callback=POSITIVE,
                      help="Instead of --pixel-size: resize factor of the fields before cropping."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/test split (per well)."),
+        click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the train/test split (per well)."),
     ]
     for decorate in reversed(options):
         command = decorate(command)
