@@ -67,7 +67,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"an RGB preview needs (H, W, 3) images, got shape {image.shape}")
     path = Path(path)
-    Image.fromarray(image, mode="RGB").save(path)
+    Image.fromarray(image).save(path)  # uint8 (H, W, 3) is RGB
     return path
 
 
