@@ -2,16 +2,24 @@
 
     python benchmarks/classifier_robustness.py DATA_DIR            # old and new recipe
     python benchmarks/classifier_robustness.py DATA_DIR --half     # + new recipe on half the train crops
+    python benchmarks/classifier_robustness.py DATA_DIR --synthetic 4000,48,4,7 --prepare-half \
+        --skip-old --before --epochs 20 --seed 7                 # the reward classifier as `prepare` fits it
 
-If ``DATA_DIR`` does not exist, the 20k synthetic set (96 px, 6 plates, seed 0) is written there
-first. Both recipes train on the treated in-distribution train crops (as ``prepare`` does) and are
+If ``DATA_DIR`` does not exist, a synthetic set is written there first (``--synthetic
+N,SIZE,PLATES,SEED``; default the 20k set, 96 px, 6 plates, seed 0). Both recipes train on the treated in-distribution train crops (as ``prepare`` does) and are
 tested on the treated in-distribution test crops under each condition of
 :data:`cellfluxrl.rewards.degradations.ROBUSTNESS_CONDITIONS`:
 
 * ``old``: flips and 90-degree rotations only (``degrade=False``), default epochs;
 * ``new``: plus :func:`cellfluxrl.rewards.degradations.random_degradation` on every batch (``degrade=True``);
 * ``new, half train`` (``--half``): the new recipe on a random half of the train crops (the lead
-  trains a reward classifier and a judge on disjoint halves).
+  trains a reward classifier and a judge on disjoint halves);
+* ``before 2026-12-04`` (``--before``): the degradation recipe before batch 32 and without the
+  gain/contrast jitter (batch 128, jitter p 0.5).
+
+``--prepare-half`` trains every recipe on the reward classifier's half instead of all the train
+crops (the first of :func:`cellfluxrl.rewards.evaluators.disjoint_halves` with ``--seed``, as
+``prepare`` does).
 
 Prints a markdown table (accuracy per condition, binomial standard error in the header, train
 seconds and optimizer steps) and writes it, with the raw numbers, to ``--out`` (json) if given.
@@ -29,19 +37,29 @@ import numpy as np
 import torch
 
 
-def load_split(data_dir: Path, seed: int = 0) -> dict:
-    """Treated in-distribution train/test crops and labels (uint8 ``(N, H, W, 3)``, int64 ``(N,)``)."""
+def load_split(data_dir: Path, seed: int = 0, synthetic: tuple[int, int, int, int] = (20000, 96, 6, 0),
+               prepare_half: bool = False) -> dict:
+    """Treated in-distribution train/test crops and labels (uint8 ``(N, H, W, 3)``, int64 ``(N,)``).
+
+    ``synthetic``: ``(n_images, size, n_plates, seed)`` of the set written if ``data_dir`` is missing.
+    ``prepare_half``: ``train`` is the reward classifier's half (``disjoint_halves(labels, seed)[0]``).
+    """
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.rewards.evaluators import _treated_in_distribution
+    from cellfluxrl.rewards.evaluators import _treated_in_distribution, disjoint_halves
 
     if not data_dir.exists():
         from cellfluxrl.data.synthetic import prepare_synthetic
 
+        n_images, size, n_plates, data_seed = synthetic
         start = time.perf_counter()
-        prepare_synthetic(data_dir, n_images=20000, seed=0, size=96, n_plates=6, progress=False)
-        print(f"wrote the 20k synthetic set to {data_dir} in {time.perf_counter() - start:.0f} s")
+        prepare_synthetic(data_dir, n_images=n_images, seed=data_seed, size=size, n_plates=n_plates, progress=False)
+        print(f"wrote {n_images} synthetic {size} px crops (seed {data_seed}) to {data_dir} "
+              f"in {time.perf_counter() - start:.0f} s")
     dataset = load_dataset(data_dir)
     train_idx, train_labels = _treated_in_distribution(dataset, "train")
+    if prepare_half:
+        first = disjoint_halves(train_labels, seed)[0]
+        train_idx, train_labels = train_idx[first], train_labels[first]
     test_idx, test_labels = _treated_in_distribution(dataset, "test")
     half = np.sort(np.random.default_rng(seed).permutation(train_idx.size)[: train_idx.size // 2])
     train = np.asarray(dataset.images[train_idx])
@@ -66,12 +84,11 @@ def markdown(rows: list[dict], n_test: int) -> str:
     from cellfluxrl.rewards.degradations import ROBUSTNESS_CONDITIONS
 
     conds = list(ROBUSTNESS_CONDITIONS)
-    se = math.sqrt(0.9 * 0.1 / n_test)
-    lines = [f"Accuracy on {n_test:,} real treated test crops (binomial s.e. {se:.3f} at 0.9)", "",
+    lines = [f"Accuracy on {n_test:,} real treated test crops, +- its binomial s.e. sqrt(p (1 - p) / n)", "",
              "| classifier | train crops | " + " | ".join(conds) + " | train s | steps |",
              "|---|---:|" + "---:|" * len(conds) + "---:|---:|"]
     for r in rows:
-        cells = " | ".join(f"{r[c]:.3f}" for c in conds)
+        cells = " | ".join(f"{r[c]:.3f} ± {math.sqrt(r[c] * (1 - r[c]) / n_test):.3f}" for c in conds)
         lines.append(f"| {r['classifier']} | {r['n_train']:,} | {cells} | {r['train s']:.0f} | {r['steps']} |")
     return "\n".join(lines)
 
@@ -81,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data_dir", type=Path, help="dataset folder (the 20k synthetic set is made if missing)")
     parser.add_argument("--half", action="store_true", help="also train the new recipe on half the train crops")
     parser.add_argument("--seed", type=int, default=0, help="training seed (and seed of the half split)")
+    parser.add_argument("--synthetic", default="20000,96,6,0",
+                        help="N,SIZE,PLATES,SEED of the synthetic set written if DATA_DIR is missing")
+    parser.add_argument("--prepare-half", action="store_true",
+                        help="train on the reward classifier's half (evaluators.disjoint_halves), as prepare does")
+    parser.add_argument("--before", action="store_true",
+                        help="also train the recipe before 2026-12-04 (batch 128, gain/contrast jitter p 0.5)")
     parser.add_argument("--skip-old", action="store_true", help="do not train the old recipe")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of the new recipe (default: its default)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -88,12 +111,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_split(args.data_dir, args.seed)
+    synthetic = tuple(int(v) for v in args.synthetic.split(","))
+    if len(synthetic) != 4:
+        parser.error(f"--synthetic: expected N,SIZE,PLATES,SEED, got {args.synthetic!r}")
+    data = load_split(args.data_dir, args.seed, synthetic, args.prepare_half)
     test = data["test"]
     print(f"train {data['train'][1].size} crops, test {test[1].size} crops, torch threads {torch.get_num_threads()}")
     rows = []
     if not args.skip_old:
         rows.append(run_recipe("old (flips/rot90)", *data["train"], test, args.seed, degrade=False))
+    if args.before:
+        from cellfluxrl.rewards.degradations import DegradationConfig
+
+        rows.append(run_recipe("before 2026-12-04 (batch 128, gain jitter)", *data["train"], test, args.seed,
+                               degrade=True, epochs=args.epochs, batch_size=128,
+                               degradation=DegradationConfig(p_gain=0.5)))
     rows.append(run_recipe("new (+ degradations)", *data["train"], test, args.seed, degrade=True, epochs=args.epochs))
     if args.half:
         rows.append(run_recipe("new, half train", *data["half"], test, args.seed, degrade=True, epochs=args.epochs))

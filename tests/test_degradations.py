@@ -150,3 +150,15 @@ def test_random_degradation_probabilities():
     all_blur = DegradationConfig(p_gain=0, p_blur=1, max_blur_px=1.0, p_down_up=0, p_noise=0)
     y = random_degradation(x, torch.Generator().manual_seed(4), all_blur)
     assert _high_freq_energy(y) < _high_freq_energy(x)
+
+
+def test_default_degradation_keeps_channel_brightness():
+    """Brightness is MoA evidence (DNA x0.9 Aurora, x1.1 DNA damage): the default leaves it alone.
+
+    Constant images of distinct channel levels keep each channel's mean to 0.01 (only the pixel
+    noise, std <= 0.08 averaged over 1,024 pixels and clamped, moves it); a +-15 % gain jitter
+    would move a level of 0.4 by up to 0.21."""
+    levels = torch.tensor([0.4, -0.3, 0.6])
+    x = levels[None, :, None, None].expand(64, 3, 32, 32).contiguous()
+    y = random_degradation(x, torch.Generator().manual_seed(9))
+    assert float((y.mean(dim=(2, 3)) - levels).abs().max()) < 0.01

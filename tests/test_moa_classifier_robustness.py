@@ -74,3 +74,54 @@ def test_new_recipe_gap_clean_to_blurred_is_small(reports):
     new = reports["new"]
     for condition in ("blur 0.75 px", "down/up 2x"):
         assert new["clean"] - new[condition] < 0.1, (condition, new)
+
+
+# --- Clean accuracy at the demo's crop size (issue 21 item 7) -------------------------------------
+# The reward classifier as `prepare` fits it on a 4,000-crop 48 px set (4 plates, the demo's 20
+# epochs, the first of evaluators.disjoint_halves: about 900 train and 480 test crops). Seed 5 is a
+# validation seed (the held-out seed 7 of benchmarks/RESULTS.md is never tested). Measured on seed
+# 5: clean 0.937, blur 0.75 px 0.935, down/up 2x 0.929 (recipe before: batch 128 with gain jitter,
+# clean 0.862). Each threshold is the target less 3 binomial s.e. at the target and 0.01 for
+# CPU-to-CPU float differences: clean >= 0.91, degraded >= 0.79 on 477 crops.
+CLEAN_TARGET, DEGRADED_TARGET, CPU_MARGIN = 0.95, 0.85, 0.01
+
+
+def _threshold(target: float, n: int) -> float:
+    """``target`` less ``K_SE`` binomial standard errors at ``target`` on ``n`` trials and CPU_MARGIN."""
+    return target - K_SE * math.sqrt(target * (1 - target) / n) - CPU_MARGIN
+
+
+@pytest.fixture(scope="module")
+def demo_size_report(tmp_path_factory):
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.data.synthetic import prepare_synthetic
+    from cellfluxrl.rewards.evaluators import _treated_in_distribution, disjoint_halves
+
+    seed = 5
+    root = tmp_path_factory.mktemp("demo48") / "ds"
+    prepare_synthetic(root, n_images=4000, seed=seed, size=48, n_plates=4, progress=False)
+    dataset = load_dataset(root)
+    train_idx, train_labels = _treated_in_distribution(dataset, "train")
+    test_idx, test_labels = _treated_in_distribution(dataset, "test")
+    first = disjoint_halves(train_labels, seed)[0]
+    model, _ = train_moa_classifier(np.asarray(dataset.images[train_idx[first]]), train_labels[first],
+                                    epochs=20, seed=seed)
+    return robustness_report(model, np.asarray(dataset.images[test_idx]), test_labels), int(test_labels.size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition,target", [("clean", CLEAN_TARGET), ("blur 0.75 px", DEGRADED_TARGET),
+                                              ("down/up 2x", DEGRADED_TARGET)])
+def test_reward_classifier_accuracy_at_demo_size(demo_size_report, condition, target):
+    report, n = demo_size_report
+    assert n > 400
+    assert report[condition] >= _threshold(target, n), (condition, round(_threshold(target, n), 3), report)
+
+
+@pytest.mark.parametrize("n_train,epochs", [(300, 30), (909, 30), (4578, 9), (9156, 5)])
+def test_default_epochs_budget_is_images_not_steps(n_train, epochs):
+    """Batch 32 gets the epochs batch 128 had: 4x the optimizer steps for the same images seen."""
+    from cellfluxrl.rewards.moa_classifier import DEFAULT_BATCH_SIZE, default_epochs
+
+    assert DEFAULT_BATCH_SIZE == 32
+    assert default_epochs(n_train, 32) == default_epochs(n_train, 128) == epochs

@@ -156,7 +156,10 @@ class DegradationConfig:
 
     Attributes:
         p_gain: probability of a gain/contrast jitter; gain and contrast are drawn per channel,
-            uniform in ``1 +- gain_jitter`` and ``1 +- contrast_jitter``.
+            uniform in ``1 +- gain_jitter`` and ``1 +- contrast_jitter``. Off by default: channel
+            brightness is itself MoA evidence (DNA x0.9 for Aurora kinase inhibitors against x1.1
+            for DNA damage), and a +-15 % jitter cost 0.025 clean accuracy at 48 px
+            (benchmarks/RESULTS.md, "MoA classifier on clean crops").
         p_blur: probability of a Gaussian blur with sigma uniform in ``[0, max_blur_px]`` pixels.
         p_down_up: probability of a down/up-sampling round trip, factor drawn uniformly from
             ``down_up_factors``.
@@ -164,7 +167,7 @@ class DegradationConfig:
             ``[-1, 1]`` scale).
     """
 
-    p_gain: float = 0.5
+    p_gain: float = 0.0
     gain_jitter: float = 0.15
     contrast_jitter: float = 0.15
     p_blur: float = 0.5
