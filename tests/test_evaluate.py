@@ -15,7 +15,7 @@ from cellfluxrl.errors import CellfluxError
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     root = tmp_path_factory.mktemp("eval") / "data"
     prepare_synthetic(root, n_images=300, seed=0, size=48, n_plates=2, progress=False)

@@ -36,7 +36,7 @@ class BlankEvery:
     """The classical segmenter, except that it finds nothing in every ``k``-th image of a batch."""
 
     def __init__(self, k: int):
-        from cellfluxrl.rewards.segmentation.base import make_segmenter
+        from cellfluxrl.rewards.segmentation.factory import make_segmenter
 
         self.inner, self.k = make_segmenter("classical"), k
         self.settings = self.inner.settings
@@ -121,7 +121,7 @@ def test_empty_fraction_warning_names_the_worst_group():
 
 def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch):
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     (small / "evaluators" / "reference_stats.json").unlink(missing_ok=True)
     monkeypatch.setattr(evaluators, "build_segmenter", lambda name, options=None: EmptySegmenter())
@@ -135,7 +135,7 @@ def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch
 
 def test_fit_reference_warns_when_images_have_no_nucleus(small, monkeypatch, caplog):
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     dataset = load_dataset(small)
     with caplog.at_level(logging.WARNING, logger="cellfluxrl.rewards.evaluators"):
@@ -167,7 +167,7 @@ def test_loading_a_degenerate_reference_is_refused(tmp_path):
 def test_prepare_refuses_then_resumes_with_a_working_segmenter(tmp_path, capsys, monkeypatch, fast_classifier):
     """The CLI: one line naming MoA, statistic and segmenter, exit 1, no reference; the same command
     with a segmenter that works resumes the folder (images kept) and fits the evaluators."""
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     out = str(tmp_path / "ds")
     with monkeypatch.context() as patch:
@@ -185,7 +185,7 @@ def test_prepare_refuses_then_resumes_with_a_working_segmenter(tmp_path, capsys,
 
 
 def test_rewards_fit_refuses_a_segmenter_that_finds_nothing(small, capsys, monkeypatch):
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     monkeypatch.setattr(evaluators, "build_segmenter", lambda name, options=None: EmptySegmenter())
     code, _, err = run_main(capsys, "rewards", "fit", str(small))
@@ -201,7 +201,7 @@ def test_evaluate_warns_about_a_column_without_nuclei(small, caplog):
     from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
     from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     fit_evaluators(small, seed=0, classifier_epochs=1, progress=False)
     dataset = load_dataset(small)

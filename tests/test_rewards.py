@@ -12,7 +12,8 @@ import torch
 
 from cellfluxrl.data.layout import load_dataset
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.rewards.evaluators import fit_classifier, fit_reference, moa_index
+from cellfluxrl.rewards.evaluators import moa_index
+from cellfluxrl.rewards.evaluators_fit import fit_classifier, fit_reference
 from cellfluxrl.images import to_model
 from cellfluxrl.rewards.morphology import measure
 from cellfluxrl.rewards import RewardBatch, RewardSuite, parse_weights

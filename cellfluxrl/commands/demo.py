@@ -93,8 +93,8 @@ def _settings_file(out: Path, cfg: DemoConfig) -> None:
 def stage_prepare(out: Path, cfg: DemoConfig) -> Path:
     """The synthetic dataset with its evaluators (skipped when both exist)."""
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.rewards.evaluators import (CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, REFERENCE_FILE,
-                                               fit_evaluators)
+    from cellfluxrl.rewards.evaluator_files import CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, REFERENCE_FILE
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     data = out / "data"
     if not (data / "meta.json").is_file():
