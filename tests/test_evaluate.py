@@ -112,6 +112,9 @@ def test_accuracy_rows_are_graded_by_the_judge_and_by_the_reward_classifier_apar
         assert build_report(image_results)["table"]["real"][row]["mean"] == pytest.approx(hits.mean())
     # Two networks: different weights and architecture, and they do not agree on every image.
     assert evaluators.judge("cpu").config["widths"] != evaluators.moa_classifier("cpu").config["widths"]
+    judge_p, reward_p = (network.predict_proba(x) for network in (evaluators.judge("cpu"), evaluators.moa_classifier("cpu")))
+    assert np.abs(judge_p - reward_p).max() > 0.05  # not one network graded twice
+    assert (judge_p.argmax(1) != reward_p.argmax(1)).any()  # and they disagree on some image
 
 
 def test_best_of_n_is_nested_and_selects_by_the_overall_reward(image_results):
@@ -308,8 +311,11 @@ def test_a_new_report_replaces_the_old_one_whole_and_records_fingerprints(datase
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no staged folder or lock left
 
 
-def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset_dir, tmp_path):
-    """Same weights, different recorded sampling: different samples; one override for all: identical."""
+def test_all_runs_are_sampled_at_one_setting(dataset_dir, tmp_path):
+    """Two runs with the same weights but recorded differently (1 step without CFG, 2 steps with CFG
+    1.5): both are sampled at the first run's setting, so their columns are identical, and the
+    report and preamble say which setting and why; an override applies to both."""
+    from cellfluxrl.commands.evaluate import preflight, print_report
     from cellfluxrl.evaluation.pipeline import _load_runs, evaluate
 
     a = _make_run(dataset_dir, tmp_path / "a", seed=0, sampling={"steps": 1, "cfg_scale": 0.0})
@@ -318,17 +324,25 @@ def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset
     [old] = _load_runs([legacy], ["legacy"], "cpu", None, None, None)  # predates recorded settings
     assert (old["sampling"].steps, old["sampling"].cfg_scale) == (50, 0.2) and "predates" in old["info"]["sampling_source"]
     kw = dict(n=4, split="id", kid_subset_size=2, kid_subsets=2, batch_size=4)
-    own = evaluate(dataset_dir, [a, b], **kw)
-    runs = {r["name"]: r for r in own["settings"]["runs"]}
-    assert runs["a"]["sampling"]["steps"] == 1 and runs["a"]["sampling"]["cfg_scale"] == 0.0
-    assert runs["b"]["sampling"]["steps"] == 2 and runs["b"]["sampling"]["cfg_scale"] == 1.5
-    assert runs["a"]["sampling_source"] == "recorded in the run"
-    table = own["sections"]["id"]["table"]  # untrained nets: the rewards saturate, the features do not
-    assert table["a"]["FD-judge_o"] != table["b"]["FD-judge_o"]
-    forced = evaluate(dataset_dir, [a, b], steps=1, cfg_scale=0.0, **kw)
-    assert forced["sections"]["id"]["table"]["a"] == forced["sections"]["id"]["table"]["b"]
-    assert forced["sections"]["id"]["table"]["a"]["FD-judge_o"] == table["a"]["FD-judge_o"]
-    assert {r["sampling_source"] for r in forced["settings"]["runs"]} == {"given on the command line"}
+    ab = evaluate(dataset_dir, [a, b], **kw)
+    shared = ab["settings"]["sampling"]
+    assert shared["setting"]["steps"] == 1 and shared["setting"]["cfg_scale"] == 0.0
+    assert "first run, a" in shared["reason"] and "b recorded 2 Heun steps" in shared["reason"]
+    assert all(r["sampling"] == shared["setting"] for r in ab["settings"]["runs"])
+    table = ab["sections"]["id"]["table"]
+    assert table["a"] == table["b"]  # same weights, same setting: the paired difference is 0
+    ba = evaluate(dataset_dir, [b, a], **kw)  # b first: both at b's 2 steps with CFG 1.5
+    assert ba["settings"]["sampling"]["setting"]["steps"] == 2
+    assert ba["sections"]["id"]["table"]["a"] == ba["sections"]["id"]["table"]["b"]
+    assert ba["sections"]["id"]["table"]["a"]["FD-judge_o"] != table["a"]["FD-judge_o"]
+    forced = evaluate(dataset_dir, [b, a], steps=1, cfg_scale=0.0, **kw)
+    assert forced["sections"]["id"]["table"]["b"]["FD-judge_o"] == table["a"]["FD-judge_o"]
+    assert forced["settings"]["sampling"]["reason"].startswith("given on the command line")
+    text = print_report(ab)
+    assert "every run: 1 Heun steps" in text and "b recorded 2 Heun steps" in text
+    lines = preflight([a, b], dataset_dir, n=4, split="id", best_of=(1,), steps=None, cfg_scale=None, sigma=None,
+                      seed=0, device="cpu")
+    assert sum("sampling, every run: 1 Heun steps" in line for line in lines) == 1
 
 
 def test_user_errors_are_one_line(dataset_dir, tmp_path):

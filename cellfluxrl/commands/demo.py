@@ -164,7 +164,7 @@ def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str, should_
 
 
 def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig, device: str) -> dict:
-    """Evaluate base and RL runs on the same pairs, each with its recorded sampling, in-distribution
+    """Evaluate base and RL runs on the same pairs at one sampling setting (the base's), in-distribution
     and held-out compounds apart; returns the report (read back if already written).
 
     The report is built in a staged folder and swapped in whole (:mod:`cellfluxrl.commands.report_folder`),
