@@ -131,6 +131,23 @@ def test_checkpoint_is_safe_and_reloads(fitted):
     np.testing.assert_allclose(load_evaluators(root).moa_classifier("cpu").predict_proba(x), proba)
 
 
+def test_judge_and_reward_classifier_disagree_on_some_images(fitted):
+    """Trained on other wells with another seed and architecture, the two graders are not copies: on
+    the held-out images each gets some right the other gets wrong (a statistical claim with a
+    floor far below the ~60 of ~300 images where they differ on the reference CPUs)."""
+    from cellfluxrl.images import to_model
+
+    root, _ = fitted
+    dataset, evaluators = load_dataset(root), load_evaluators(root)
+    idx = dataset.select(split="test", state="treated", include_ood=False)
+    x = to_model(np.asarray(dataset.images[idx]), dequantize=False)
+    truth = moa_index(dataset.table["moa"][idx])
+    judge, reward = (net.predict_proba(x).argmax(1) for net in (evaluators.judge("cpu"), evaluators.moa_classifier("cpu")))
+    differ = judge != reward
+    assert 5 <= differ.sum() < idx.size
+    assert ((judge == truth) & (reward != truth)).any() and ((reward == truth) & (judge != truth)).any()
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(CellfluxError, match="not found"):
         load_moa_classifier(tmp_path / "none.pt")
@@ -177,3 +194,34 @@ def test_classifier_needs_two_moas():
 def test_missing_evaluators(tmp_path):
     with pytest.raises(CellfluxError, match="run `cellfluxrl prepare"):
         load_evaluators(tmp_path)
+
+
+def test_resume_refits_a_classifier_trained_on_other_images(tmp_path):
+    """A stored classifier is kept on resume only when it learnt from the half asked for (its stored
+    train_hash); one from another half, or from before the halves were hashed, is refitted."""
+    from cellfluxrl.rewards.evaluators_resume import evaluators_to_fit, stored_classifier_report
+    from cellfluxrl.rewards.moa_classifier import FORMAT
+
+    path = tmp_path / "moa_classifier.pt"
+    torch.save({"format": FORMAT, "info": {"seed": 0, "epochs": 3, "train_hash": "aaaa"}}, path)
+    assert stored_classifier_report(path, 0, None, FORMAT, 0, "aaaa")["train_hash"] == "aaaa"
+    assert stored_classifier_report(path, 0, None, FORMAT, 0, "bbbb") is None
+    assert stored_classifier_report(path, 0, None, FORMAT) is not None  # no hash asked for: not checked
+    old = tmp_path / "judge.pt"
+    torch.save({"format": FORMAT, "info": {"seed": 1000, "epochs": 3}}, old)  # fitted before the hashes
+    assert stored_classifier_report(old, 0, None, FORMAT, 1000, "cccc") is None
+    todo = evaluators_to_fit(tmp_path, "classical", {}, 0, halves={"moa_classifier.pt": "aaaa", "judge.pt": "cccc"})
+    assert "moa_classifier.pt" not in todo and "judge.pt" in todo
+    todo = evaluators_to_fit(tmp_path, "classical", {}, 0, halves={"moa_classifier.pt": "zzzz", "judge.pt": "cccc"})
+    assert "moa_classifier.pt" in todo
+
+
+def test_indices_hash_names_the_images(tmp_path):
+    from types import SimpleNamespace
+
+    from cellfluxrl.rewards.evaluators_fit import indices_hash
+
+    dataset = SimpleNamespace(table={"id": np.array(["a", "b", "c", "d"])})
+    assert indices_hash(dataset, np.array([2, 0])) == indices_hash(dataset, np.array([0, 2]))
+    assert indices_hash(dataset, np.array([0, 2])) != indices_hash(dataset, np.array([0, 3]))
+    assert len(indices_hash(dataset, np.array([1]))) == 16
