@@ -207,13 +207,46 @@ def test_fig4_rows_show_every_grid_column_and_caption_the_picked_candidates_rewa
         assert row.captions["real"] == f"overall {scores['real'].total[p, 0]:.2f}" and "control" not in row.captions
 
 
-def test_per_condition_distances_cover_every_condition_with_enough_images(image_results):
-    pairs = image_results["pairs"]
-    names, counts = np.unique(pairs.compound, return_counts=True)
-    per = image_results["per_condition_fd"]["noised"]
-    assert set(per) == set(names)
-    for name, count in zip(names, counts):
-        assert (per[name].fd is None) == (count < 2)
+def test_per_condition_distances_follow_the_n_c_above_d_rule(dataset_dir, image_results):
+    """24 pairs hold 1-3 images per compound, far below the judge's D = 128 features: no per-compound
+    distance is computed and the results say why. With 1-d features and compounds of >= 2 pairs,
+    every compound gets its own distance."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
+    from cellfluxrl.evaluation.scoring import evaluate_sources
+    from cellfluxrl.model.generate import test_pairs
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+
+    assert image_results["per_condition_fd"] == {} and not image_results["per_compound"]["shown"]
+    assert "n_c > D = 128" in image_results["per_compound"]["note"]
+
+    dataset = load_dataset(dataset_dir)
+    names, counts = np.unique(image_results["pairs"].compound, return_counts=True)
+    keep = list(names[counts >= 2][:2])
+    target, control = test_pairs(dataset, 100, seed=0, conditions=keep)
+    pairs = Pairs(target, control, dataset.condition[target], dataset.table["compound"][target].astype(str),
+                  dataset.table["moa"][target].astype(str))
+    suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
+    judge = suite.evaluators.judge("cpu")
+
+    class FirstFeature(MoAFeatures):  # the judge's first feature only: D = 1
+        def __init__(self, classifier):
+            super().__init__(classifier)
+            self.dim = 1
+
+        def __call__(self, images):
+            return super().__call__(images)[:, :1]
+
+    def noised(pos, k):
+        x = real_images(dataset, pairs, pos)
+        return (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(k + int(pos[0])))).clamp(-1, 1)
+
+    results = evaluate_sources(dataset, pairs, {"noised": noised}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
+                               features=FirstFeature(judge), classifier=suite.evaluators.moa_classifier("cpu"),
+                               judge=judge, batch_size=10, kid_subset_size=2, kid_subsets=2)
+    suite.close()
+    assert results["per_compound"]["shown"] and set(results["per_condition_fd"]["noised"]) == set(keep)
+    assert all(r.fd is not None for r in results["per_condition_fd"]["noised"].values())
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,12 @@ VAL_RULE = ("validation: per MoA, round(0.1 n) (at least 1, at most n - 1) of th
             "targets in train)")
 
 
-def group_ids(batch: np.ndarray, well: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+def group_ids(batch: np.ndarray, well: np.ndarray) -> np.ndarray:
     """Group index of every image: equal ``(batch, well)`` -> equal index; an empty well -> own group.
 
     Args:
         batch: str ``(N,)`` plate of each image.
         well: str ``(N,)`` well (or field) of each image; ``""`` = not recorded.
-        ids: str ``(N,)`` image ids (unused; accepted so callers can pass the table's columns).
 
     Returns:
         int64 ``(N,)`` group indices in ``[0, n_groups)``, numbered by first appearance.

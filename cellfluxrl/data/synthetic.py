@@ -47,7 +47,8 @@ Doses: every compound has three concentrations, :data:`DOSES_UM` = (0.3, 1.0, 3.
 strengths :data:`DOSE_STRENGTHS` = (0.5, 0.75, 1.0).
 
 Plates (batches ``Plate1..PlateK``) hold wells (``A01``.., one per compound and dose, then eight
-DMSO wells); the splits are dealt by whole (plate, well) groups. Plates: per plate and channel a gain in [0.7, 1.3] and a background of
+DMSO wells); the splits are dealt by whole (plate, well) groups. Plates: per plate and channel a gain
+in [0.7, 1.3] and a background of
 4-16 grey levels; a linear illumination gradient of amplitude 0.15-0.35 in a random direction;
 per-image gain jitter (4 %) and pixel noise (sd 2-4 grey levels, plus 1 % of the signal).
 

@@ -114,8 +114,9 @@ def markdown_report(report: dict) -> str:
            "Rewards (higher is better): per pair the expectation over all of a run's candidates (the plain "
            "column: their mean; best-of-N: each candidate weighted by its chance of being the best of N drawn "
            "from them), then mean ± standard error over pairs [standard error clustered by compound: pairs "
-           "share compounds, so a claim about compounds needs the bracketed one]. Distances (lower is better; none for the real "
-           "column) and Figure 4 use one image per pair: candidate 0, and the best of the first N.", ""]
+           "share compounds, so a claim about compounds needs the bracketed one]. Distances (lower is "
+           "better; none for the real column) and Figure 4 use one image per pair: candidate 0, and the best "
+           "of the first N; the overall Frechet distance carries a bootstrap standard error over pairs.", ""]
     for section in report["sections"].values():
         out += _section_markdown(section)
     return "\n".join(out)

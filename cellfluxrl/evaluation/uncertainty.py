@@ -97,7 +97,8 @@ def bootstrap_fd_sem(real: np.ndarray, generated: np.ndarray, n: int, draws: int
     paired = real.shape[0] == generated.shape[0] == n
 
     def fd(a: np.ndarray, b: np.ndarray) -> float:
-        return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        return frechet_distance(a.mean(0), np.atleast_2d(np.cov(a, rowvar=False)), b.mean(0),
+                                np.atleast_2d(np.cov(b, rowvar=False)))
 
     rng = np.random.default_rng([int(seed), 0xFD5E])
     values = []

@@ -129,8 +129,8 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
     """Train the reward's MoA classifier and the independent judge; write both and ``classifier.json``.
 
     The treated, in-distribution train images are split into two disjoint halves by whole
-    (plate, well) groups, stratified by MoA (:func:`classifier_halves`): the reward classifier learns from the first (seed ``seed``,
-    the default stages), the judge from the second (seed ``seed + 1000``, wider stages), so the
+    (plate, well) groups, stratified by MoA (:func:`classifier_halves`): the reward classifier
+    learns from the first (seed ``seed``, the default stages), the judge from the second (seed ``seed + 1000``, wider stages), so the
     judge shares neither data, initialisation nor architecture with the network RL optimises.
     Both are tested on the treated in-distribution test images, clean and degraded. With
     ``resume``, a classifier file already fitted with ``seed`` on the same half (its stored
