@@ -133,8 +133,8 @@ def test_checkpoint_is_safe_and_reloads(fitted):
 
 def test_judge_and_reward_classifier_disagree_on_some_images(fitted):
     """Trained on other wells with another seed and architecture, the two graders are not copies: on
-    the held-out images each gets some right the other gets wrong (a statistical claim with a
-    floor far below the ~60 of ~300 images where they differ on the reference CPUs)."""
+    the held-out images each gets some right the other gets wrong. Two classifiers of 0.6-0.8
+    accuracy on ~300 images differ on dozens; the floor of 5 leaves room for any CPU's rounding."""
     from cellfluxrl.images import to_model
 
     root, _ = fitted
