@@ -1,7 +1,7 @@
 """Resuming the evaluators of a dataset: which fitted files can be kept, which must be fitted.
 
 ``prepare`` run again on a folder it already wrote (same settings) calls
-:func:`cellfluxrl.rewards.evaluators.fit_evaluators` with ``resume=True``: every evaluator file that exists
+:func:`cellfluxrl.rewards.evaluators_fit.fit_evaluators` with ``resume=True``: every evaluator file that exists
 and was fitted with the requested settings is kept, every missing one is fitted. The files are
 written atomically (temp file + rename), so one that exists is complete; a kill loses at most the
 file being fitted. A file fitted with *other* settings (another segmenter, another seed) is
