@@ -52,7 +52,7 @@ def bench_setup(tmp_path_factory):
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.synthetic import prepare_synthetic
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     root = tmp_path_factory.mktemp("bench") / "data"
     prepare_synthetic(root, n_images=400, seed=0, size=96, n_plates=2, progress=False)

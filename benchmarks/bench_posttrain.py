@@ -36,7 +36,7 @@ def loop(tmp_path_factory):
     from cellfluxrl.data.synthetic import prepare_synthetic
     from cellfluxrl.model.unet import PRESETS, build_unet
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
     from cellfluxrl.rl.reward_worker import RewardWorker
     from cellfluxrl.rl.step import build_policies
 

@@ -17,7 +17,7 @@ from cellfluxrl.images import to_model
 from cellfluxrl.rewards import RewardBatch, RewardSuite
 from cellfluxrl.rewards.evaluators import Evaluators, moa_index, reference_statistics
 from cellfluxrl.rewards.morphology import measure
-from cellfluxrl.rewards.segmentation.base import make_segmenter
+from cellfluxrl.rewards.segmentation.factory import make_segmenter
 
 BATCH = 256
 MORPHOLOGY = {"nuc_in_cyto": 2.0, "roundness": 1.0, "nuc_size": 1.0, "cyto_size": 1.0, "nuc_count": 1.0,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cellfluxrl.rewards.morphology import measure
-from cellfluxrl.rewards.segmentation.base import make_segmenter
+from cellfluxrl.rewards.segmentation.factory import make_segmenter
 
 BATCH = 512
 

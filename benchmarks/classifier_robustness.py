@@ -18,7 +18,7 @@ tested on the treated in-distribution test crops under each condition of
   gain/contrast jitter (batch 128, jitter p 0.5).
 
 ``--prepare-half`` trains every recipe on the reward classifier's half instead of all the train
-crops (the first of :func:`cellfluxrl.rewards.evaluators.disjoint_halves` with ``--seed``, as
+crops (the first of :func:`cellfluxrl.rewards.evaluators_fit.classifier_halves` with ``--seed``, as
 ``prepare`` does).
 
 Prints a markdown table (accuracy per condition, binomial standard error in the header, train
@@ -42,10 +42,10 @@ def load_split(data_dir: Path, seed: int = 0, synthetic: tuple[int, int, int, in
     """Treated in-distribution train/test crops and labels (uint8 ``(N, H, W, 3)``, int64 ``(N,)``).
 
     ``synthetic``: ``(n_images, size, n_plates, seed)`` of the set written if ``data_dir`` is missing.
-    ``prepare_half``: ``train`` is the reward classifier's half (``disjoint_halves(labels, seed)[0]``).
+    ``prepare_half``: ``train`` is the reward classifier's half (``classifier_halves(dataset, seed)``).
     """
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.rewards.evaluators import _treated_in_distribution, disjoint_halves
+    from cellfluxrl.rewards.evaluators_fit import _treated_in_distribution, classifier_halves
 
     if not data_dir.exists():
         from cellfluxrl.data.synthetic import prepare_synthetic
@@ -57,8 +57,8 @@ def load_split(data_dir: Path, seed: int = 0, synthetic: tuple[int, int, int, in
               f"in {time.perf_counter() - start:.0f} s")
     dataset = load_dataset(data_dir)
     train_idx, train_labels = _treated_in_distribution(dataset, "train")
-    if prepare_half:
-        first = disjoint_halves(train_labels, seed)[0]
+    if prepare_half:  # the reward classifier's half, dealt by (plate, well) groups as prepare does
+        train_idx, train_labels, first, _ = classifier_halves(dataset, seed)
         train_idx, train_labels = train_idx[first], train_labels[first]
     test_idx, test_labels = _treated_in_distribution(dataset, "test")
     half = np.sort(np.random.default_rng(seed).permutation(train_idx.size)[: train_idx.size // 2])
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", default="20000,96,6,0",
                         help="N,SIZE,PLATES,SEED of the synthetic set written if DATA_DIR is missing")
     parser.add_argument("--prepare-half", action="store_true",
-                        help="train on the reward classifier's half (evaluators.disjoint_halves), as prepare does")
+                        help="train on the reward classifier's half (evaluators_fit.classifier_halves), as prepare does")
     parser.add_argument("--before", action="store_true",
                         help="also train the recipe before 2026-12-04 (batch 128, gain/contrast jitter p 0.5)")
     parser.add_argument("--skip-old", action="store_true", help="do not train the old recipe")

@@ -180,7 +180,7 @@ def write_dataset(out: Path, size: int, n_images: int) -> str:
 
 def prepare_data(out: Path, size: int, n_images: int) -> None:
     """(Child process, CPU.) Dataset + evaluators in ``out``; status in ``out.json``."""
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     start, status = time.perf_counter(), {}
     try:

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--targets", action="store_true", help="also measure the real targets of the first file")
     p.add_argument("--small", type=int, default=30, help="area (px) under which a nucleus counts as a fragment")
     args = p.parse_args(argv)
-    from cellfluxrl.rewards.segmentation.base import make_segmenter
+    from cellfluxrl.rewards.segmentation.factory import make_segmenter
 
     segmenter = make_segmenter("classical")
     jobs = [(str(f), "generated") for f in args.samples]

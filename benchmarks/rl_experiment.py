@@ -48,8 +48,8 @@ def eval_pairs(dataset, n: int, seed: int, pairs: str = "val"):
         return Pairs.from_dataset(dataset, n, seed, split="id")
     if pairs != "val":
         raise ValueError(f"pairs must be val or test, got {pairs!r}")
-    if "val" in getattr(dataset, "counts", {}) and sum(dataset.counts["val"].values()):
-        return Pairs.from_dataset(dataset, n, seed, split="val")
+    if dataset.select(split="val", state="treated").size:  # prepared with the val split (data/README.md, "Splits")
+        return Pairs.from_dataset(dataset, n, seed, split="id", images="val")
     target, _ = test_pairs(dataset, VAL_OFFSET + n, seed, split="id")
     if target.size < VAL_OFFSET + n:
         raise ValueError(f"only {target.size - VAL_OFFSET} validation rows after the first {VAL_OFFSET}")
@@ -105,14 +105,11 @@ def cache_file(run: Path, n: int, seed: int, sampling, k: int, pairs: str = "val
 
 
 def clustered_se(v: np.ndarray, clusters: np.ndarray) -> float:
-    """Standard error of the mean of ``v`` ``(n,)`` with pairs clustered by ``clusters`` ``(n,)``:
-    ``sqrt(G / (G - 1) * sum_g (sum_{i in g} (v_i - mean))^2) / n`` (the CR1 sandwich, G clusters)."""
-    v = np.asarray(v, dtype=np.float64)
-    resid = v - v.mean()
-    _, inverse = np.unique(clusters, return_inverse=True)
-    sums = np.bincount(inverse, weights=resid)
-    g = sums.size
-    return float(np.sqrt(g / (g - 1) * np.sum(sums ** 2)) / v.size)
+    """Standard error of the mean of ``v`` ``(n,)`` with pairs clustered by ``clusters`` ``(n,)`` (the CR1
+    sandwich; :func:`cellfluxrl.evaluation.uncertainty.mean_sem_clustered` owns it)."""
+    from cellfluxrl.evaluation.uncertainty import mean_sem_clustered
+
+    return mean_sem_clustered(v, clusters)[2]
 
 
 def mean_se(v: np.ndarray, clusters: np.ndarray | None = None) -> str:

@@ -5,7 +5,3 @@ direction of their imports are in docs/architecture.md.
 """
 
 __version__ = "0.2.0"
-
-from cellfluxrl import _moved  # noqa: E402 (old module paths still import, with a DeprecationWarning)
-
-_moved.install()

@@ -2,20 +2,19 @@
 
 Every module of ``cellfluxrl/`` is parsed with ``ast`` (imports inside functions included), so a
 new file that breaks a rule fails here: (a) no module over ``MAX_LINES`` lines, (b) imports only go
-down the layers ``plumbing < data < model < rewards < rl < evaluation < app``, (c) no import cycle
-among the imports that run when a module is imported, and the package, tests, benchmarks and plugin
-use the new module paths while the old ones still import (with a DeprecationWarning) for one
-release.
+down the layers ``plumbing < data < model < rewards < rl < evaluation < app``, (c) no import cycle,
+neither among the imports that run when a module is imported nor among all of them (lazy imports
+inside functions included), and (d) the old module paths of the issue-14 move are gone: nothing
+imports or names them, and importing one fails.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
+import importlib.util
 import re
 import subprocess
 import sys
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +28,7 @@ LAYERS = ("plumbing", "data", "model", "rewards", "rl", "evaluation", "app")
 # Top-level modules and where they sit. ``checkpoint`` rebuilds the model's network from a run,
 # so it is at the model layer: data and plumbing must not import it.
 TOP_LEVEL = {
-    "cellfluxrl": "plumbing", "_moved": "plumbing", "errors": "plumbing", "config": "plumbing",
+    "cellfluxrl": "plumbing", "errors": "plumbing", "config": "plumbing",
     "distributed": "plumbing", "images": "plumbing", "progress": "plumbing", "grids": "plumbing",
     "export": "plumbing",
     "rundir": "plumbing", "checkpoint": "model", "provenance": "model", "cli": "app", "commands": "app",
@@ -212,79 +211,52 @@ def test_every_torch_load_is_weights_only_and_nothing_pickles():
     assert not bad, "\n".join(bad)
 
 
+def test_no_import_cycle_at_all():
+    """No cycle even through lazy imports inside functions: every shared name has one owner below
+    its users (the segmentation backends are loaded by ``factory``, which no backend imports; the
+    dataset resume check and the evaluator files sit above or below the modules they serve)."""
+    graph = {name: {t for _, t in imported(path, name) if t in modules() and t != name}
+             for name, path in modules().items()}
+    assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
+
+
 # ---------------------------------------------------------------------------------------------
-# Old paths: still importable for one release, never used in the repository.
+# Old paths (moved in issue 14; no release shipped them, so there are no shims).
 
-
-def _moved() -> dict[str, tuple[str, ...]]:
-    from cellfluxrl._moved import MOVED
-
-    return MOVED
+OLD_PATHS = ("cellfluxrl.unet", "cellfluxrl.path", "cellfluxrl.sampler", "cellfluxrl.losses", "cellfluxrl.generate",
+             "cellfluxrl.pretrain", "cellfluxrl.segment", "cellfluxrl.segment_cellpose", "cellfluxrl.cell_seeds",
+             "cellfluxrl.morphology", "cellfluxrl.moa_classifier", "cellfluxrl.degradations",
+             "cellfluxrl.evaluators", "cellfluxrl.evaluators_resume", "cellfluxrl.refstats",
+             "cellfluxrl.data.raw_fields", "cellfluxrl.nft", "cellfluxrl.posttrain", "cellfluxrl.evaluate",
+             "cellfluxrl.report", "cellfluxrl.metrics", "cellfluxrl.candidates", "cellfluxrl.inception",
+             "cellfluxrl.figures", "cellfluxrl._moved")
 
 
 def test_the_repository_uses_the_new_paths():
-    """Tests, benchmarks, the plugin, docs and README name only the new module paths."""
-    old = "|".join(re.escape(name) for name in sorted(_moved(), key=len, reverse=True))
+    """Tests, benchmarks, the plugin, docs and README name only the current module paths."""
+    old = "|".join(re.escape(name) for name in sorted(OLD_PATHS, key=len, reverse=True))
     pattern = re.compile(rf"\b(?:{old})\b")
     files = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py"), *ROOT.glob("plugins/**/*.py"),
              *ROOT.glob("plugins/**/*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("data/*.md"), ROOT / "README.md",
              *PACKAGE.rglob("*.py")]
     bad = []
     for path in files:
-        if path == Path(__file__).resolve() or path.name == "_moved.py":
+        if path == Path(__file__).resolve():
             continue
-        lines = path.read_text().splitlines()
-        if path.name == "architecture.md":  # its table of moved modules names the old paths on purpose
-            lines = lines[:lines.index("## Moved modules")]
-        for k, text in enumerate(lines, 1):
+        for k, text in enumerate(path.read_text().splitlines(), 1):
             if path.suffix == ".md":  # file paths too: cellfluxrl/segment.py
                 text = text.replace("cellfluxrl/", "cellfluxrl.")
             bad.extend(f"{path.relative_to(ROOT)}:{k}: {m.group(0)}" for m in pattern.finditer(text))
-    assert not bad, "old module paths (see cellfluxrl/_moved.py for the new ones):\n" + "\n".join(bad)
+    assert not bad, "old module paths:\n" + "\n".join(bad)
 
 
-def _fresh_import(old: str):
-    sys.modules.pop(old, None)
-    parent, _, child = old.rpartition(".")
-    if hasattr(sys.modules.get(parent), child):
-        delattr(sys.modules[parent], child)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = importlib.import_module(old)
-    sys.modules.pop(old, None)
-    if hasattr(sys.modules.get(parent), child):
-        delattr(sys.modules[parent], child)
-    return module, [w for w in caught if issubclass(w.category, DeprecationWarning)]
-
-
-@pytest.mark.parametrize("old", sorted(_moved()))
-def test_old_paths_import_with_a_warning_naming_the_new_one(old):
-    targets = _moved()[old]
-    module, caught = _fresh_import(old)
-    assert len(caught) == 1 and all(t in str(caught[0].message) for t in targets), [str(w.message) for w in caught]
-    assert caught[0].filename == __file__  # the warning points at the importing line
-    parts = [importlib.import_module(t) for t in targets]
-    if len(parts) == 1:
-        assert module is parts[0] and module.__spec__.name == targets[0]
-    else:
-        for part in parts:
-            for name in [n for n in vars(part) if not n.startswith("_")]:
-                first = next(p for p in parts if hasattr(p, name))  # the first part holding a name wins
-                assert getattr(module, name) is getattr(first, name), (old, name)
-
-
-def test_old_import_forms_keep_working():
-    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-            "try:\n    import cellfluxrl.unet\nexcept DeprecationWarning as w:\n    print('warned:', w)\n"
-            "warnings.simplefilter('ignore', DeprecationWarning)\n"
-            "import cellfluxrl.unet as u; from cellfluxrl import morphology\n"
-            "from cellfluxrl.segment import make_segmenter, ClassicalSegmenter, segmentation_accuracy\n"
-            "from cellfluxrl.model.unet import PRESETS\n"
-            "assert u.PRESETS is PRESETS and callable(morphology.measure) and callable(make_segmenter)\n"
-            "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "warned: cellfluxrl.unet moved to cellfluxrl.model.unet" in proc.stdout and proc.stdout.endswith("ok\n")
+@pytest.mark.parametrize("old", OLD_PATHS)
+def test_old_paths_are_not_in_the_package(old):
+    """No module, shim or package of the tree answers to an old path (an editable install of another
+    checkout on the path may still find one there, so the tree itself is what is checked)."""
+    assert old not in modules()
+    spec = importlib.util.find_spec(old)
+    assert spec is None or PACKAGE not in Path(spec.origin or "").resolve().parents, spec
 
 
 def test_rewards_and_cli_import_no_torch():

@@ -107,7 +107,8 @@ def test_impa_round_trip_is_exact(tmp_path, encoding, blank_index):
     np.testing.assert_array_equal(np.asarray(ds.images), np.stack([images[r["SAMPLE_KEY"]] for r in rows]))
     assert list(ds.table["id"]) == [r["SAMPLE_KEY"] for r in rows]
     assert list(ds.table["batch"]) == [r["BATCH"] for r in rows]
-    assert list(ds.table["split"]) == [r["SPLIT"] for r in rows]
+    assert [("train" if s == "val" else s) for s in ds.table["split"]] == [r["SPLIT"] for r in rows]
+    assert list(ds.table["well"]) == ["_".join(r["SAMPLE_KEY"].split("_")[2:4]) for r in rows]  # the field
     assert list(ds.table["compound"]) == [r["CPD_NAME"] for r in rows]
     assert list(ds.table["moa"]) == [r["ANNOT"] for r in rows]
     assert list(ds.table["state"]) == ["control" if r["CPD_NAME"] == "DMSO" else "treated" for r in rows]

@@ -15,7 +15,7 @@ from cellfluxrl.errors import CellfluxError
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     root = tmp_path_factory.mktemp("eval") / "data"
     prepare_synthetic(root, n_images=300, seed=0, size=48, n_plates=2, progress=False)
@@ -110,8 +110,12 @@ def test_accuracy_rows_are_graded_by_the_judge_and_by_the_reward_classifier_apar
         np.testing.assert_array_equal(image_results["scores"]["real"].correct_reward if row.endswith("reward")
                                       else image_results["scores"]["real"].correct, hits[:, None])
         assert build_report(image_results)["table"]["real"][row]["mean"] == pytest.approx(hits.mean())
-    # Two networks: different weights and architecture, and they do not agree on every image.
+    # Two networks: different weights and architecture, and different outputs on every image. (These
+    # 2-step classifiers may still pick one class everywhere; that trained ones disagree on some images
+    # is asserted in tests/test_evaluators.py::test_judge_and_reward_classifier_disagree_on_some_images.)
     assert evaluators.judge("cpu").config["widths"] != evaluators.moa_classifier("cpu").config["widths"]
+    judge_p, reward_p = (network.predict_proba(x) for network in (evaluators.judge("cpu"), evaluators.moa_classifier("cpu")))
+    assert (np.abs(judge_p - reward_p).max(axis=1) > 1e-4).all()  # not one network graded twice
 
 
 def test_best_of_n_is_nested_and_selects_by_the_overall_reward(image_results):
@@ -203,13 +207,46 @@ def test_fig4_rows_show_every_grid_column_and_caption_the_picked_candidates_rewa
         assert row.captions["real"] == f"overall {scores['real'].total[p, 0]:.2f}" and "control" not in row.captions
 
 
-def test_per_condition_distances_cover_every_condition_with_enough_images(image_results):
-    pairs = image_results["pairs"]
-    names, counts = np.unique(pairs.compound, return_counts=True)
-    per = image_results["per_condition_fd"]["noised"]
-    assert set(per) == set(names)
-    for name, count in zip(names, counts):
-        assert (per[name].fd is None) == (count < 2)
+def test_per_condition_distances_follow_the_n_c_above_d_rule(dataset_dir, image_results):
+    """24 pairs hold 1-3 images per compound, far below the judge's D = 128 features: no per-compound
+    distance is computed and the results say why. With 1-d features and compounds of >= 2 pairs,
+    every compound gets its own distance."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
+    from cellfluxrl.evaluation.scoring import evaluate_sources
+    from cellfluxrl.model.generate import test_pairs
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+
+    assert image_results["per_condition_fd"] == {} and not image_results["per_compound"]["shown"]
+    assert "n_c > D = 128" in image_results["per_compound"]["note"]
+
+    dataset = load_dataset(dataset_dir)
+    names, counts = np.unique(image_results["pairs"].compound, return_counts=True)
+    keep = list(names[counts >= 2][:2])
+    target, control = test_pairs(dataset, 100, seed=0, conditions=keep)
+    pairs = Pairs(target, control, dataset.condition[target], dataset.table["compound"][target].astype(str),
+                  dataset.table["moa"][target].astype(str))
+    suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
+    judge = suite.evaluators.judge("cpu")
+
+    class FirstFeature(MoAFeatures):  # the judge's first feature only: D = 1
+        def __init__(self, classifier):
+            super().__init__(classifier)
+            self.dim = 1
+
+        def __call__(self, images):
+            return super().__call__(images)[:, :1]
+
+    def noised(pos, k):
+        x = real_images(dataset, pairs, pos)
+        return (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(k + int(pos[0])))).clamp(-1, 1)
+
+    results = evaluate_sources(dataset, pairs, {"noised": noised}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
+                               features=FirstFeature(judge), classifier=suite.evaluators.moa_classifier("cpu"),
+                               judge=judge, batch_size=10, kid_subset_size=2, kid_subsets=2)
+    suite.close()
+    assert results["per_compound"]["shown"] and set(results["per_condition_fd"]["noised"]) == set(keep)
+    assert all(r.fd is not None for r in results["per_condition_fd"]["noised"].values())
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +305,19 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
         fd_o, kd_o = section["table"][column]["FD-judge_o"]["mean"], section["table"][column]["KD-judge_o"]["mean"]
         if column == "real":
             assert all(section["table"][column][row]["mean"] is None for row in rows[10:])
-        else:  # KID is an unbiased estimate and may be slightly negative; the _c rows need >= 2 pairs per condition
+        else:  # KID is an unbiased estimate and may be slightly negative
             assert fd_o > 0 and np.isfinite(kd_o)
+            assert section["table"][column]["FD-judge_o"]["sem"] > 0  # bootstrap s.e. over pairs
+            # 6 pairs over several compounds, 128-d features: no per-compound distance (n_c > D fails)
+            assert section["table"][column]["FD-judge_c"]["mean"] is None
+            assert section["table"][column]["KD-judge_c"]["mean"] is None
+        for row in rows[:10]:  # both error bars: per pair and clustered by compound
+            cell = section["table"][column][row]
+            assert cell["sem"] >= 0 and cell["sem_compound"] is not None and cell["sem_compound"] >= 0
+    per_compound = section["distance"]["per_compound"]
+    assert not per_compound["shown"] and "n_c > D = 128" in per_compound["note"]
+    assert f"id: {per_compound['note']}" in output and "s.e. clustered by compound" in output
+    assert "per-compound distances omitted" in (out / "report.md").read_text()
     assert report["settings"]["seed"] == 0 and report["settings"]["best_of"] == [1, 2]
     assert {"cellfluxrl", "torch", "numpy", "python"} <= set(report["versions"])
     markdown = (out / "report.md").read_text()
@@ -308,8 +356,11 @@ def test_a_new_report_replaces_the_old_one_whole_and_records_fingerprints(datase
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no staged folder or lock left
 
 
-def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset_dir, tmp_path):
-    """Same weights, different recorded sampling: different samples; one override for all: identical."""
+def test_all_runs_are_sampled_at_one_setting(dataset_dir, tmp_path):
+    """Two runs with the same weights but recorded differently (1 step without CFG, 2 steps with CFG
+    1.5): both are sampled at the first run's setting, so their columns are identical, and the
+    report and preamble say which setting and why; an override applies to both."""
+    from cellfluxrl.commands.evaluate import preflight, print_report
     from cellfluxrl.evaluation.pipeline import _load_runs, evaluate
 
     a = _make_run(dataset_dir, tmp_path / "a", seed=0, sampling={"steps": 1, "cfg_scale": 0.0})
@@ -318,17 +369,25 @@ def test_each_run_is_sampled_with_its_recorded_setting_unless_overridden(dataset
     [old] = _load_runs([legacy], ["legacy"], "cpu", None, None, None)  # predates recorded settings
     assert (old["sampling"].steps, old["sampling"].cfg_scale) == (50, 0.2) and "predates" in old["info"]["sampling_source"]
     kw = dict(n=4, split="id", kid_subset_size=2, kid_subsets=2, batch_size=4)
-    own = evaluate(dataset_dir, [a, b], **kw)
-    runs = {r["name"]: r for r in own["settings"]["runs"]}
-    assert runs["a"]["sampling"]["steps"] == 1 and runs["a"]["sampling"]["cfg_scale"] == 0.0
-    assert runs["b"]["sampling"]["steps"] == 2 and runs["b"]["sampling"]["cfg_scale"] == 1.5
-    assert runs["a"]["sampling_source"] == "recorded in the run"
-    table = own["sections"]["id"]["table"]  # untrained nets: the rewards saturate, the features do not
-    assert table["a"]["FD-judge_o"] != table["b"]["FD-judge_o"]
-    forced = evaluate(dataset_dir, [a, b], steps=1, cfg_scale=0.0, **kw)
-    assert forced["sections"]["id"]["table"]["a"] == forced["sections"]["id"]["table"]["b"]
-    assert forced["sections"]["id"]["table"]["a"]["FD-judge_o"] == table["a"]["FD-judge_o"]
-    assert {r["sampling_source"] for r in forced["settings"]["runs"]} == {"given on the command line"}
+    ab = evaluate(dataset_dir, [a, b], **kw)
+    shared = ab["settings"]["sampling"]
+    assert shared["setting"]["steps"] == 1 and shared["setting"]["cfg_scale"] == 0.0
+    assert "first run, a" in shared["reason"] and "b recorded 2 Heun steps" in shared["reason"]
+    assert all(r["sampling"] == shared["setting"] for r in ab["settings"]["runs"])
+    table = ab["sections"]["id"]["table"]
+    assert table["a"] == table["b"]  # same weights, same setting: the paired difference is 0
+    ba = evaluate(dataset_dir, [b, a], **kw)  # b first: both at b's 2 steps with CFG 1.5
+    assert ba["settings"]["sampling"]["setting"]["steps"] == 2
+    assert ba["sections"]["id"]["table"]["a"] == ba["sections"]["id"]["table"]["b"]
+    assert ba["sections"]["id"]["table"]["a"]["FD-judge_o"] != table["a"]["FD-judge_o"]
+    forced = evaluate(dataset_dir, [b, a], steps=1, cfg_scale=0.0, **kw)
+    assert forced["sections"]["id"]["table"]["b"]["FD-judge_o"] == table["a"]["FD-judge_o"]
+    assert forced["settings"]["sampling"]["reason"].startswith("given on the command line")
+    text = print_report(ab)
+    assert "every run: 1 Heun steps" in text and "b recorded 2 Heun steps" in text
+    lines = preflight([a, b], dataset_dir, n=4, split="id", best_of=(1,), steps=None, cfg_scale=None, sigma=None,
+                      seed=0, device="cpu")
+    assert sum("sampling, every run: 1 Heun steps" in line for line in lines) == 1
 
 
 def test_user_errors_are_one_line(dataset_dir, tmp_path):
@@ -390,3 +449,5 @@ def test_paired_table_signs_gains_and_losses():
     assert "| MoA | +0.062 ± 0.015 |" in lines and "| NucSize | -0.797 ± 0.282 |" in lines
     assert lines[2] == "| Metric | rl - base |"
     assert _fmt({"mean": 0.5, "sem": 0.1}, "moa") == "0.500 ± 0.100"
+    assert _fmt({"mean": 0.5, "sem": 0.1, "sem_compound": 0.15}, "moa") == "0.500 ± 0.100 [0.150]"
+    assert _fmt({"mean": 12.5, "sem": 1.25}, "FD-judge_o") == "12.50 ± 1.2 (bootstrap)"

@@ -66,8 +66,11 @@ def test_round_trip_is_exact(tmp_path):
     images, rows = toy_rows()
     ds = load_dataset(write_toy(tmp_path / "ds", images, rows, masks=True))
     np.testing.assert_array_equal(np.asarray(ds.images), images)
-    for column in ("id", "split", "batch", "compound", "moa", "state", "source"):
+    for column in ("id", "batch", "compound", "moa", "state", "source"):
         assert list(ds.table[column]) == [r[column] for r in rows]
+    # the writer deals "val" out of train (cellfluxrl.data.splits.validation_split); nothing else moves
+    assert [("train" if s == "val" else s) for s in ds.table["split"]] == [r["split"] for r in rows]
+    assert (ds.table["split"] == "val").any() and list(ds.table["well"]) == [""] * len(rows)
     np.testing.assert_array_equal(ds.table["dose"], [r["dose"] for r in rows])
     assert ds.table["dose"].dtype == np.float64
     assert list(ds.conditions["compound"]) == ["taxol", "docetaxel", "cisplatin"]
@@ -78,7 +81,8 @@ def test_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(ds.nuclei[:, 0, 0], np.arange(len(rows)))
     np.testing.assert_array_equal(ds.cells[:, 3, 5], np.arange(len(rows)) + 1)
     n_train_treated = sum(r["split"] == "train" and r["state"] == "treated" for r in rows)
-    assert ds.meta["counts"]["train"]["treated"] == n_train_treated and ds.meta["note"] == "toy"
+    counts = ds.meta["counts"]
+    assert counts["train"]["treated"] + counts["val"]["treated"] == n_train_treated and ds.meta["note"] == "toy"
     assert ds.meta["n_images"] == len(rows) and ds.meta["has_masks"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary folder left behind
 
@@ -88,7 +92,8 @@ def test_select_and_controls_by_batch(toy):
     assert sorted(train_controls) == list(PLATES)
     for plate, idx in train_controls.items():
         assert (toy.table["batch"][idx] == plate).all() and (toy.table["state"][idx] == "control").all()
-        assert (toy.table["split"][idx] == "train").all() and idx.size == 3
+        n_val = ((toy.table["split"] == "val") & (toy.table["batch"] == plate) & (toy.table["state"] == "control")).sum()
+        assert (toy.table["split"][idx] == "train").all() and idx.size == 3 - n_val
     without_ood = toy.select("test", "treated", include_ood=False)
     assert "docetaxel" not in set(toy.table["compound"][without_ood]) and without_ood.size == 3 * 2 * 3
 
@@ -195,9 +200,9 @@ def test_load_missing_folder_and_wrong_version(tmp_path):
 
 
 def test_pairs_come_from_the_same_plate_and_split(toy):
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         paired = PairedDataset(toy, split, flip_p=0.0, include_ood=True, dequantize=False, seed=1)
-        assert len(paired) == 3 * 2 * 3 * 3 // 2
+        assert len(paired) == ((toy.table["split"] == split) & (toy.table["state"] == "treated")).sum() > 0
         used = Counter()
         for epoch in range(8):
             paired.set_epoch(epoch)
@@ -210,7 +215,8 @@ def test_pairs_come_from_the_same_plate_and_split(toy):
                 torch.testing.assert_close(item["x_0"], to_model(np.array(toy.images[c]), dequantize=False)[0], rtol=0, atol=0)
                 torch.testing.assert_close(item["x_1"], to_model(np.array(toy.images[t]), dequantize=False)[0], rtol=0, atol=0)
                 used[c] += 1
-        assert len(used) == 9  # every control of the split is drawn at some point (3 per plate)
+        wanted = {c for c in toy.select(split, "control") if toy.table["batch"][c] in set(toy.table["batch"][paired.targets])}
+        assert set(used) == wanted  # every control of the split on a plate with targets is drawn at some point
 
 
 def test_pairing_is_deterministic_in_seed_epoch_and_index(toy):
@@ -267,7 +273,7 @@ def test_check_controls_errors(tmp_path):
 
 
 def test_resume_dataset_compares_the_recorded_settings(tmp_path):
-    from cellfluxrl.data.layout import resume_dataset
+    from cellfluxrl.data.resume import resume_dataset
 
     assert resume_dataset(tmp_path / "absent", "synthetic", "note", {}) is False
     (tmp_path / "empty").mkdir()
@@ -302,7 +308,7 @@ def test_writer_removes_the_build_folders_of_killed_runs(tmp_path):
     import subprocess
     import sys
 
-    from cellfluxrl.data.layout import partial_prefix
+    from cellfluxrl.data.partials import partial_prefix
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"{partial_prefix(tmp_path / 'ds')}{int(dead.stdout)}-abc"

@@ -31,7 +31,7 @@ FLOOR = 0.70
 def reports(tmp_path_factory):
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.rewards.evaluators import _treated_in_distribution
+    from cellfluxrl.rewards.evaluators_fit import _treated_in_distribution
 
     root = tmp_path_factory.mktemp("robust") / "ds"
     prepare_synthetic(root, n_images=2500, seed=SEED, size=48, n_plates=3, progress=False)

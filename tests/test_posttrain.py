@@ -150,19 +150,15 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(base_run, tmp_path
     assert [s["reward"] for s in stats] == [s["reward"] for s in full_stats]
 
 
-@pytest.mark.parametrize("train_source", ["fresh", "rollout"])
-def test_rl_raises_a_known_reward_over_the_base(base_run, tmp_path, train_source):
+def test_rl_raises_a_known_reward_over_the_base(base_run, tmp_path):
     """The fake reward (actin brightness) must rise clearly on held-out pairs and seeds with the
-    default forward-process source ("fresh" noise on the control). Training on each rollout's own
-    exact source ("rollout") fits the policy to its own coupling (reflow): the gradient nearly
-    vanishes and the reward does not move (measured: +0.005 vs +0.72; docs/posttrain.md)."""
+    default forward-process source ("fresh" noise on the control)."""
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.images import to_model
     from cellfluxrl.model.generate import generate, test_pairs
 
     out = tmp_path / "rl"
-    cfg = small_cfg(steps=12, groups_per_step=4, lr=3e-3, kl_weight=0.0, grid_every=0, save_every=12,
-                    train_source=train_source)
+    cfg = small_cfg(steps=12, groups_per_step=4, lr=3e-3, kl_weight=0.0, grid_every=0, save_every=12)
     posttrain(base_run, out, cfg, device="cpu", suite=ChannelSuite({"moa": 1.0}))
     rl, base = load_run(out), load_run(base_run)
     dataset = load_dataset(rl.dataset_dir)
@@ -174,10 +170,35 @@ def test_rl_raises_a_known_reward_over_the_base(base_run, tmp_path, train_source
         x_1, _ = generate(net, x_0, cond, generator=torch.Generator().manual_seed(5), num_steps=3, cfg_scale=0.0)
         scores.append(x_1[:, 0].clamp(-1, 1).mean(dim=(1, 2)))
     gain = scores[1] - scores[0]
-    if train_source == "fresh":
-        assert gain.mean() > 0.2 and (gain > 0).all(), gain
-    else:
-        assert abs(gain.mean()) < 0.05 and gain.abs().max() < 0.1, gain
+    assert gain.mean() > 0.2 and (gain > 0).all(), gain
+
+
+@pytest.mark.parametrize("train_source", ["fresh", "rollout"])
+def test_train_source_picks_the_forward_process_start(train_source, monkeypatch):
+    """What ``train_source`` does: "rollout" trains every item on the exact noisy source its rollout
+    started from; "fresh" on the rollout's clean control plus new sigma noise (never the rollout's
+    own source). Whether either raises a reward is the demo's and the benchmarks' question, not a
+    unit test's (docs/posttrain.md)."""
+    import cellfluxrl.rl.step as step
+
+    g, m, shape = torch.Generator().manual_seed(0), 4, (2, 4, 4)
+    x_ctrl = torch.rand((2, *shape), generator=g).repeat_interleave(m, dim=0)
+    x_0 = x_ctrl + torch.randn(x_ctrl.shape, generator=g)  # the rollouts' own noisy sources
+    ro = Rollouts(x_0, x_ctrl, torch.randn(x_ctrl.shape, generator=g), torch.zeros(2 * m, 1), ["m"] * (2 * m), [])
+    seen = []
+    interpolate = step.interpolate
+    monkeypatch.setattr(step, "interpolate", lambda a, b, t: seen.append(a.detach().clone()) or interpolate(a, b, t))
+    theta = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    nets = [_ConstantField(theta) for _ in range(3)]
+    policies = Policies(theta=nets[0], train=nets[0], old=nets[1], ref=nets[2], ema=nets[1])
+    cfg = PosttrainConfig(group_size=m, rollout_steps=4, train_timesteps=2, train_batch=5, train_source=train_source)
+    nft_backward(policies, ro, torch.full((2 * m,), 0.7), cfg, np.random.default_rng(0), torch.device("cpu"))
+    used = torch.cat(seen)
+    assert used.shape[0] == 2 * m * cfg.train_timesteps
+    own = [(row == x_0).flatten(1).all(1).any().item() for row in used]  # is it one of the rollout sources?
+    assert all(own) if train_source == "rollout" else not any(own)
+    if train_source == "fresh":  # a control plus noise: never a bare control either
+        assert not any((row == x_ctrl).flatten(1).all(1).any().item() for row in used)
 
 
 def test_kl_weight_holds_the_policy_near_the_base(base_run, tmp_path):

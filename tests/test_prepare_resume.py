@@ -25,7 +25,7 @@ def _digest(path: Path) -> str:
 def fits(monkeypatch):
     """One epoch per MoA classifier; records the file of every classifier fit and every reference fit."""
     import cellfluxrl.rewards.moa_classifier as mc
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     monkeypatch.setattr(mc, "default_epochs", lambda n, batch_size: 1)
     calls: list[str] = []
@@ -47,7 +47,7 @@ def fits(monkeypatch):
 def test_killed_during_the_judge_then_resumed(tmp_path, capsys, monkeypatch, fits):
     """Killed while fitting the judge: the folder has a dataset, a reference and the reward classifier.
     The same command fits only the judge and classifier.json; the kept files are untouched."""
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
     from cellfluxrl.rewards.evaluators import load_evaluators
 
     out = tmp_path / "ds"
@@ -111,7 +111,7 @@ def test_other_settings_are_refused_in_one_line(tmp_path, capsys, fits):
     assert_one_line_error(code, err, "reference_stats.json: measured with segmenter name \"classical\", not "
                                      "\"cellpose\"", "rewards fit DATASET --segmenter cellpose")
     from cellfluxrl.errors import CellfluxError
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     with pytest.raises(CellfluxError, match=r"moa_classifier.pt: fitted with --seed 0, not 5; re-run with --seed 0"):
         fit_evaluators(out, seed=5, progress=False, resume=True)  # (bbbc021's --seed is only the classifiers')

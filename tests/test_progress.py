@@ -149,7 +149,8 @@ def test_evaluate_says_what_it_does_before_the_heavy_work(toy_run, tmp_path, cap
     assert lines[0] == (f"evaluate: 1 run(s) on {ds.root} (cpu): 4 id test pairs, best-of 1,2; "
                         f"columns run, run+best-of-2, real")
     # 4 pairs x 2 candidates, 3 Heun steps with CFG: 2 x 3 x 2 network evaluations per image
-    assert lines[1] == "  run (pretrain): 3 Heun steps (edm grid), CFG 0.5, sigma 1 (recorded in the run); 8 images, about 96 network evaluations"
+    assert lines[1] == "  sampling, every run: 3 Heun steps (edm grid), CFG 0.5, sigma 1 (recorded in the run)"
+    assert lines[2] == "  run (pretrain): 8 images, about 96 network evaluations"
 
 
 def test_an_error_inside_the_bar_prints_no_final_line():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class BlankEvery:
     """The classical segmenter, except that it finds nothing in every ``k``-th image of a batch."""
 
     def __init__(self, k: int):
-        from cellfluxrl.rewards.segmentation.base import make_segmenter
+        from cellfluxrl.rewards.segmentation.factory import make_segmenter
 
         self.inner, self.k = make_segmenter("classical"), k
         self.settings = self.inner.settings
@@ -121,7 +122,7 @@ def test_empty_fraction_warning_names_the_worst_group():
 
 def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch):
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     (small / "evaluators" / "reference_stats.json").unlink(missing_ok=True)
     monkeypatch.setattr(evaluators, "build_segmenter", lambda name, options=None: EmptySegmenter())
@@ -135,7 +136,7 @@ def test_fit_reference_refuses_a_segmenter_that_finds_nothing(small, monkeypatch
 
 def test_fit_reference_warns_when_images_have_no_nucleus(small, monkeypatch, caplog):
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     dataset = load_dataset(small)
     with caplog.at_level(logging.WARNING, logger="cellfluxrl.rewards.evaluators"):
@@ -147,7 +148,10 @@ def test_fit_reference_warns_when_images_have_no_nucleus(small, monkeypatch, cap
         reference = evaluators.fit_reference(dataset)
     warnings = [r.getMessage() for r in caplog.records if "no nucleus" in r.getMessage()]
     assert len(warnings) == 1 and "the classical segmenter found no nucleus in" in warnings[0], warnings
-    assert "train images of MoA" in warnings[0] and "20.2% of all 188" in warnings[0]
+    overall = re.search(r"([\d.]+)% of all ([\d,]+)", warnings[0])
+    n_train = dataset.select(split="train", include_ood=False).size  # controls + in-distribution treated
+    assert "train images of MoA" in warnings[0] and int(overall[2].replace(",", "")) == n_train
+    assert 19.0 <= float(overall[1]) <= 21.0  # every 5th image of each batch left blank
     assert reference["moas"]["DMSO"]["mean"]["nuc_count"] > 0  # still written: a warning, not an error
 
 
@@ -167,7 +171,7 @@ def test_loading_a_degenerate_reference_is_refused(tmp_path):
 def test_prepare_refuses_then_resumes_with_a_working_segmenter(tmp_path, capsys, monkeypatch, fast_classifier):
     """The CLI: one line naming MoA, statistic and segmenter, exit 1, no reference; the same command
     with a segmenter that works resumes the folder (images kept) and fits the evaluators."""
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     out = str(tmp_path / "ds")
     with monkeypatch.context() as patch:
@@ -185,7 +189,7 @@ def test_prepare_refuses_then_resumes_with_a_working_segmenter(tmp_path, capsys,
 
 
 def test_rewards_fit_refuses_a_segmenter_that_finds_nothing(small, capsys, monkeypatch):
-    from cellfluxrl.rewards import evaluators
+    from cellfluxrl.rewards import evaluators_fit as evaluators
 
     monkeypatch.setattr(evaluators, "build_segmenter", lambda name, options=None: EmptySegmenter())
     code, _, err = run_main(capsys, "rewards", "fit", str(small))
@@ -201,7 +205,7 @@ def test_evaluate_warns_about_a_column_without_nuclei(small, caplog):
     from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
     from cellfluxrl.evaluation.scoring import evaluate_sources
     from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     fit_evaluators(small, seed=0, classifier_epochs=1, progress=False)
     dataset = load_dataset(small)

@@ -12,7 +12,8 @@ import torch
 
 from cellfluxrl.data.layout import load_dataset
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.rewards.evaluators import fit_classifier, fit_reference, moa_index
+from cellfluxrl.rewards.evaluators import moa_index
+from cellfluxrl.rewards.evaluators_fit import fit_classifier, fit_reference
 from cellfluxrl.images import to_model
 from cellfluxrl.rewards.morphology import measure
 from cellfluxrl.rewards import RewardBatch, RewardSuite, parse_weights
@@ -74,8 +75,12 @@ def test_ground_truth_masks_score_near_the_top(suite, test_crops):
     batch = RewardBatch(x, moa, moa_index(moa), nuclei, cells, measure(nuclei, cells))
     means = _means(suite.score_batch(batch))
     assert means["nuc_in_cyto"] > 0.99  # GT nuclei lie inside their cells
-    for name in MORPHOLOGY:  # E[-z^2] = -1 for an image drawn from the reference distribution
-        assert -3.0 < means[name] <= 0.0, (name, means)
+    # E[-z^2] = -1 for an image drawn from the reference distribution; ground-truth masks are not the
+    # segmenter's masks the reference was measured with, so roundness sits lower. Measured (seed 0,
+    # 1,500 crops): roundness -2.75 on the first 160 test crops of the old image-by-image split but
+    # -3.05 on its first 400, -3.40 / -3.44 on the well-dealt split; the others -0.8 to -2.6.
+    for name in MORPHOLOGY:
+        assert -4.5 < means[name] <= 0.0, (name, means)
 
 
 def test_segmented_ground_truth_scores_near_the_top(suite, test_crops):

@@ -15,7 +15,7 @@ from cellfluxrl.errors import CellfluxError
 from cellfluxrl.images import to_model
 from cellfluxrl.rewards.morphology import measure
 from cellfluxrl.rewards.segmentation.accuracy import segmentation_accuracy
-from cellfluxrl.rewards.segmentation.base import make_segmenter
+from cellfluxrl.rewards.segmentation.factory import make_segmenter
 
 REAL_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "real", "ExampleHuman")
 

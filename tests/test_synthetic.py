@@ -218,7 +218,7 @@ def test_recorded_settings_are_what_a_rerun_compares(dataset):
     same options resumes the folder and with another option is refused."""
     from pathlib import Path
 
-    from cellfluxrl.data.layout import resume_dataset
+    from cellfluxrl.data.resume import resume_dataset
     from cellfluxrl.data.synthetic import synthetic_settings
 
     settings = synthetic_settings(420, 3, 48, 3)

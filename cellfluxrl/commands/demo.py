@@ -93,8 +93,8 @@ def _settings_file(out: Path, cfg: DemoConfig) -> None:
 def stage_prepare(out: Path, cfg: DemoConfig) -> Path:
     """The synthetic dataset with its evaluators (skipped when both exist)."""
     from cellfluxrl.data.synthetic import prepare_synthetic
-    from cellfluxrl.rewards.evaluators import (CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, REFERENCE_FILE,
-                                               fit_evaluators)
+    from cellfluxrl.rewards.evaluator_files import CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, REFERENCE_FILE
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     data = out / "data"
     if not (data / "meta.json").is_file():
@@ -164,7 +164,7 @@ def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str, should_
 
 
 def stage_evaluate(data: Path, base: Path, rl: Path, out: Path, cfg: DemoConfig, device: str) -> dict:
-    """Evaluate base and RL runs on the same pairs, each with its recorded sampling, in-distribution
+    """Evaluate base and RL runs on the same pairs at one sampling setting (the base's), in-distribution
     and held-out compounds apart; returns the report (read back if already written).
 
     The report is built in a staged folder and swapped in whole (:mod:`cellfluxrl.commands.report_folder`),

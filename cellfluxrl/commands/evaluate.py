@@ -56,11 +56,11 @@ def resolve_device(device: str) -> str:
               help="FID InceptionV3 weights (pytorch-fid/torch-fidelity .pth or TorchScript .pt). "
                    "Without it: the offline FD-judge/KD-judge substitute on the judge classifier's features (not FID/KID).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Sampler steps for every run. [default: each run's recorded setting]")
+              help="Sampler steps for every run. [default: the first run's recorded setting, for every run]")
 @click.option("--cfg-scale", type=click.FloatRange(min=0), default=None,
-              help="CFG weight w for every run. [default: each run's recorded setting]")
+              help="CFG weight w for every run. [default: the first run's recorded setting, for every run]")
 @click.option("--sigma", type=click.FloatRange(min=0), default=None,
-              help="Source-noise std for every run. [default: each run's recorded setting]")
+              help="Source-noise std for every run. [default: the first run's recorded setting, for every run]")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Pairs, source noise and KID subsets.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per batch.")
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=100, show_default=True)
@@ -73,8 +73,9 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
              batch_size, kid_subset_size, kid_subsets, device, allow_changed_reference):
     """Score RUNs on the same test pairs and seeds: rewards, MoA accuracy, FID/KID, best-of-N.
 
-    In-distribution and held-out (OOD) compounds are reported in separate sections; each run is
-    sampled with its recorded sampler steps and CFG unless --steps/--cfg-scale are given; MoA
+    In-distribution and held-out (OOD) compounds are reported in separate sections; all runs are
+    sampled at one setting (--steps/--cfg-scale/--sigma, else the first run's recorded one), so
+    the paired differences compare networks, not samplers; MoA
     accuracy and the distances are graded by the judge, a classifier RL never optimised.
 
     OUT must be new, empty, or hold an earlier report, which is replaced whole at the end.
@@ -177,12 +178,10 @@ def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: t
     Raises:
         CellfluxError: a missing run, or a run that cannot work on --data.
     """
-    from dataclasses import replace
-
-    from cellfluxrl.checkpoint import read_run_config, recorded_sampling, resolve_sampling, trained_on_problem
+    from cellfluxrl.checkpoint import read_run_config, recorded_sampling, trained_on_problem
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.errors import CellfluxError
-    from cellfluxrl.evaluation.pipeline import EVAL_SPLITS, run_names
+    from cellfluxrl.evaluation.pipeline import EVAL_SPLITS, run_names, shared_sampling
     from cellfluxrl.model.generate import test_pairs
 
     data = load_dataset(dataset)
@@ -209,25 +208,28 @@ def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: t
     pairs = " + ".join(f"{c} {part}" for part, c in counts.items())
     lines.append(f"evaluate: {len(runs)} run(s) on {dataset} ({device}): {pairs} test pairs, best-of "
                  f"{','.join(map(str, best_of))}; columns {columns}")
+    sampling, reason = shared_sampling([(name, recorded_sampling(config, name)) for name, config in zip(names, configs)],
+                                       steps, cfg_scale, sigma)
+    lines.append(f"  sampling, every run: {sampling.describe()} ({reason})")
+    evals = 2 * sampling.steps * (2 if sampling.cfg_scale > 0 else 1)
+    images = sum(counts.values()) * k
     for name, config in zip(names, configs):
-        sampling, source = resolve_sampling(recorded_sampling(config, name), steps, cfg_scale)
-        if sigma is not None:
-            sampling = replace(sampling, sigma=float(sigma))
-        evals = 2 * sampling.steps * (2 if sampling.cfg_scale > 0 else 1)
-        images = sum(counts.values()) * k
-        lines.append(f"  {name} ({config.get('kind', '?')}): {sampling.describe()} ({source}); {images} images, "
-                     f"about {images * evals} network evaluations")
+        lines.append(f"  {name} ({config.get('kind', '?')}): {images} images, about {images * evals} network evaluations")
     return lines
 
 
 def print_report(report: dict, columns=None) -> str:
     """The text the commands print: how each run was sampled, then one table per split."""
-    from cellfluxrl.evaluation.report_text import markdown_table, sampling_lines, section_title
+    from cellfluxrl.evaluation.report_text import SE_LEGEND, markdown_table, sampling_lines, section_title
 
-    lines = ["sampling:", *sampling_lines(report["settings"]), ""]
+    lines = ["sampling:", *sampling_lines(report["settings"]), "", f"cells: {SE_LEGEND}", ""]
     for section in report["sections"].values():
         shown = None if columns is None else [c for c in columns if c in section["columns"]]
         lines += [f"## {section_title(section)}", "", markdown_table(section, shown), ""]
     first = next(iter(report["sections"].values()))
     lines.append(first["distance"]["note"])
+    for part, section in report["sections"].items():
+        note = section["distance"].get("per_compound", {}).get("note")
+        if note and not section["distance"]["per_compound"]["shown"]:
+            lines.append(f"{part}: {note}")
     return "\n".join(lines)

@@ -41,14 +41,20 @@ def _resume(out: Path, source: str, section: str, settings: dict, segmenter: str
     """Whether OUT already holds this dataset (``prepare`` run again after a kill, or twice): then say
     what is left to do on stderr. A dataset or evaluator made with other settings is refused (one
     line naming the setting)."""
-    from cellfluxrl.data.layout import resume_dataset
+    from cellfluxrl.data.resume import resume_dataset
     from cellfluxrl.rewards.evaluators import segmenter_options
     from cellfluxrl.rewards.evaluators_resume import evaluators_to_fit
 
     if not resume_dataset(out, source, section, settings):
         return False
-    missing = [] if no_evaluators else evaluators_to_fit(out / "evaluators", segmenter,
-                                                          segmenter_options(segmenter, cellpose_model), seed)
+    missing = []
+    if not no_evaluators:
+        from cellfluxrl.data.layout import load_dataset
+        from cellfluxrl.rewards.evaluators_fit import half_hashes
+
+        halves = half_hashes(load_dataset(out), seed)
+        missing = evaluators_to_fit(out / "evaluators", segmenter, segmenter_options(segmenter, cellpose_model), seed,
+                                    halves=halves)
     todo = f"fitting the missing evaluators ({', '.join(missing)})" if missing else "nothing left to do"
     click.echo(f"resuming {out}: its images were already written with these settings; {todo}", err=True)
     return True
@@ -61,7 +67,7 @@ def _finish(out: Path, segmenter: str, cellpose_model: str | None, no_evaluators
 
     evaluators = None
     if not no_evaluators:
-        from cellfluxrl.rewards.evaluators import fit_evaluators
+        from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
         evaluators = fit_evaluators(out, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed, resume=True)
     click.echo(summarize(load_dataset(out), evaluators))

@@ -70,7 +70,7 @@ def check_report_folder(out: Path) -> bool:
 def staged_folder(out: Path) -> Path:
     """A new hidden sibling folder to build the report in (dead ones of killed runs are removed first)."""
     from cellfluxrl.data.layout import follow_umask
-    from cellfluxrl.data.resume import partial_prefix, remove_stale_partials
+    from cellfluxrl.data.partials import partial_prefix, remove_stale_partials
 
     out = out.absolute()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def fit(dataset: Path, segmenter: str, cellpose_model: str | None, seed: int, ep
     """
     import torch
 
-    from cellfluxrl.rewards.evaluators import fit_evaluators
+    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = fit_evaluators(dataset, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed, progress=True,

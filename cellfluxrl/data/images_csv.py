@@ -20,8 +20,9 @@ Fields (images larger than the crop size) go through the raw-BBBC021 pipeline un
 (:mod:`cellfluxrl.data.bbbc021.raw`): per-plate illumination correction, nucleus detection on the
 DNA channel, nucleus-centred crops, per-plate percentile scaling to uint8. Images exactly the crop
 size are taken whole as crops (per-plate percentile scaling only); one plate holds one kind.
-The well is kept in each crop's ``id`` (``PLATE_WELL_lLINE_K``) and ``source``
-(``PLATE/WELL/<dna file>@row,col``).
+The well is kept in each crop's ``well`` column, ``id`` (``PLATE_WELL_lLINE_K``) and ``source``
+(``PLATE/WELL/<dna file>@row,col``); the validation split is dealt from the train wells
+(:mod:`cellfluxrl.data.splits`).
 
 Every problem is a one-line :class:`CellfluxError` naming the CSV line before any pixel is cropped:
 a missing or unreadable file, a colour or multi-plane image, a bit depth other than 8 or 16 bit or
@@ -183,7 +184,7 @@ def read_rows(csv_path: Path, crop_size: int, factor: float, user) -> tuple[list
                                 f"at {first[2]}")
         dna_rel = paths[2].relative_to(root).as_posix() if paths[2].is_relative_to(root) else str(paths[2])
         field = _Field(paths, plate, compound, dose, moa, "control" if control else "treated",
-                       f"{plate}_{row['well']}_l{line}", f"{plate}/{row['well']}/{dna_rel}")
+                       f"{plate}_{row['well']}_l{line}", f"{plate}/{row['well']}/{dna_rel}", well=row["well"])
         rows.append(_Row(field, row["well"], is_crop))
     if not rows:
         raise CellfluxError(f"{csv_path}: no rows")
@@ -226,7 +227,7 @@ def _whole_crop(field: _Field, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarr
     image = np.moveaxis(_read_field(field, None), 0, -1)
     return scale_to_uint8(image, lo, hi), {
         "id": f"{field.field_id}_1", "split": field.split, "batch": field.batch, "compound": field.compound,
-        "dose": field.dose, "moa": field.moa, "state": field.state, "source": field.dapi_rel}
+        "dose": field.dose, "moa": field.moa, "state": field.state, "source": field.dapi_rel, "well": field.well}
 
 
 def file_digest(path: Path) -> str:
@@ -303,4 +304,4 @@ def prepare_images(csv_path: str | os.PathLike, out: str | os.PathLike, seed: in
             "nucleus_sigma_px": NUCLEUS_SIGMA_PX, "declump_h_px": DECLUMP_H_PX,
             "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "illumination_sigma_fraction": ILLUMINATION_SIGMA_FRACTION,
             "percentiles": list(PERCENTILES), "intensity_ranges": ranges}}
-        return writer.finish(conditions, vectors, extra_meta=extra)
+        return writer.finish(conditions, vectors, extra_meta=extra, val_seed=seed)

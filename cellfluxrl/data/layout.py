@@ -5,7 +5,8 @@ A dataset is a folder (documented in ``data/README.md``)::
     DATASET/
       meta.json          format_version, source, channels, image_size, counts, embedding info
       images.npy         uint8 (N, H, W, C), memory-mappable; channels (actin, tubulin, dna)
-      metadata.csv       one row per image: id, split, batch, compound, dose, moa, state, source
+      metadata.csv       one row per image: id, split, batch, compound, dose, moa, state, source, well
+                         (well optional: datasets written before it load with each image its own well)
       conditions.csv     one row per compound: index, compound, moa, smiles, ood, embedding
       embeddings.npy     float32 (n_conditions, D); row i belongs to conditions.csv index i
       masks/nuclei.npy   optional int32 (N, H, W) ground-truth nucleus labels (synthetic data)
@@ -15,7 +16,7 @@ A dataset is a folder (documented in ``data/README.md``)::
 :class:`DatasetWriter` builds it in a temporary sibling folder and renames it into place only when
 complete, so an interrupted ``prepare`` never leaves a dataset that looks finished (the sibling
 ``.OUT.partial-HOST-PID-*`` of a killed run is removed by the next one on that host).
-:func:`resume_dataset` tells ``prepare`` run again whether ``OUT`` already holds the dataset it
+:func:`cellfluxrl.data.resume.resume_dataset` tells ``prepare`` run again whether ``OUT`` already holds the dataset it
 asks for (then only the missing evaluators are fitted) or one made with other settings (refused). Images are
 appended chunk by chunk straight into ``images.npy`` (whose header is written last), so peak memory
 does not grow with N. :func:`load_dataset` checks every file and raises a one-line
@@ -36,67 +37,18 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from cellfluxrl import __version__
-from cellfluxrl.data.resume import partial_prefix, remove_stale_partials, resume_dataset  # noqa: F401 (re-exported)
+from cellfluxrl.data.npy_stream import NpyAppender, follow_umask
+from cellfluxrl.data.partials import partial_prefix, remove_stale_partials
+from cellfluxrl.data.splits import VAL_FRACTION, VAL_RULE, group_ids, validation_split
 from cellfluxrl.errors import CellfluxError
 
 FORMAT_VERSION = 1
 METADATA_COLUMNS = ("id", "split", "batch", "compound", "dose", "moa", "state", "source")
+OPTIONAL_COLUMNS = ("well",)  # "" or absent: the image is its own group (cellfluxrl.data.splits.group_ids)
 CONDITION_COLUMNS = ("index", "compound", "moa", "smiles", "ood", "embedding")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+SOURCE_SPLITS = ("train", "test")  # what a source assigns; the writer deals "val" out of train on finish
 STATES = ("control", "treated")
-_HEADER_BYTES = 128  # fixed .npy header size, so the shape can be written after the data
-
-
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """A version-1.0 ``.npy`` header of exactly :data:`_HEADER_BYTES` bytes."""
-    body = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.dtype(dtype).str, tuple(shape))
-    pad = _HEADER_BYTES - 10 - len(body) - 1
-    if pad < 0:
-        raise ValueError(f"shape {shape} too long for the fixed .npy header")
-    body = body + " " * pad + "\n"
-    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
-
-
-class _NpyAppender:
-    """Append arrays of a fixed item shape to a ``.npy`` file; the header is written on close."""
-
-    def __init__(self, path: Path, dtype: np.dtype, item_shape: tuple[int, ...]):
-        self.path, self.dtype, self.item_shape, self.n = path, np.dtype(dtype), tuple(item_shape), 0
-        self._file = open(path, "wb")
-        self._file.write(b"\0" * _HEADER_BYTES)
-
-    def append(self, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array, dtype=self.dtype)
-        if array.shape[1:] != self.item_shape:
-            raise ValueError(f"{self.path.name}: expected items of shape {self.item_shape}, got {array.shape[1:]}")
-        self._file.write(array.tobytes())
-        self.n += array.shape[0]
-
-    def close(self) -> None:
-        self._file.seek(0)
-        self._file.write(_npy_header(self.dtype, (self.n, *self.item_shape)))
-        self._file.close()
-
-
-def follow_umask(path: str | os.PathLike) -> None:
-    """Give a folder or file made by ``tempfile.mkdtemp``/``mkstemp`` (always private: 0o700/0o600)
-    the mode a plain ``mkdir``/``open`` would have given it: 0o777 / 0o666 minus the umask."""
-    path = Path(path)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~current_umask())
-
-
-def current_umask() -> int:
-    """The process umask (read from /proc on Linux; elsewhere set and restored at once)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 class DatasetWriter:
@@ -123,16 +75,17 @@ class DatasetWriter:
         follow_umask(self.tmp)  # mkdtemp makes it drwx------ whatever the umask; colleagues must read it
         self.image_size, self.channels, self.source = int(image_size), tuple(channels), source
         shape = (self.image_size, self.image_size)
-        self._images = _NpyAppender(self.tmp / "images.npy", np.uint8, (*shape, len(self.channels)))
+        self._images = NpyAppender(self.tmp / "images.npy", np.uint8, (*shape, len(self.channels)))
         self._masks = None
         if with_masks:
             (self.tmp / "masks").mkdir()
-            self._masks = (_NpyAppender(self.tmp / "masks" / "nuclei.npy", np.int32, shape),
-                           _NpyAppender(self.tmp / "masks" / "cells.npy", np.int32, shape))
+            self._masks = (NpyAppender(self.tmp / "masks" / "nuclei.npy", np.int32, shape),
+                           NpyAppender(self.tmp / "masks" / "cells.npy", np.int32, shape))
         self._rows_file = open(self.tmp / "metadata.csv", "w", newline="")
-        self._rows = csv.DictWriter(self._rows_file, fieldnames=METADATA_COLUMNS)
+        self._rows = csv.DictWriter(self._rows_file, fieldnames=METADATA_COLUMNS + OPTIONAL_COLUMNS)
         self._rows.writeheader()
         self.counts: dict[str, dict[str, int]] = {s: {t: 0 for t in STATES} for s in SPLITS}
+        self.validation: dict = {}
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -147,15 +100,18 @@ class DatasetWriter:
 
     def add(self, images: np.ndarray, rows: list[Mapping[str, Any]],
             nuclei: np.ndarray | None = None, cells: np.ndarray | None = None) -> None:
-        """Append a chunk: uint8 ``(n, H, W, C)`` images, ``n`` metadata rows, optional int32 masks."""
+        """Append a chunk: uint8 ``(n, H, W, C)`` images, ``n`` metadata rows, optional int32 masks.
+
+        A row's ``split`` is ``train`` or ``test`` (:data:`SOURCE_SPLITS`); its optional ``well``
+        names the well (or field) its crop comes from (``""``: not recorded).
+        """
         if images.dtype != np.uint8 or images.ndim != 4 or len(rows) != images.shape[0]:
             raise ValueError(f"add() needs uint8 (n, H, W, C) images and n rows, got {images.dtype} "
                              f"{images.shape} and {len(rows)} rows")
         for row in rows:
-            if row["split"] not in SPLITS or row["state"] not in STATES:
+            if row["split"] not in SOURCE_SPLITS or row["state"] not in STATES:
                 raise ValueError(f"row {row.get('id')}: bad split/state {row['split']!r}/{row['state']!r}")
-            self.counts[row["split"]][row["state"]] += 1
-            self._rows.writerow({k: row[k] for k in METADATA_COLUMNS})
+            self._rows.writerow({**{k: row[k] for k in METADATA_COLUMNS}, "well": row.get("well", "")})
         self._images.append(images)
         if self._masks is not None:
             if nuclei is None or cells is None:
@@ -164,8 +120,13 @@ class DatasetWriter:
             self._masks[1].append(cells)
 
     def finish(self, conditions: list[Mapping[str, Any]], embeddings: np.ndarray,
-               extra_meta: Mapping[str, Any] | None = None) -> Path:
-        """Write the conditions, embeddings and meta.json, validate, and move into place.
+               extra_meta: Mapping[str, Any] | None = None, val_seed: int = 0) -> Path:
+        """Deal the validation split, write the conditions, embeddings and meta.json, validate, and
+        move into place.
+
+        The ``val`` split is dealt out of ``train`` by whole (plate, well) groups, stratified by MoA,
+        with same-plate controls (:func:`cellfluxrl.data.splits.validation_split`); its rule, share
+        and seed are recorded in ``meta.json["validation"]``.
 
         Args:
             conditions: one mapping per compound with keys ``compound, moa, smiles, ood, embedding``
@@ -173,8 +134,10 @@ class DatasetWriter:
                 :mod:`cellfluxrl.data.fingerprints`), in embedding-row order.
             embeddings: float32 ``(len(conditions), D)``.
             extra_meta: more entries for meta.json (generator settings, skipped counts, ...).
+            val_seed: seed of the validation deal.
         """
         self._close_streams()
+        self._deal_validation(conditions, val_seed)
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.shape[0] != len(conditions):
             raise ValueError(f"{len(conditions)} conditions but {embeddings.shape[0]} embedding rows")
@@ -191,6 +154,7 @@ class DatasetWriter:
             "image_size": self.image_size, "n_images": self.n_images, "counts": self.counts,
             "n_conditions": len(conditions), "embedding_dim": int(embeddings.shape[1]),
             "has_masks": self._masks is not None, "cellfluxrl_version": __version__,
+            "validation": self.validation,
             **dict(extra_meta or {}),
         }
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -199,6 +163,25 @@ class DatasetWriter:
             self.out.rmdir()  # empty (checked in __init__)
         os.replace(self.tmp, self.out)
         return self.out
+
+    def _deal_validation(self, conditions: list[Mapping[str, Any]], seed: int) -> None:
+        """Rewrite metadata.csv with ``val`` dealt out of ``train``; set :attr:`counts`."""
+        path = self.tmp / "metadata.csv"
+        columns = METADATA_COLUMNS + OPTIONAL_COLUMNS
+        table = {c: np.asarray(v) for c, v in _read_csv(path, columns).items()}
+        held_out = {str(c["compound"]) for c in conditions if c["ood"]}
+        ood = np.isin(table["compound"], list(held_out))
+        groups = group_ids(table["batch"], table["well"])
+        table["split"] = validation_split(table["split"], table["state"], table["moa"], table["batch"], groups,
+                                          ood, seed)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(zip(*(table[c].tolist() for c in columns)))
+        self.counts = {s: {t: int(((table["split"] == s) & (table["state"] == t)).sum()) for t in STATES}
+                       for s in SPLITS}
+        self.validation = {"rule": VAL_RULE, "fraction": VAL_FRACTION, "seed": int(seed),
+                           "groups": "plate + well" if (table["well"] != "").any() else "image (no wells recorded)"}
 
     def abort(self) -> None:
         """Close everything and delete the partial folder."""
@@ -221,7 +204,8 @@ class Dataset:
         root: the dataset folder.
         meta: the parsed meta.json.
         images: uint8 ``(N, H, W, C)`` memmap.
-        table: metadata columns, each a numpy array of length N (``dose`` float64, others str).
+        table: metadata columns, each a numpy array of length N (``dose`` float64, others str;
+            ``well`` is ``""`` where not recorded).
         conditions: conditions columns, each an array of length n_conditions (``ood`` bool).
         embeddings: float32 ``(n_conditions, D)``.
         condition: int64 ``(N,)`` row of each image's compound in ``conditions`` (-1 for controls).
@@ -263,6 +247,13 @@ class Dataset:
             keep &= ~ood[self.condition]
         return np.flatnonzero(keep)
 
+    @property
+    def groups(self) -> np.ndarray:
+        """int64 ``(N,)`` (plate, well) group of every image (:func:`cellfluxrl.data.splits.group_ids`)."""
+        if "groups" not in self._cache:
+            self._cache["groups"] = group_ids(self.table["batch"], self.table["well"])
+        return self._cache["groups"]
+
     def controls_by_batch(self, split: str) -> dict[str, np.ndarray]:
         """Control image indices of a split, grouped by batch (plate)."""
         key = ("controls", split)
@@ -277,7 +268,8 @@ def _fail(path: Path, what: str) -> None:
     raise CellfluxError(f"{path}: {what}")
 
 
-def _read_csv(path: Path, columns: tuple[str, ...]) -> dict[str, list[str]]:
+def _read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """The named columns of a CSV as lists of strings; an ``optional`` column that is absent is all ``""``."""
     if not path.is_file():
         _fail(path, "missing file")
     with open(path, newline="") as f:
@@ -288,14 +280,16 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> dict[str, list[str]]:
         missing = [c for c in columns if c not in header]
         if missing:
             _fail(path, f"missing column(s) {', '.join(missing)}")
-        pos = [header.index(c) for c in columns]
-        out: dict[str, list[str]] = {c: [] for c in columns}
+        present = [c for c in (*columns, *optional) if c in header]
+        pos = [header.index(c) for c in present]
+        out: dict[str, list[str]] = {c: [] for c in present}
         for line, row in enumerate(reader, start=2):
             if len(row) != len(header):
                 _fail(path, f"line {line} has {len(row)} fields, expected {len(header)}")
-            for c, p in zip(columns, pos):
+            for c, p in zip(present, pos):
                 out[c].append(row[p])
-    return out
+    n = len(out[columns[0]]) if columns else 0
+    return {**{c: [""] * n for c in optional}, **out}
 
 
 def _load_npy(path: Path, dtype: np.dtype, ndim: int) -> np.ndarray:
@@ -336,10 +330,10 @@ def load_dataset(root: str | os.PathLike) -> Dataset:
         _fail(root / "images.npy", f"shape {images.shape} disagrees with meta.json "
                                    f"({meta['n_images']}, {size}, {size}, {channels})")
 
-    raw = _read_csv(root / "metadata.csv", METADATA_COLUMNS)
+    raw = _read_csv(root / "metadata.csv", METADATA_COLUMNS, OPTIONAL_COLUMNS)
     if len(raw["id"]) != n:
         _fail(root / "metadata.csv", f"{len(raw['id'])} rows for {n} images")
-    table = {c: np.asarray(v) for c, v in raw.items()}
+    table = {c: np.asarray(v, dtype=str) for c, v in raw.items()}
     for column, allowed in (("split", SPLITS), ("state", STATES)):
         bad = np.flatnonzero(~np.isin(table[column], allowed))
         if bad.size:

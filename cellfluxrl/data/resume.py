@@ -5,47 +5,20 @@
 or a finished dataset (perhaps still missing evaluators). ``prepare`` run again asks
 :func:`resume_dataset` whether ``OUT`` holds the dataset it would write (same source and settings:
 skip to the evaluators) or another one (refused with one line naming the setting); the writer
-removes the build folders of killed runs (:func:`remove_stale_partials`).
+removes the build folders of killed runs (:func:`cellfluxrl.data.partials.remove_stale_partials`).
+This module sits above :mod:`cellfluxrl.data.layout` (it loads the dataset); the writer's folder
+naming is in :mod:`cellfluxrl.data.partials`, below both.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 from pathlib import Path
 from typing import Any, Mapping
 
+from cellfluxrl.data.layout import load_dataset
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.rundir import pid_alive as _alive  # one owner of the liveness test
-
-
-def partial_prefix(out: Path) -> str:
-    """Name prefix of the temporary build folders of ``out`` made on this host: ``.OUT.partial-HOST-``."""
-    return f".{out.name}.partial-{socket.gethostname()}-"
-
-
-def remove_stale_partials(out: str | os.PathLike) -> list[Path]:
-    """Delete the temporary build folders of ``out`` left by killed ``prepare`` runs on this host.
-
-    A folder ``.OUT.partial-HOST-PID-XXXX`` next to ``out`` whose process ``PID`` no longer runs is
-    a build that was killed before its rename; those of running processes (a concurrent
-    ``prepare``) and of other hosts are left alone.
-
-    Returns:
-        The folders removed.
-    """
-    out = Path(out)
-    prefix, removed = partial_prefix(out), []
-    if not out.parent.is_dir():
-        return removed
-    for path in out.parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def resume_dataset(out: str | os.PathLike, source: str, section: str, settings: Mapping[str, Any]) -> bool:
@@ -73,8 +46,6 @@ def resume_dataset(out: str | os.PathLike, source: str, section: str, settings: 
     if not (out / "meta.json").is_file():
         raise CellfluxError(f"output {out} already exists and is not empty (and is not a finished dataset: no "
                             f"meta.json); choose a new folder")
-    from cellfluxrl.data.layout import load_dataset
-
     meta = load_dataset(out).meta
     stored = {"source": meta.get("source"), **dict(meta.get(section) or {})}
     wanted = json.loads(json.dumps({"source": source, **dict(settings)}))

@@ -46,7 +46,9 @@ Protein synthesis        small dim cells (R 12, cytoplasm x0.5, DNA x0.8); nucle
 Doses: every compound has three concentrations, :data:`DOSES_UM` = (0.3, 1.0, 3.0) uM, with relative
 strengths :data:`DOSE_STRENGTHS` = (0.5, 0.75, 1.0).
 
-Plates (batches ``Plate1..PlateK``): per plate and channel a gain in [0.7, 1.3] and a background of
+Plates (batches ``Plate1..PlateK``) hold wells (``A01``.., one per compound and dose, then eight
+DMSO wells); the splits are dealt by whole (plate, well) groups. Plates: per plate and channel a gain
+in [0.7, 1.3] and a background of
 4-16 grey levels; a linear illumination gradient of amplitude 0.15-0.35 in a random direction;
 per-image gain jitter (4 %) and pixel noise (sd 2-4 grey levels, plus 1 % of the signal).
 
@@ -66,16 +68,15 @@ import numpy as np
 from cellfluxrl.data.simulator import columns as R
 from cellfluxrl.data.simulator.paint import crop_seeds_for, render_crops
 from cellfluxrl.data.compounds import CONTROL, MOAS, bbbc021_compounds
+from cellfluxrl.data.synthetic_plates import (CONTROL_FRACTION, CONTROL_WELLS, DOSES_UM, TEST_FRACTION,
+                                              assign_rows, metadata_row)
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.images import CHANNELS_BBBC021
 
 log = logging.getLogger(__name__)
 
 SIMULATOR_VERSION = 1
-DOSES_UM = (0.3, 1.0, 3.0)
 DOSE_STRENGTHS = (0.5, 0.75, 1.0)
-CONTROL_FRACTION = 0.25
-TEST_FRACTION = 0.2
 CHUNK = 2048
 
 # Signature parameters: name -> (column, DMSO value, is_texture). Sizes in px at size 96.
@@ -255,73 +256,16 @@ def synthetic_batch(n: int, moa: str = "DMSO", seed: int = 0, size: int = 96, do
     return render(seeds, sigs, plates, size)
 
 
-def _assign_rows(n_images: int, seed: int, n_plates: int, n_compounds: int,
-                 ood: np.ndarray) -> dict[str, np.ndarray]:
-    """Which compound, dose, plate and split each image gets (already in final dataset order).
-
-    Args:
-        n_images: total number of crops.
-        seed: dataset seed.
-        n_plates: number of plates.
-        n_compounds: number of condition rows (row 0 = DMSO).
-        ood: bool ``(n_compounds,)``, the CellFlux held-out compounds.
-
-    Returns:
-        int64 arrays ``compound`` (condition row), ``dose`` (index into :data:`DOSES_UM`, -1 for
-        controls), ``plate`` (0-based) and bool ``test``, each of length ``n_images``.
-
-    Raises:
-        CellfluxError: too few images for two controls per plate.
-    """
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5EED])
-    n_ctrl = int(round(CONTROL_FRACTION * n_images))
-    if n_ctrl < 2 * n_plates:
-        raise CellfluxError(f"{n_images} images give {n_ctrl} controls, too few for {n_plates} plates "
-                            f"(need 2 per plate); use more images or fewer plates")
-    n_trt = n_images - n_ctrl
-    # Controls: spread evenly over plates; each plate gets at least one test and one train control.
-    ctrl_plate = rng.permutation(np.arange(n_ctrl) % n_plates)
-    ctrl_test = np.zeros(n_ctrl, dtype=bool)
-    for p in range(n_plates):
-        idx = rng.permutation(np.flatnonzero(ctrl_plate == p))
-        n_test = min(max(1, int(round(TEST_FRACTION * idx.size))), idx.size - 1)
-        ctrl_test[idx[:n_test]] = True
-    # Treated: every (compound, dose) equally often, random plates; OOD compounds all in test.
-    combos = rng.permutation(np.arange(n_trt) % ((n_compounds - 1) * len(DOSES_UM)))
-    trt_compound = 1 + combos // len(DOSES_UM)
-    trt_dose = combos % len(DOSES_UM)
-    trt_plate = rng.integers(0, n_plates, size=n_trt)
-    trt_test = ood[trt_compound] | (rng.random(n_trt) < TEST_FRACTION)
-    order = rng.permutation(n_images)
-    return {
-        "compound": np.concatenate([np.zeros(n_ctrl, dtype=np.int64), trt_compound])[order],
-        "dose": np.concatenate([np.full(n_ctrl, -1, dtype=np.int64), trt_dose])[order],
-        "plate": np.concatenate([ctrl_plate, trt_plate]).astype(np.int64)[order],
-        "test": np.concatenate([ctrl_test, trt_test])[order],
-    }
-
-
-def _metadata_row(i: int, seed: int, rows: dict[str, np.ndarray], compounds) -> dict[str, object]:
-    """The metadata.csv row of image ``i`` (see ``data/README.md`` for the columns)."""
-    c, d, p = compounds[rows["compound"][i]], int(rows["dose"][i]), int(rows["plate"][i])
-    return {
-        "id": f"syn{seed}-{i:06d}", "split": "test" if rows["test"][i] else "train",
-        "batch": f"Plate{p + 1}", "compound": c.name, "dose": DOSES_UM[d] if d >= 0 else 0.0,
-        "moa": c.moa, "state": "control" if c.moa == CONTROL else "treated",
-        "source": f"synthetic:seed={seed}:plate={p + 1}:idx={i}",
-    }
-
-
 def synthetic_settings(n_images: int, seed: int, size: int, n_plates: int,
                        embeddings: str | os.PathLike | None = None) -> dict[str, object]:
     """The JSON settings recorded in ``meta.json["generator"]``: the arguments of :func:`prepare_synthetic`
     (``embeddings`` as an absolute path), the simulator version and its constants. The dataset is a
-    pure function of them; ``prepare`` run again compares them (:func:`cellfluxrl.data.layout.resume_dataset`).
+    pure function of them; ``prepare`` run again compares them (:func:`cellfluxrl.data.resume.resume_dataset`).
     """
     return {"seed": int(seed), "n_images": int(n_images), "n_plates": int(n_plates), "size": int(size),
             "simulator_version": SIMULATOR_VERSION, "doses_uM": list(DOSES_UM),
             "dose_strengths": list(DOSE_STRENGTHS), "control_fraction": CONTROL_FRACTION,
-            "test_fraction": TEST_FRACTION,
+            "test_fraction": TEST_FRACTION, "control_wells": CONTROL_WELLS, "split_by": "plate+well",
             "embeddings_csv": str(Path(embeddings).resolve()) if embeddings is not None else None}
 
 
@@ -330,9 +274,12 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
                       embeddings: str | os.PathLike | None = None) -> Path:
     """Write a synthetic BBBC021-like dataset (with ground-truth masks) in the cellfluxrl layout.
 
-    About 25 % of the crops are DMSO controls, spread over every plate and both splits; the rest
-    cycle through the 34 compounds x 3 doses on random plates. In-distribution compounds and controls
-    are split 80/20 at random; the 8 OOD compounds are all in ``test``. Crops are rendered and
+    About 25 % of the crops are DMSO controls, spread over every plate and split; the rest
+    cycle through the 34 compounds x 3 doses on random plates. Every crop has a plate and a well
+    (one per compound and dose, eight DMSO wells per plate); in-distribution wells and control
+    wells are split 80/20 by whole wells (per MoA, per plate); the 8 OOD compounds are all in
+    ``test``; the writer then deals a validation split out of the train wells
+    (:func:`cellfluxrl.data.splits.validation_split`). Crops are rendered and
     written in chunks of :data:`CHUNK`.
 
     Args:
@@ -367,7 +314,7 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
         conditions.append({"compound": c.name, "moa": c.moa, "smiles": c.smiles, "ood": c.ood, "embedding": kind})
         vectors.append(vector)
     ood = np.array([c.ood for c in compounds])
-    rows = _assign_rows(n_images, seed, n_plates, len(compounds), ood)
+    rows = assign_rows(n_images, seed, n_plates, len(compounds), ood, np.array([c.moa for c in compounds]))
 
     # Signature rows per (compound, dose) and plate rows, looked up per image.
     sig_table = np.zeros((len(compounds), len(DOSES_UM), R.N_PARAMS))
@@ -387,10 +334,10 @@ def prepare_synthetic(out: str | os.PathLike, n_images: int = 20000, seed: int =
             sl = slice(start, min(start + CHUNK, n_images))
             images, nuclei, cells = render(seeds[sl], sig_table[rows["compound"][sl], dose_col[sl]],
                                            plate_table[rows["plate"][sl]], size)
-            writer.add(images, [_metadata_row(i, seed, rows, compounds) for i in range(sl.start, sl.stop)],
+            writer.add(images, [metadata_row(i, seed, rows, compounds) for i in range(sl.start, sl.stop)],
                        nuclei, cells)
             bar.update(sl.stop - sl.start)
         settings = synthetic_settings(n_images, seed, size, n_plates, user.path if user else None)
-        path = writer.finish(conditions, np.stack(vectors), extra_meta={"generator": settings})
+        path = writer.finish(conditions, np.stack(vectors), extra_meta={"generator": settings}, val_seed=seed)
     log.info("wrote %d synthetic crops to %s", n_images, path)
     return path

@@ -41,11 +41,12 @@ class Pairs:
         return int(self.target.size)
 
     @classmethod
-    def from_dataset(cls, dataset, n: int, seed: int, split: str = "id") -> "Pairs":
-        """The first ``n`` treated test rows of ``split`` (``"id"``, ``"ood"``, ``"all"``) with controls."""
+    def from_dataset(cls, dataset, n: int, seed: int, split: str = "id", images: str = "test") -> "Pairs":
+        """The first ``n`` treated rows of ``split`` (``"id"``, ``"ood"``, ``"all"``) with controls, from
+        the test images (``images="val"``: the validation images)."""
         from cellfluxrl.model.generate import test_pairs
 
-        target, control = test_pairs(dataset, n, seed, split=split)
+        target, control = test_pairs(dataset, n, seed, split=split, images=images)
         return cls(target, control, dataset.condition[target], dataset.table["compound"][target].astype(str),
                    dataset.table["moa"][target].astype(str))
 

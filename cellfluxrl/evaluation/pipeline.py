@@ -10,8 +10,11 @@ Protocol (CellFlux's, plus CellFluxRL's best-of-N, graded so that it cannot flat
   ``x_0 = x_ctrl + sigma * eps``, ``eps`` drawn from a generator seeded by ``(seed, i, k)``, so two
   runs differ only by their networks (paired differences) and a sample does not depend on the
   batch it lands in.
-* Sampling: each run is sampled the way it was trained to be (its recorded sampler steps and CFG,
-  :class:`cellfluxrl.checkpoint.Sampling`) unless the caller overrides them for every run.
+* Sampling: every run of one evaluation is sampled at **one** setting (sampler steps, CFG, sigma;
+  :class:`cellfluxrl.checkpoint.Sampling`), so a paired difference compares networks, not
+  samplers: the one given by the caller (``steps``/``cfg_scale``/``sigma``), else the first run's
+  recorded one (:func:`shared_sampling`). The setting and why are in ``report.json``
+  (``settings.sampling``) and printed before the table; a run recorded otherwise is named there.
 * Candidates: ``K = max(best_of)`` per pair, generated and scored once. The reward rows use all
   K: a run's plain column is the mean over its K candidates (the expected single-sample reward),
   best-of-N weighs each candidate by its probability of being the best, by the overall (weighted)
@@ -74,21 +77,54 @@ def run_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
 EVAL_SPLITS = {"both": ("id", "ood"), "id": ("id",), "ood": ("ood",), "all": ("all",)}
 
 
-def _load_runs(run_dirs, names, device, steps, cfg_scale, sigma) -> list[dict]:
-    """Load the runs (EMA weights) and resolve how each is sampled (recorded unless overridden)."""
+def shared_sampling(recorded: Sequence[tuple[str, "Sampling | None"]], steps: int | None = None,
+                    cfg_scale: float | None = None, sigma: float | None = None) -> tuple["Sampling", str]:
+    """The one sampling setting for every run of an evaluation, and why (for the preamble and report).
+
+    Args:
+        recorded: ``(name, recorded setting or None)`` per run, in column order (None: a run that
+            predates recorded settings, sampled at CellFlux's defaults).
+        steps, cfg_scale, sigma: the caller's overrides (``None``: not given).
+
+    Returns:
+        ``(sampling, reason)``: the first run's recorded setting with the overrides applied, and a
+        sentence saying where it comes from; with several runs it says that all are sampled at it
+        and names each run whose own recorded setting differs. One run without overrides:
+        ``"recorded in the run"``.
+    """
     from dataclasses import replace
 
-    from cellfluxrl.checkpoint import load_run, resolve_sampling
+    from cellfluxrl.checkpoint import resolve_sampling
 
+    first_name, first = recorded[0]
+    sampling, source = resolve_sampling(first, steps, cfg_scale)
+    if sigma is not None:
+        sampling, source = replace(sampling, sigma=float(sigma)), f"{source}; sigma given on the command line"
+    if len(recorded) == 1:
+        return sampling, source
+    if steps is None or cfg_scale is None:
+        source = f"{source} (the first run, {first_name})"
+    differ = [f"{name} recorded {resolve_sampling(own)[0].describe()}" for name, own in recorded[1:]
+              if resolve_sampling(own)[0] != resolve_sampling(first)[0]]
+    reason = (f"{source}; every run is sampled at this one setting, so the paired differences compare networks, "
+              f"not samplers")
+    return sampling, reason + (f" ({'; '.join(differ)})" if differ else "")
+
+
+def _load_runs(run_dirs, names, device, steps, cfg_scale, sigma) -> list[dict]:
+    """Load the runs (EMA weights); all are sampled at one setting (:func:`shared_sampling`)."""
+    from cellfluxrl.checkpoint import load_run
+
+    loaded = [load_run(run_dir, device=device, weights="ema") for run_dir in run_dirs]
+    sampling, reason = shared_sampling([(name, run.recorded) for name, run in zip(names, loaded)], steps, cfg_scale,
+                                       sigma)
     runs = []
-    for name, run_dir in zip(names, run_dirs):
-        run = load_run(run_dir, device=device, weights="ema")
-        sampling, source = resolve_sampling(run.recorded, steps, cfg_scale)
-        if sigma is not None:
-            sampling, source = replace(sampling, sigma=float(sigma)), f"{source}; sigma given on the command line"
+    for name, run_dir, run in zip(names, run_dirs, loaded):
+        recorded = None if run.recorded is None else run.recorded.describe()
         runs.append({"name": name, "run": run, "sampling": sampling, "info": {
             "name": name, "path": str(run_dir), "kind": run.kind, "step": run.step, "trained_on": str(run.dataset_dir),
-            "sampling": sampling.to_dict(), "sampling_text": sampling.describe(), "sampling_source": source}})
+            "sampling": sampling.to_dict(), "sampling_text": sampling.describe(), "sampling_source": reason,
+            "recorded_sampling": recorded}})
     return runs
 
 
@@ -98,7 +134,7 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
              sigma: float | None = None, split: str = "both", inception: str | os.PathLike | None = None,
              device: str = "cpu", out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
              kid_subset_size: int = 100, kid_subsets: int = 100, tts_n: int | None = None,
-             on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+             on_progress: Callable[[str, int, int], None] | None = None, images: str = "test") -> dict:
     """Evaluate runs on a dataset's test pairs (see the module docstring for the protocol).
 
     Args:
@@ -110,7 +146,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
         weights: reward weights of the overall reward (``"moa=5,..."`` or a dict; None = the paper's).
         seed: seeds the control draw, the source noise of every candidate, reservoirs and KID subsets.
         batch_size: pairs per batch.
-        steps, cfg_scale, sigma: override every run's recorded sampling (``None``: each run's own).
+        steps, cfg_scale, sigma: the sampling of every run (``None``: the first run's recorded one;
+            all runs share one setting, :func:`shared_sampling`).
         split: ``"both"`` (in-distribution and OOD sections, the default), ``"id"``, ``"ood"`` or
             ``"all"`` (one mixed section; never the headline of a paper table).
         inception: FID InceptionV3 weight file (state dict or TorchScript); None = the offline
@@ -120,6 +157,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
         names: column names of the runs (default: :func:`run_names`).
         kid_subset_size, kid_subsets: KID subsets (CellFlux: 100 and 100).
         on_progress: progress callback ``(split, pairs done, pairs total)``.
+        images: the image split the pairs come from: ``"test"`` (the final evaluation, what the
+            ``evaluate`` command uses) or ``"val"`` (validation pairs, for choosing settings).
 
     Returns:
         The report dict (as written to report.json; see :mod:`cellfluxrl.evaluation.report`).
@@ -150,7 +189,11 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
         features = load_inception(inception, device=device)
     else:
         features = MoAFeatures(judge, source=str(suite.evaluators.judge_path))
+    shared = runs[0]["info"]
     settings = {"dataset": str(dataset_dir), "runs": [r["info"] for r in runs], "n": int(n), "split": split,
+                "pairs_from": images,
+                "sampling": {"setting": shared["sampling"], "text": shared["sampling_text"],
+                             "reason": shared["sampling_source"]},
                 "best_of": sorted({1, *(int(b) for b in best_of)}),
                 "tts_n": int(tts_n or max(best_of)), "weights": weights, "seed": int(seed),
                 "batch_size": int(batch_size), "device": str(device),
@@ -161,10 +204,13 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
     sections = {}
     try:
         for part in EVAL_SPLITS[split]:
+            if split == "both" and part == "ood" and images == "val":
+                logger.info("validation pairs hold in-distribution compounds only; no held-out section")
+                continue
             if split == "both" and part == "ood" and dataset.conditions["ood"].sum() == 0:
                 logger.warning("%s has no held-out (OOD) compounds; reporting in-distribution only", dataset.root)
                 continue
-            pairs = Pairs.from_dataset(dataset, n, seed, part)
+            pairs = Pairs.from_dataset(dataset, n, seed, part, images=images)
             sources = {r["name"]: run_candidates(r["run"].net, dataset, pairs, seed=seed, device=device,
                                                  **_sampling_kwargs(r["sampling"])) for r in runs}
             progress = None if on_progress is None else (lambda stage, done, total, part=part: on_progress(part, done, total))

@@ -10,7 +10,9 @@ a full table::
                "per_condition", "distance", "n_pairs", "n_conditions", "throughput", "files"}
 
 Rows: every reward (per pair its expectation over the K candidates, plain or best-of-N, see
-:func:`~cellfluxrl.evaluation.metrics.best_of_n_weights`; then mean and standard error over pairs),
+:func:`~cellfluxrl.evaluation.metrics.best_of_n_weights`; then the mean, its standard error over pairs
+``sem`` and its standard error clustered by compound ``sem_compound``, the one for claims about
+compounds: pairs share compounds),
 ``overall`` (the weighted sum), ``moa_accuracy`` (the **judge**'s top-1 accuracy: an MoA classifier
 fitted independently of the reward's), ``moa_accuracy_reward`` (the reward classifier's accuracy, so
 reward hacking shows as the gap between the two), then the distances ``<FD>_o``, ``<FD>_c``,
@@ -31,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from cellfluxrl.evaluation.metrics import best_of_n_weights, mean_sem
+from cellfluxrl.evaluation.uncertainty import mean_sem_clustered
 
 
 REPORT_FORMAT = "cellfluxrl-evaluate/2"
@@ -43,18 +46,26 @@ SPLIT_TITLES = {"id": "In-distribution compounds (headline)", "ood": "Held-out (
                 "all": "All compounds (in-distribution and held-out mixed)"}
 
 
-def _cell(values: np.ndarray | None) -> dict:
+def _cell(values: np.ndarray | None, compounds: np.ndarray | None = None) -> dict:
+    """``{"mean", "sem", "sem_compound"}`` of per-pair values: the per-pair standard error and the one
+    clustered by the pairs' compounds (:func:`~cellfluxrl.evaluation.uncertainty.mean_sem_clustered`;
+    ``None`` without compounds)."""
     if values is None:
-        return {"mean": None, "sem": None}
-    mean, sem = mean_sem(values)
-    return {"mean": mean, "sem": sem}
+        return {"mean": None, "sem": None, "sem_compound": None}
+    if compounds is None:
+        mean, sem = mean_sem(values)
+        return {"mean": mean, "sem": sem, "sem_compound": None}
+    mean, sem, clustered = mean_sem_clustered(values, compounds)
+    return {"mean": mean, "sem": sem, "sem_compound": None if not np.isfinite(clustered) else clustered}
 
 
-def _distance_cells(result, name: str, kid_name: str, fd_c=None, kid_c=None) -> dict:
+def _distance_cells(result, name: str, kid_name: str, fd_c=None, kid_c=None, fd_sem=None) -> dict:
+    """The distance rows of a column; ``sem`` of ``<FD>_o`` is its bootstrap standard error."""
     fd = None if result is None else result.fd
     kd = None if result is None else result.kid_mean
     kd_std = None if result is None else result.kid_std
-    return {f"{name}_o": {"mean": fd, "sem": None}, f"{name}_c": {"mean": fd_c, "sem": None},
+    return {f"{name}_o": {"mean": fd, "sem": fd_sem, "sem_kind": "bootstrap over pairs"},
+            f"{name}_c": {"mean": fd_c, "sem": None},
             f"{kid_name}_o": {"mean": kd, "sem": None, "std": kd_std}, f"{kid_name}_c": {"mean": kid_c, "sem": None}}
 
 
@@ -74,8 +85,8 @@ def paired_differences(results: dict, n: int, base: str | None = None) -> dict[s
 
     For every generated source other than ``base`` (default: the first source), the per-pair
     best-of-``n`` expectations (:func:`~cellfluxrl.evaluation.metrics.best_of_n_weights`) of every reward, the
-    overall reward and the judge's accuracy minus the base's, as ``{source: {row: {"mean", "sem"}}}``
-    (mean and standard error over pairs). Sources are paired because every run draws candidate
+    overall reward and the judge's accuracy minus the base's, as ``{source: {row: {"mean", "sem",
+    "sem_compound"}}}`` (mean, standard error over pairs, and standard error clustered by compound). Sources are paired because every run draws candidate
     ``k`` of pair ``i`` from the same control, condition and noise seed.
     """
     names, sources = results["names"], results["sources"]
@@ -85,7 +96,8 @@ def paired_differences(results: dict, n: int, base: str | None = None) -> dict[s
         sc = results["scores"][s]
         values, correct, _ = _selected(sc, names, best_of_n_weights(sc.total, n))
         per[s] = {**values, "moa_accuracy": correct}
-    return {s: {row: _cell(per[s][row] - per[base][row]) for row in per[s]} for s in sources if s != base}
+    compounds = results["pairs"].compound
+    return {s: {row: _cell(per[s][row] - per[base][row], compounds) for row in per[s]} for s in sources if s != base}
 
 
 def build_report(results: dict, split: str = "all", split_description: str = "") -> dict:
@@ -106,9 +118,9 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
 
     def column_cells(values: dict[str, np.ndarray], correct: np.ndarray, correct_reward: np.ndarray,
                      column: str) -> dict:
-        cells = {name: _cell(values[name]) for name in [*names, "overall"]}
-        cells["moa_accuracy"] = _cell(correct.astype(np.float64))
-        cells["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64))
+        cells = {name: _cell(values[name], pairs.compound) for name in [*names, "overall"]}
+        cells["moa_accuracy"] = _cell(correct.astype(np.float64), pairs.compound)
+        cells["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64), pairs.compound)
         if column == REAL:
             cells.update(_distance_cells(None, fd_name, kid_name))
         else:
@@ -116,7 +128,8 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
             fds = [r.fd for r in per.values() if r.fd is not None]
             kds = [r.kid_mean for r in per.values() if r.kid_mean is not None]
             cells.update(_distance_cells(results["overall_fd"][column], fd_name, kid_name,
-                                         float(np.mean(fds)) if fds else None, float(np.mean(kds)) if kds else None))
+                                         float(np.mean(fds)) if fds else None, float(np.mean(kds)) if kds else None,
+                                         results.get("overall_fd_sem", {}).get(column)))
         per_condition[column] = {}
         for compound in compounds:
             mask = pairs.compound == compound
@@ -134,9 +147,9 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
         curves[s] = {}
         for n in best_of:
             values, correct, correct_reward = _selected(sc, names, best_of_n_weights(sc.total, n))
-            curves[s][str(n)] = {key: _cell(v) for key, v in values.items()}
-            curves[s][str(n)]["moa_accuracy"] = _cell(correct.astype(np.float64))
-            curves[s][str(n)]["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64))
+            curves[s][str(n)] = {key: _cell(v, pairs.compound) for key, v in values.items()}
+            curves[s][str(n)]["moa_accuracy"] = _cell(correct.astype(np.float64), pairs.compound)
+            curves[s][str(n)]["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64), pairs.compound)
             if n == 1:
                 table[s] = column_cells(values, correct, correct_reward, s)
             if n == tts_n and tts_n > 1:
@@ -158,7 +171,8 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
         "best_of_n": curves, "per_condition": per_condition,
         "paired": {str(n): paired_differences(results, n) for n in sorted({1, tts_n})} if len(results["sources"]) > 1 else {},
         "distance": {"features": fd_name, "kid": kid_name, "source": results["feature_source"],
-                     "note": distance_note(fd_name), **results["kid"]},
+                     "note": distance_note(fd_name), **results["kid"],
+                     "per_compound": results.get("per_compound", {"shown": True, "note": ""})},
         "n_pairs": len(pairs), "n_conditions": int(compounds.size), "throughput": throughput,
     }
 

@@ -15,15 +15,22 @@ from cellfluxrl.data.layout import follow_umask
 from cellfluxrl.evaluation.report import SPLIT_TITLES, headline
 
 
+SE_LEGEND = "mean ± s.e. over pairs [s.e. clustered by compound]"
+
+
 def _fmt(cell: dict | None, row: str, signed: bool = False) -> str:
-    """One table cell: ``mean ± s.e.`` (``signed``: with a leading ``+`` on gains, for differences)."""
+    """One table cell: ``mean ± s.e. [clustered s.e.]`` (:data:`SE_LEGEND`; ``signed``: with a leading
+    ``+`` on gains, for differences); a distance: its value, ``± bootstrap s.e.`` when known."""
     if cell is None or cell.get("mean") is None:
         return "-"
-    mean, sem = cell["mean"], cell.get("sem")
+    mean, sem, clustered = cell["mean"], cell.get("sem"), cell.get("sem_compound")
     if row.endswith("_o") or row.endswith("_c"):
-        return f"{mean:.4g}" if abs(mean) < 10 else f"{mean:.2f}"
+        value = f"{mean:.4g}" if abs(mean) < 10 else f"{mean:.2f}"
+        return f"{value} ± {sem:.2g} (bootstrap)" if sem is not None else value
     value = f"{mean:+.3f}" if signed else f"{mean:.3f}"
-    return f"{value} ± {sem:.3f}" if sem is not None else value
+    if sem is None:
+        return value
+    return f"{value} ± {sem:.3f}" + (f" [{clustered:.3f}]" if clustered is not None else "")
 
 
 def markdown_table(section: dict, columns: Sequence[str] | None = None) -> str:
@@ -44,7 +51,10 @@ def section_title(section: dict) -> str:
 
 
 def sampling_lines(settings: dict) -> list[str]:
-    """One line per run: the sampler and guidance it was evaluated with, and where they came from."""
+    """The one sampler and guidance every run was evaluated with, and why (older reports: one line per run)."""
+    shared = settings.get("sampling")
+    if shared:
+        return [f"- every run: {shared['text']} ({shared['reason']})"]
     return [f"- {r['name']}: {r['sampling_text']} ({r['sampling_source']})" for r in settings.get("runs", [])]
 
 
@@ -58,7 +68,8 @@ def _section_markdown(section: dict) -> list[str]:
         for n, cells in per_n.items():
             out.append(f"| {run} | {n} | " + " | ".join(_fmt(cells.get(r), r) for r in names) + " |")
     fd, kd = section["distance"]["features"], section["distance"]["kid"]
-    out += ["", "### Per condition", "",
+    note = section["distance"].get("per_compound", {}).get("note")
+    out += ["", "### Per condition", "", *([note + ".", ""] if note else []),
             f"| Column | Condition | n | Overall | MoA accuracy (judge) | MoA accuracy (reward) | {fd} | {kd} |",
             "|---|---|---|---|---|---|---|---|"]
     for column, per in section["per_condition"].items():
@@ -83,7 +94,7 @@ def _paired_markdown(section: dict) -> list[str]:
     base = section["columns"][0]
     head = [f"{s} - {base}" + ("" if n == "1" else f" (both best-of-{n})") for n, s in columns]
     rows = [r for r in section["rows"] if r in paired[columns[0][0]][columns[0][1]]]
-    out = [f"### Paired differences against {base} (same pairs, controls and noise seeds; mean ± s.e. over pairs)", "",
+    out = [f"### Paired differences against {base} (same pairs, controls and noise seeds; {SE_LEGEND})", "",
            "| Metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for r in rows:
         out.append(f"| {section['labels'].get(r, r)} | " + " | ".join(_fmt(paired[n][s][r], r, signed=True) for n, s in columns) + " |")
@@ -99,11 +110,13 @@ def markdown_report(report: dict) -> str:
            f"Distances: {first['distance']['note']}.", "",
            "MoA accuracy (judge) is graded by a classifier that RL never optimised; MoA accuracy (reward "
            "classifier) by the one behind the MoA reward: a large gap between them is reward hacking.", "",
-           "Sampling of each run:", *sampling_lines(s), "",
+           "Sampling:", *sampling_lines(s), "",
            "Rewards (higher is better): per pair the expectation over all of a run's candidates (the plain "
            "column: their mean; best-of-N: each candidate weighted by its chance of being the best of N drawn "
-           "from them), then mean ± standard error over pairs. Distances (lower is better; none for the real "
-           "column) and Figure 4 use one image per pair: candidate 0, and the best of the first N.", ""]
+           "from them), then mean ± standard error over pairs [standard error clustered by compound: pairs "
+           "share compounds, so a claim about compounds needs the bracketed one]. Distances (lower is "
+           "better; none for the real column) and Figure 4 use one image per pair: candidate 0, and the best "
+           "of the first N; the overall Frechet distance carries a bootstrap standard error over pairs.", ""]
     for section in report["sections"].values():
         out += _section_markdown(section)
     return "\n".join(out)

@@ -22,6 +22,7 @@ from cellfluxrl.errors import CellfluxError
 from cellfluxrl.evaluation.candidates import CandidateFn, Pairs, quantize, real_images
 from cellfluxrl.evaluation.metrics import FeatureSet, best_of_n, compare_many
 from cellfluxrl.evaluation.report import CONTROL_COLUMN, REAL
+from cellfluxrl.evaluation.uncertainty import bootstrap_fd_sem, per_compound_rule
 from cellfluxrl.images import to_model, to_uint8
 from cellfluxrl.rewards.refstats import empty_columns_warning
 
@@ -100,11 +101,12 @@ def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor,
 
 
 def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Sequence[str], names: np.ndarray,
-                       out: dict, kid_subset_size: int, kid_subsets: int, seed: int) -> None:
-    """Distances of finished conditions (generated column vs real), then drop their state."""
+                       out: dict, kid_subset_size: int, kid_subsets: int, seed: int, compute: bool = True) -> None:
+    """Distances of finished conditions (generated column vs real; ``compute`` False: none), then
+    drop their state."""
     for c in done:
         sets = streams.per_condition.pop(int(c), {})
-        if REAL not in sets:
+        if REAL not in sets or not compute:
             continue
         others = {column: sets[column] for column in fd_columns if column in sets}
         for column, result in compare_many(sets[REAL], others, kid_subset_size, kid_subsets, seed).items():
@@ -187,6 +189,7 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     last_position = {int(c): i for i, c in enumerate(pairs.condition[order])}
     grid_pairs = _grid_pairs(pairs, order, grid_conditions)
     grid: dict[int, dict[str, np.ndarray]] = {int(p): {} for p in grid_pairs}
+    per_compound, per_compound_note = per_compound_rule(np.unique(pairs.condition, return_counts=True)[1], features.dim)
 
     for start in range(0, n_pairs, batch_size):
         pos = order[start:start + batch_size]
@@ -205,18 +208,23 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
             scores[s].seconds += time.perf_counter() - t0
         done = [c for c in np.unique(cond) if last_position[int(c)] < start + len(pos)]
         _finish_conditions(streams, done, fd_columns, condition_names, per_condition_fd, kid_subset_size,
-                           kid_subsets, seed)
+                           kid_subsets, seed, compute=per_compound)
         if on_progress is not None:
             on_progress("evaluate", min(start + batch_size, n_pairs), n_pairs)
 
     overall = compare_many(streams.overall[REAL], {c: streams.overall[c] for c in fd_columns}, kid_subset_size,
                            kid_subsets, seed)
+    real = streams.overall[REAL].reservoir.sample
+    draws = 100 if features.dim <= 512 else 20  # 2048-d Inception features: two eighs per draw
+    overall_fd_sem = {c: bootstrap_fd_sem(real, streams.overall[c].reservoir.sample, n_pairs, draws, seed)
+                      for c in fd_columns}
     warning = empty_columns_warning({c: s.nuc_count for c, s in scores.items()}, suite.segmenter.settings)
     if warning:  # more than 5 % of a column's images (all K candidates of a run) without a nucleus
         logger.warning("evaluate: %s", warning)
     return {"pairs": pairs, "sources": list(sources), "best_of": best_of, "k_max": k_max, "tts_n": tts_n,
             "names": names,
             "weights": dict(weights), "scores": scores, "fd_columns": fd_columns, "overall_fd": overall,
+            "overall_fd_sem": overall_fd_sem, "per_compound": {"shown": per_compound, "note": per_compound_note},
             "per_condition_fd": per_condition_fd, "feature_name": features.name, "kid_name": features.kid_name,
             "feature_source": getattr(features, "source", ""), "grid": [(int(p), grid[int(p)]) for p in grid_pairs],
             "kid": {"subset_size": kid_subset_size, "n_subsets": kid_subsets, "reservoir_size": reservoir_size}}

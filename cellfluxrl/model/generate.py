@@ -110,23 +110,33 @@ SPLITS = {"id": "in-distribution compounds (seen in training; CellFlux's headlin
           "all": "all compounds (in-distribution and held-out mixed)"}
 
 
-def split_targets(dataset, split: str = "id") -> np.ndarray:
-    """Treated test rows (int64, CSV order) of a compound split: ``"id"``, ``"ood"`` or ``"all"``.
+# Image splits pairs are read from: the final evaluation reads test; tuning reads validation.
+PAIR_SPLITS = ("test", "val")
+
+
+def split_targets(dataset, split: str = "id", images: str = "test") -> np.ndarray:
+    """Treated rows (int64, CSV order) of a compound split (``"id"``, ``"ood"``, ``"all"``) in an
+    image split (``images``: ``"test"``, the final evaluation; ``"val"``, the validation pairs
+    every tuning script reads, dealt by plate and well apart from test, :mod:`cellfluxrl.data.splits`).
 
     CellFlux evaluates the in-distribution compounds and the held-out (OOD) ones separately; a
     number over ``"all"`` mixes the two and is never a headline.
     """
     if split not in SPLITS:
         raise CellfluxError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    everything = dataset.select(split="test", state="treated", include_ood=True)
+    if images not in PAIR_SPLITS:
+        raise CellfluxError(f"unknown image split {images!r}; choose one of {', '.join(PAIR_SPLITS)}")
+    everything = dataset.select(split=images, state="treated", include_ood=True)
     if split == "all":
         return everything
-    in_distribution = dataset.select(split="test", state="treated", include_ood=False)
+    in_distribution = dataset.select(split=images, state="treated", include_ood=False)
     return in_distribution if split == "id" else np.setdiff1d(everything, in_distribution)
 
 
-def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = None, split: str = "id"):
-    """Evaluation pairs: the first ``n`` treated test rows of a split in CSV order, same-plate controls.
+def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = None, split: str = "id",
+               images: str = "test"):
+    """Evaluation pairs: the first ``n`` treated test rows of a split in CSV order, same-plate controls
+    (``images="val"``: validation rows and controls instead, for tuning).
 
     As CellFlux (first 5,120 test rows, in-distribution compounds; the OOD compounds are evaluated
     apart with ``split="ood"``). ``conditions`` restricts the targets to those compound names
@@ -139,6 +149,7 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
         seed: seed of the control draw (:func:`cellfluxrl.data.pairing.draw_controls`).
         conditions: compound names, or ``None`` for all.
         split: ``"id"`` (default), ``"ood"`` or ``"all"`` (:data:`SPLITS`).
+        images: ``"test"`` (default) or ``"val"`` (:data:`PAIR_SPLITS`).
 
     Returns:
         ``(target_idx, control_idx)``, int64 ``(m,)`` each with ``m = min(n, available)``.
@@ -148,7 +159,7 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
     """
     from cellfluxrl.data.pairing import draw_controls
 
-    targets = split_targets(dataset, split)
+    targets = split_targets(dataset, split, images)
     if conditions:
         known = set(dataset.conditions["compound"].tolist())
         for name in conditions:
@@ -158,9 +169,10 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
         targets = targets[np.isin(dataset.table["compound"][targets], list(conditions))]
     if targets.size == 0:
         what = f" for {', '.join(conditions)}" if conditions else ""
-        raise CellfluxError(f"{dataset.root}: no treated test images of the {split!r} split{what}")
+        hint = "; datasets prepared before the validation split have none: prepare it again" if images == "val" else ""
+        raise CellfluxError(f"{dataset.root}: no treated {images} images of the {split!r} split{what}{hint}")
     targets = targets[: int(n)]
-    return targets.astype(np.int64), draw_controls(dataset, "test", targets, seed)
+    return targets.astype(np.int64), draw_controls(dataset, images, targets, seed)
 
 
 test_pairs.__test__ = False  # not a pytest test despite the name

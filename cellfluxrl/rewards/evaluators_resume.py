@@ -1,7 +1,7 @@
 """Resuming the evaluators of a dataset: which fitted files can be kept, which must be fitted.
 
 ``prepare`` run again on a folder it already wrote (same settings) calls
-:func:`cellfluxrl.rewards.evaluators.fit_evaluators` with ``resume=True``: every evaluator file that exists
+:func:`cellfluxrl.rewards.evaluators_fit.fit_evaluators` with ``resume=True``: every evaluator file that exists
 and was fitted with the requested settings is kept, every missing one is fitted. The files are
 written atomically (temp file + rename), so one that exists is complete; a kill loses at most the
 file being fitted. A file fitted with *other* settings (another segmenter, another seed) is
@@ -16,19 +16,23 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.rewards.evaluator_files import (CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, JUDGE_SEED_OFFSET,
+                                                REFERENCE_FILE, REFERENCE_FORMAT)
 from cellfluxrl.rewards.refstats import check_reference
 
 logger = logging.getLogger(__name__)
 
 
 def evaluators_to_fit(folder: Path, segmenter: str, options: Mapping[str, Any], seed: int,
-                      epochs: int | None = None) -> list[str]:
+                      epochs: int | None = None, halves: Mapping[str, str] | None = None) -> list[str]:
     """The files ``fit_evaluators(..., resume=True)`` would (re)write in ``DATASET/evaluators``.
 
     Args:
         folder: the ``DATASET/evaluators`` folder (it need not exist).
         segmenter, options: the requested segmenter backend and its options.
         seed, epochs: the requested classifier seed and epochs (``None``: any).
+        halves: ``{classifier file: hash of the images it must learn from}``
+            (:func:`cellfluxrl.rewards.evaluators_fit.half_hashes`); ``None``: not checked.
 
     Returns:
         File names, in fitting order: those missing or unreadable, and classifier.json when it is
@@ -37,14 +41,13 @@ def evaluators_to_fit(folder: Path, segmenter: str, options: Mapping[str, Any], 
     Raises:
         CellfluxError: a file fitted with other settings, or a degenerate stored reference.
     """
-    from cellfluxrl.rewards.evaluators import (CLASSIFIER_FILE, CLASSIFIER_REPORT, JUDGE_FILE, JUDGE_SEED_OFFSET,
-                                               REFERENCE_FILE, REFERENCE_FORMAT)
     from cellfluxrl.rewards.moa_classifier import FORMAT
 
     folder = Path(folder)
     todo = [] if stored_reference(folder / REFERENCE_FILE, segmenter, options, REFERENCE_FORMAT) else [REFERENCE_FILE]
     for name, offset in ((CLASSIFIER_FILE, 0), (JUDGE_FILE, JUDGE_SEED_OFFSET)):
-        if stored_classifier_report(folder / name, seed, epochs, FORMAT, offset) is None:
+        wanted = None if halves is None else halves[name]
+        if stored_classifier_report(folder / name, seed, epochs, FORMAT, offset, wanted) is None:
             todo.append(name)
     if set(todo) & {CLASSIFIER_FILE, JUDGE_FILE} or not (folder / CLASSIFIER_REPORT).is_file():
         todo.append(CLASSIFIER_REPORT)
@@ -90,8 +93,9 @@ def stored_reference(path: Path, segmenter: str, options: Mapping[str, Any], fmt
 
 
 def stored_classifier_report(path: Path, seed: int, epochs: int | None, fmt: str,
-                             seed_offset: int = 0) -> dict | None:
-    """The report saved inside a fitted MoA classifier at ``path`` if it used ``seed``, else None to fit it.
+                             seed_offset: int = 0, train_hash: str | None = None) -> dict | None:
+    """The report saved inside a fitted MoA classifier at ``path`` if it used ``seed`` (and, when
+    ``train_hash`` is given, learnt from exactly those images), else None to fit it.
 
     Args:
         path: ``moa_classifier.pt`` or ``judge.pt``.
@@ -99,10 +103,14 @@ def stored_classifier_report(path: Path, seed: int, epochs: int | None, fmt: str
         epochs: the requested epochs (``None``: any, the default is derived from the data size).
         fmt: the checkpoint format string of :mod:`cellfluxrl.rewards.moa_classifier`.
         seed_offset: added to ``seed`` for this classifier (the judge's own seed is ``seed + 1000``).
+        train_hash: the hash of the half it must have learnt from
+            (:func:`cellfluxrl.rewards.evaluators_fit.indices_hash`); ``None``: not checked.
 
     Returns:
         The ``info`` dict of the checkpoint (the classifier's report as written to classifier.json),
-        or None when the file is absent or not a loadable classifier (then it is refitted).
+        or None when the file is absent, not a loadable classifier, or (``train_hash``) learnt from
+        other images or recorded none (fitted before the halves were hashed): then it is refitted,
+        so a reward classifier and a judge never sit side by side on overlapping images.
 
     Raises:
         CellfluxError: it was fitted with another seed or epoch count (naming the setting).
@@ -126,4 +134,8 @@ def stored_classifier_report(path: Path, seed: int, epochs: int | None, fmt: str
             raise CellfluxError(f"{path}: fitted with --{key} {stored[key]}, not {wanted}; re-run with --{key} "
                                 f"{stored[key]} to resume, or refit with "
                                 f"`cellfluxrl rewards fit DATASET --{key} {wanted}`")
+    if train_hash is not None and info.get("train_hash") != train_hash:
+        logger.warning("%s: fitted on other images (train_hash %s, this dataset's half is %s); fitting it again",
+                       path, info.get("train_hash"), train_hash)
+        return None
     return info

@@ -17,7 +17,7 @@ from cellfluxrl.data.bbbc021.tables import (CHANNELS_BBBC021, DMSO_SMILES, _blan
                                             _ChunkBuffer, _CompoundTable, _csv_rows, _parse_float)
 from cellfluxrl.data.compounds import CONTROL
 from cellfluxrl.data.fingerprints import EmbeddingTable, load_user_embeddings
-from cellfluxrl.data.layout import SPLITS, DatasetWriter
+from cellfluxrl.data.layout import SOURCE_SPLITS, DatasetWriter
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.progress import progress as progress_bar
 
@@ -44,6 +44,13 @@ def _impa_root(impa_dir: Path) -> tuple[Path, Path]:
     raise CellfluxError(f"{impa_dir / IMPA_CSV}: missing file (expected the IMPA metadata CSV)")
 
 
+def impa_field(parts: list[str]) -> str:
+    """The group of an IMPA crop: its field of view ``<Table>_<Image>`` (SAMPLE_KEY without week,
+    plate and object). The IMPA CSV records no well; the field is the finest group it has, and the
+    crops of one field are the near-duplicates that must not straddle two parts."""
+    return "_".join(parts[2:-1]) if len(parts) > 3 else "_".join(parts[2:])
+
+
 def _impa_row(csv_path: Path, line: int, raw: dict[str, str]) -> tuple[dict, str]:
     """One IMPA CSV row -> (our metadata row with ``source`` = the crop's relative path, SMILES)."""
     where = f"{csv_path} line {line}"
@@ -56,8 +63,8 @@ def _impa_row(csv_path: Path, line: int, raw: dict[str, str]) -> tuple[dict, str
     if state is None:
         raise CellfluxError(f"{where}: STATE {raw['STATE']!r} is not 1/0 or trt/control")
     split = raw["SPLIT"].lower()
-    if split not in SPLITS:
-        raise CellfluxError(f"{where}: SPLIT {raw['SPLIT']!r} is not one of {SPLITS}")
+    if split not in SOURCE_SPLITS:
+        raise CellfluxError(f"{where}: SPLIT {raw['SPLIT']!r} is not one of {SOURCE_SPLITS}")
     compound = raw["CPD_NAME"]
     if (state == "control") != (compound == CONTROL):
         raise CellfluxError(f"{where}: STATE {raw['STATE']!r} does not match CPD_NAME {compound!r}")
@@ -71,7 +78,7 @@ def _impa_row(csv_path: Path, line: int, raw: dict[str, str]) -> tuple[dict, str
         moa = _canonical_moa(raw["ANNOT"], where)  # no SMILES: embedded from a table row, see _CompoundTable
     source = "/".join((parts[0], parts[1], "_".join(parts[2:]) + ".npy"))
     row = {"id": key, "split": split, "batch": raw["BATCH"], "compound": compound, "dose": dose,
-           "moa": moa, "state": state, "source": source}
+           "moa": moa, "state": state, "source": source, "well": impa_field(parts)}
     return row, smiles
 
 
@@ -137,6 +144,10 @@ def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: 
         - The CSV is read twice (validation, then streaming), so memory does not grow with N.
         - Batch = ``BATCH`` (plate); a plate with treated cells but no DMSO cells in a split, or a
           split without treated cells, is an error.
+        - Well = the crop's field of view ``<Table>_<Image>`` (:func:`impa_field`; the CSV has no well
+          column), so the classifier halves and the validation split keep a field's crops together.
+          The test split is CellFlux's ``SPLIT``; validation is dealt from the fields all of whose
+          crops are train (:func:`cellfluxrl.data.splits.validation_split`).
 
     Args:
         impa_dir: the IMPA folder.

@@ -57,6 +57,7 @@ class _Field:
     field_id: str
     dapi_rel: str
     split: str = ""
+    well: str = ""
 
 
 def _resolve(raw_dir: Path, path_name: str, file_name: str, where: str) -> Path:
@@ -123,7 +124,7 @@ def _raw_fields(raw_dir: Path, user: EmbeddingTable | None) -> tuple[list[_Field
         site = re.search(r"_s(\d+)", row["Image_FileName_DAPI"])
         field_id = f"{batch}_{row['Image_Metadata_Well_DAPI']}_s{site.group(1) if site else line}"
         fields.append(_Field(paths, batch, compound, dose, moa, state, field_id,
-                             paths[2].relative_to(raw_dir).as_posix()))
+                             paths[2].relative_to(raw_dir).as_posix(), well=row["Image_Metadata_Well_DAPI"]))
     if not fields:
         raise CellfluxError(f"{path}: no MoA-annotated fields with SMILES or an embedding row "
                             f"(or DMSO controls) to crop")
@@ -157,6 +158,17 @@ def split_fields(keys: list[tuple[str, str]], test_fraction: float, seed: int) -
         for i in rng.permutation(members)[:n_test]:
             splits[int(i)] = "test"
     return splits
+
+
+def split_units(fields: list[_Field]) -> list[tuple[str, str, str]]:
+    """What the train/test split deals whole, per field: ``(plate, state, well)``, or ``(plate, state,
+    field)`` when the plate has a single well of that state (a plate with one DMSO well shares it
+    between the splits by field, or it could not be paired in both)."""
+    wells: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for f in fields:
+        wells[(f.batch, f.state)].add(f.well)
+    return [(f.batch, f.state, f.well if f.well and len(wells[(f.batch, f.state)]) > 1 else f.field_id)
+            for f in fields]
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -238,7 +250,7 @@ def _crop_field(field: _Field, illumination: np.ndarray, lo: np.ndarray, hi: np.
         centre = (round((r + crop_size // 2) / scale), round((c + crop_size // 2) / scale))
         yield crop, {"id": f"{field.field_id}_{k}", "split": field.split, "batch": field.batch,
                      "compound": field.compound, "dose": field.dose, "moa": field.moa, "state": field.state,
-                     "source": f"{field.dapi_rel}@{centre[0]},{centre[1]}"}
+                     "source": f"{field.dapi_rel}@{centre[0]},{centre[1]}", "well": field.well}
 
 
 def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 0, progress: bool = True,
@@ -269,8 +281,11 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
           annotated), except DMSO (kept as controls); compounds with neither SMILES nor a row in the
           embeddings (the user's CSV if given, else CellFlux's shipped table) are skipped (why
           CellFlux has 34 of the 38 MoA compounds). Both counted in ``meta.json["skipped"]``.
-        - The split is drawn per field of view with ``seed`` (crops of one field never straddle
-          splits), stratified by plate and state (:func:`split_fields`).
+        - The split is drawn per well with ``seed`` (the crops of one well's fields never straddle
+          splits), stratified by plate and state (:func:`split_fields` on the wells; a plate with
+          a single well of a state deals that well's fields instead, :func:`split_units`); the
+          validation split is dealt from the train wells (:mod:`cellfluxrl.data.splits`). Every
+          crop records its plate and well.
         - Batch = ``<Week>_<plate>`` like IMPA's ``BATCH``; a plate with treated images but no DMSO
           controls in a split, or a split without treated images, is an error naming it.
         - A missing, corrupt or truncated TIFF, or one whose shape differs from its plate's, is an
@@ -305,8 +320,10 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
         raise CellfluxError(f"need 0 < test_fraction < 1 and crop_size >= 8, got {test_fraction} and {crop_size}")
     factor = field_scale(pixel_size_um, scale)
     fields, table, skipped = _raw_fields(raw_dir, load_user_embeddings(embeddings))
-    splits = split_fields([(f.batch, f.state) for f in fields], test_fraction, seed)
-    fields = [_Field(**{**f.__dict__, "split": s}) for f, s in zip(fields, splits)]
+    units = split_units(fields)
+    keys = sorted(set(units))
+    unit_split = dict(zip(keys, split_fields([(b, st) for b, st, _ in keys], test_fraction, seed)))
+    fields = [_Field(**{**f.__dict__, "split": unit_split[u]}) for f, u in zip(fields, units)]
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for f in fields:
         counts[(f.split, f.batch)][f.state] += 1
@@ -337,4 +354,4 @@ def prepare_raw(raw_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 
             "pixel_size_um": pixel_size_um, "scale": factor, "declump_h_px": DECLUMP_H_PX,
             "min_nucleus_area_px": MIN_NUCLEUS_AREA_PX, "illumination_sigma_fraction": ILLUMINATION_SIGMA_FRACTION,
             "percentiles": list(PERCENTILES), "intensity_ranges": ranges}}
-        return writer.finish(conditions, embeddings, extra_meta=extra)
+        return writer.finish(conditions, embeddings, extra_meta=extra, val_seed=seed)

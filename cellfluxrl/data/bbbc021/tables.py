@@ -13,7 +13,7 @@ import numpy as np
 
 from cellfluxrl.data.compounds import CONTROL, MOAS, OOD_COMPOUNDS
 from cellfluxrl.data.fingerprints import EmbeddingTable, resolve_embedding
-from cellfluxrl.data.layout import SPLITS, DatasetWriter
+from cellfluxrl.data.layout import SOURCE_SPLITS, DatasetWriter
 from cellfluxrl.errors import CellfluxError, finite_float
 
 # = cellfluxrl.images.CHANNELS_BBBC021, spelled out so `prepare` does not import torch (tested equal).
@@ -116,7 +116,7 @@ def _check_plates(counts: dict[tuple[str, str], Counter], where: str) -> None:
         counts: ``{(split, batch): Counter(control=n, treated=m)}``.
         where: the input folder, named in the error.
     """
-    for split in SPLITS:
+    for split in SOURCE_SPLITS:  # val is dealt out of train by the writer, later
         if not any(c["treated"] for (s, _), c in counts.items() if s == split):
             raise CellfluxError(f"{where}: split {split!r} has no treated images")
     for (split, batch), c in sorted(counts.items()):

@@ -1,4 +1,4 @@
-"""The segmentation contract every backend follows, and the factory that picks one by name.
+"""The segmentation contract every backend follows: the ``Segmenter`` protocol and :func:`check_images`.
 
 Both backends take the model's float32 ``(B, 3, H, W)`` images in ``[-1, 1]`` with channels (actin,
 tubulin, DNA) and return int32 ``(B, H, W)`` nucleus and cell labels (0 = background, 1..K
@@ -6,9 +6,9 @@ contiguous, in raster order of each object's first pixel). The cell of a nucleus
 including it. One segmentation pass per batch is shared by every morphology reward.
 
 Backends: ``classical`` (:mod:`cellfluxrl.rewards.segmentation.classical`, numba, offline, the
-default) and ``cellpose`` (:mod:`cellfluxrl.rewards.segmentation.cellpose_backend`). Both are
-imported only when :func:`make_segmenter` asks for them; they depend on this module (for
-:func:`check_images`), never the other way round at import time.
+default) and ``cellpose`` (:mod:`cellfluxrl.rewards.segmentation.cellpose_backend`). They import
+this module; it imports none of them. The factory that picks one by name is
+:mod:`cellfluxrl.rewards.segmentation.factory`, above both.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from cellfluxrl.errors import CellfluxError
-
-BACKENDS = ("classical", "cellpose")
-
 
 class Segmenter(Protocol):
     """What every backend provides."""
@@ -33,37 +30,6 @@ class Segmenter(Protocol):
     def settings(self) -> dict[str, Any]:
         """JSON-serialisable backend name and every parameter that changes the output."""
         ...
-
-
-def make_segmenter(name: str = "classical", **options: Any) -> Segmenter:
-    """Build a segmentation backend by name.
-
-    Args:
-        name: ``"classical"`` (default, offline, fast) or ``"cellpose"``.
-        **options: the backend's parameters (see :class:`~cellfluxrl.rewards.segmentation.classical.ClassicalSegmenter`
-            and :class:`~cellfluxrl.rewards.segmentation.cellpose_backend.CellposeSegmenter`).
-
-    Returns:
-        A :class:`Segmenter`.
-
-    Raises:
-        CellfluxError: unknown backend or option, Cellpose not installed, model file missing.
-    """
-    if name == "classical":
-        from cellfluxrl.rewards.segmentation.classical import ClassicalSegmenter
-
-        try:
-            return ClassicalSegmenter(**options)
-        except TypeError as exc:
-            raise CellfluxError(f"classical segmenter: {exc}") from None
-    if name == "cellpose":
-        from cellfluxrl.rewards.segmentation.cellpose_backend import CellposeSegmenter
-
-        try:
-            return CellposeSegmenter(**options)
-        except TypeError as exc:
-            raise CellfluxError(f"cellpose segmenter: {exc}") from None
-    raise CellfluxError(f"unknown segmentation backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
