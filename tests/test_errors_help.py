@@ -110,3 +110,13 @@ def test_posttrain_says_what_the_remaining_iterations_need():
 
     assert first_iteration_line(1, 31, 16.0) == ("posttrain: iteration 1 took 16 s (start-up included); the 30 "
                                                  "remaining iterations need at most about 8 min at this speed")
+
+
+def test_evaluate_first_batch_line_scales_to_every_section():
+    from cellfluxrl.commands.evaluate import first_batch_line
+
+    assert first_batch_line("id", 16, 64, 30.0, n_splits=2) == (
+        "evaluate: the first 16 of 64 id pairs took 30 s (start-up included); both sections (128 pairs) need at "
+        "most about 4 min at this speed")
+    assert "the evaluation (64 pairs)" in first_batch_line("id", 16, 64, 30.0)
+

@@ -260,11 +260,19 @@ def cli_report(dataset_dir, tmp_path_factory):
                                       "--best-of", "1,2", "--batch-size", "6", "--kid-subset-size",
                                       "3", "--kid-subsets", "4", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    return out, result.stdout
+    return out, result.stdout, result.stderr
+
+
+def test_evaluate_says_how_long_it_will_take_after_the_first_batch(cli_report):
+    """One estimate line on stderr, printed once: 6 pairs per batch of 6 pairs, two sections."""
+    _, _, err = cli_report
+    lines = [line for line in err.splitlines() if line.startswith("evaluate: the first")]
+    assert len(lines) == 1 and "the first 6 of 6 id pairs took" in lines[0]
+    assert "both sections (12 pairs) need at most about" in lines[0]
 
 
 def test_run_compared_with_itself_gives_identical_rows(cli_report):
-    out, _ = cli_report
+    out, *_ = cli_report
     report = json.loads((out / "report.json").read_text())
     for section in report["sections"].values():
         assert section["columns"] == ["base", "base+best-of-2", "base#2", "base#2+best-of-2", "real"]
@@ -277,7 +285,7 @@ def test_run_compared_with_itself_gives_identical_rows(cli_report):
 def test_in_distribution_and_held_out_compounds_are_separate_sections(dataset_dir, cli_report):
     from cellfluxrl.data.compounds import OOD_COMPOUNDS
 
-    out, output = cli_report
+    out, output, _ = cli_report
     report = json.loads((out / "report.json").read_text())
     assert report["splits"] == ["id", "ood"] and report["settings"]["split"] == "both"
     id_section, ood_section = report["sections"]["id"], report["sections"]["ood"]
@@ -291,7 +299,7 @@ def test_in_distribution_and_held_out_compounds_are_separate_sections(dataset_di
 
 
 def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
-    out, output = cli_report
+    out, output, _ = cli_report
     report = json.loads((out / "report.json").read_text())
     section = report["sections"]["id"]
     rows = section["rows"]
@@ -337,7 +345,7 @@ def test_a_new_report_replaces_the_old_one_whole_and_records_fingerprints(datase
     from cellfluxrl.cli import cli
     from cellfluxrl.provenance import evaluator_digests
 
-    old, _ = cli_report
+    old, *_ = cli_report
     report = json.loads((old / "report.json").read_text())
     fingerprints = report["settings"]["fingerprints"]
     assert fingerprints["evaluators"] == evaluator_digests(dataset_dir) and "judge.pt" in fingerprints["evaluators"]

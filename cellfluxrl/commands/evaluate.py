@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -133,6 +134,17 @@ def _prepare(out: Path, runs: list[Path], dataset: Path, allow_changed_reference
     return staged_folder(out)
 
 
+def first_batch_line(stage: str, done: int, total: int, seconds: float, n_splits: int = 1) -> str:
+    """After the first batch of pairs: what it took (loading and start-up included) and what all
+    ``n_splits`` sections of ``total`` pairs need at that speed (an upper bound: start-up is paid once)."""
+    from cellfluxrl.progress import format_duration
+
+    pairs = total * n_splits
+    return (f"evaluate: the first {done} of {total} {stage} pairs took {format_duration(seconds)} (start-up included); "
+            f"{'both sections' if n_splits > 1 else 'the evaluation'} ({pairs} pairs) need at most about "
+            f"{format_duration(seconds * pairs / max(done, 1))} at this speed")
+
+
 def _evaluate_into(staged: Path, runs: list[Path], dataset: Path, allow_changed_reference: bool, **options) -> dict:
     """Run the evaluation into ``staged`` (progress bars on stderr) and add the fingerprints of the
     runs and evaluators, and the accepted reference changes, to its report.json."""
@@ -144,8 +156,12 @@ def _evaluate_into(staged: Path, runs: list[Path], dataset: Path, allow_changed_
     from cellfluxrl.progress import progress
 
     bars: dict = {}
+    began = time.perf_counter()
+    n_splits = 2 if options.get("split") == "both" else 1
 
     def on_progress(stage: str, done: int, total: int) -> None:
+        if not bars:  # the first batch: how long the whole evaluation will take at this speed
+            click.echo(first_batch_line(stage, done, total, time.perf_counter() - began, n_splits), err=True)
         if stage not in bars:  # created on the first batch, so an early error prints no bar
             for bar in bars.values():
                 bar.close()
