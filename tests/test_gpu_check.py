@@ -80,7 +80,7 @@ def test_reward_entry_points_without_install(tmp_path, monkeypatch):
     assert "pyproject" in gpu_check.reward_entry_points(tmp_path)
     info = next((tmp_path / "site").glob("cellfluxrl-*.dist-info"))
     entry_points = {ep.name: ep for ep in metadata.PathDistribution(info).entry_points}
-    assert set(entry_points) == set(rewards.DEFAULT_WEIGHTS)
+    assert set(entry_points) == {*rewards.DEFAULT_WEIGHTS, "moa_capped"}  # every built-in of pyproject.toml
     assert all(callable(ep.load()) for ep in entry_points.values())
 
 

@@ -202,3 +202,39 @@ def test_real_crops_give_finite_values(suite):
         assert np.isfinite(values).all(), name
     assert (result.stats["nuc_count"] > 0).mean() > 0.8  # real nuclei are found
     assert result.components["nuc_in_cyto"].mean() > 0.5
+
+
+def test_moa_capped_pieces_exact():
+    from cellfluxrl.rewards.moa_cap import capped_probability, class_means
+
+    proba = np.array([[0.7, 0.2, 0.1], [0.2, 0.8, 0.0], [0.5, 0.4, 0.1]])
+    means = class_means(proba, np.array([0, 1, 0]), n_classes=3)
+    assert means[:2].tolist() == pytest.approx([0.6, 0.8]) and np.isnan(means[2])
+    capped = capped_probability(np.array([0.9, 0.1, 0.9, 0.9]), np.array([0, 0, -1, 2]), np.array([0.5, 0.5, np.nan]))
+    assert capped.tolist() == [0.5, 0.1, 0.0, 0.9]  # capped, below the cap, a control, no cap (NaN)
+
+
+def test_moa_capped_is_moa_up_to_what_unseen_real_images_of_the_moa_get(dataset_dir, test_crops):
+    """On real test crops ``moa_capped = min(moa, q_c)``; ``q_c`` is the classifier's mean own-class
+    probability on the train half it never saw (the judge's), below 1 and above chance."""
+    from cellfluxrl.rewards.evaluators import load_evaluators
+    from cellfluxrl.rewards.evaluators_fit import classifier_halves
+    from cellfluxrl.rewards.moa_cap import real_class_probability
+
+    x, moa, _, _ = test_crops
+    evaluators = load_evaluators(dataset_dir)
+    classifier = evaluators.moa_classifier()
+    caps = real_class_probability(evaluators, classifier)
+    dataset = load_dataset(dataset_dir)
+    idx, labels, _, held_out = classifier_halves(dataset, int(evaluators.classifier_report["seed"]))
+    own = classifier.predict_proba(to_model(np.asarray(dataset.images[idx[held_out]]), dequantize=False))
+    present = np.unique(labels[held_out])
+    for c in present:  # the cap recomputed by hand from the held-out half
+        assert caps[c] == pytest.approx(own[labels[held_out] == c, c].mean(), abs=1e-6)
+    assert 1.0 / 12 < np.nanmean(caps) < 1.0
+    with RewardSuite.from_dataset(dataset_dir, parse_weights("moa=1,moa_capped=1")) as s:
+        result = s.score(x, moa)
+    index = moa_index(moa)
+    expected = np.where(index >= 0, np.minimum(result.components["moa"], np.nan_to_num(caps, nan=1.0)[np.maximum(index, 0)]), 0.0)
+    assert np.array_equal(result.components["moa_capped"], expected)
+    assert (result.components["moa_capped"] < result.components["moa"]).any()  # some real crops beat their MoA's mean

@@ -181,8 +181,8 @@ def test_rewards_check_reports_a_factory_that_raises(monkeypatch):
     fails = [line for line in result.output.splitlines() if line.startswith("FAIL")]
     assert len(fails) == 1 and "'boom' from pkg-boom==1" in fails[0] and "RuntimeError: no GPU today" in fails[0]
     summary = next(line for line in result.output.splitlines() if line.startswith("checked "))
-    # the seven built-ins and the two fakes: good and nuc_in_cyto build; six read the dataset's evaluators
-    assert summary == "checked 9 rewards: 2 build, 6 import but need a dataset to build (give --data), 1 fail"
+    # the eight built-ins and the two fakes: good and nuc_in_cyto build; seven read the dataset's evaluators
+    assert summary == "checked 10 rewards: 2 build, 7 import but need a dataset to build (give --data), 1 fail"
     bad = CliRunner().invoke(rewards, ["--data", "."])
     assert bad.exit_code == 2 and "--data goes with --check" in bad.output
 

@@ -5,6 +5,9 @@ Each ``make_<name>(context)`` is a factory following the plugin contract of
 
 - ``moa`` (Eq. 3): ``p_cls(y_c | x)``, the MoA classifier's probability of the target MoA, in [0, 1].
   The classifier has no DMSO class, so a control image scores 0.
+- ``moa_capped`` (an option, not in the paper's sum): ``min(p_cls(y_c | x), q_c)``, the same
+  probability capped at ``q_c``, the mean the classifier gives real images of MoA ``c`` it never
+  saw (:mod:`cellfluxrl.rewards.moa_cap`), so a phenotype stronger than real earns nothing more.
 - ``nuc_in_cyto``: the fraction of nucleus pixels that lie inside a cell, in [0, 1] (the text's
   definition: "the degree to which all detected nuclei are fully enclosed by cytoplasm"). The printed
   Eq. 4 divides by the *cytoplasm* area, which is not a containment score (it rewards small cells and
@@ -110,3 +113,18 @@ def make_moa(context: RewardContext) -> Reward:
         return np.where(batch.moa_index >= 0, picked, 0.0).astype(np.float64)
 
     return moa
+
+
+def make_moa_capped(context: RewardContext) -> Reward:
+    """``moa`` capped at the real images' own class probability (:mod:`cellfluxrl.rewards.moa_cap`), in [0, 1]."""
+    from cellfluxrl.rewards.moa_cap import capped_probability, real_class_probability
+
+    classifier = context.moa_classifier()
+    caps = real_class_probability(context.evaluators, classifier)
+
+    def moa_capped(batch: RewardBatch) -> np.ndarray:
+        proba = batch.shared("moa_proba", lambda: classifier.predict_proba(batch.images))
+        picked = proba[np.arange(len(batch)), np.maximum(batch.moa_index, 0)]
+        return capped_probability(picked, batch.moa_index, caps)
+
+    return moa_capped
