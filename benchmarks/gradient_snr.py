@@ -64,7 +64,7 @@ def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights:
     from cellfluxrl.commands.demo import DemoConfig, posttrain_config
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.data.pairing import PairedDataset
-    from cellfluxrl.rewards import RewardSuite, parse_weights
+    from cellfluxrl.rewards import RewardSuite
     from cellfluxrl.rl import nft
     from cellfluxrl.rl.reward_worker import RewardWorker, wait_rewards
     from cellfluxrl.rl.rollouts import collect_rollouts, iteration_rng
@@ -92,10 +92,11 @@ def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights:
                 began = time.perf_counter()
                 rkey = tuple(getattr(cfg, key) for key in ROLLOUT_KEYS)
                 if rkey not in rollouts:
-                    if cfg.weights not in suites:
-                        suite = RewardSuite.from_dataset(dataset, parse_weights(cfg.weights))
-                        suites[cfg.weights] = (suite, RewardWorker(suite))
-                    suite, worker = suites[cfg.weights]
+                    key = tuple(cfg.train_weights().items())
+                    if key not in suites:
+                        suite = RewardSuite.from_dataset(dataset, cfg.train_weights())
+                        suites[key] = (suite, RewardWorker(suite))
+                    suite, worker = suites[key]
                     pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=cfg.seed)
                     ro = collect_rollouts(policies.old, pairs, embeddings, cfg, 1000 + k, 0, cfg.groups_per_step,
                                           device, worker.submit)

@@ -23,7 +23,7 @@ from cellfluxrl.data.layout import DatasetWriter
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.model.unet import UNetConfig, build_unet
 from cellfluxrl.rewards.weights import DEFAULT_WEIGHTS
-from cellfluxrl.rl.config import PosttrainConfig
+from cellfluxrl.rl.config import STANDARDISED_WEIGHTS, PosttrainConfig
 from cellfluxrl.rl.loop import posttrain
 from cellfluxrl.rl.rollouts import Rollouts, forward_draws, train_times
 from cellfluxrl.rl.step import Policies, nft_backward
@@ -109,7 +109,7 @@ def test_posttrain_writes_a_loadable_run(base_run, tmp_path):
     base_config = json.loads((base_run / "config.json").read_text())
     assert config["kind"] == "posttrain" and config["unet"] == base_config["unet"]
     assert config["dataset"] == base_config["dataset"] and config["condition_dim"] == COND_DIM
-    assert config["posttrain"]["group_size"] == 4 and config["reward_weights"] == DEFAULT_WEIGHTS
+    assert config["posttrain"]["group_size"] == 4 and config["reward_weights"] == STANDARDISED_WEIGHTS
 
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["kind"] == "posttrain" and state["step"] == 2

@@ -86,14 +86,14 @@ def test_advantages_owner_matches_both_normalisations():
     weights = [5.0, 2.0, 1.0]
     total = comps @ torch.tensor(weights, dtype=torch.float64)
     everything = torch.cat([total[:, None], comps], dim=1)
-    raw = advantages(PosttrainConfig(group_size=4), everything, weights)
+    raw = advantages(PosttrainConfig(group_size=4, reward_norm="none"), everything, weights)
     assert torch.equal(raw, nft.group_advantages(total.reshape(3, 4), 5.0, std=total.std(correction=0)))
     per = advantages(PosttrainConfig(group_size=4, reward_norm="per_reward"), everything, weights)
     assert torch.equal(per, nft.per_reward_advantages(comps, torch.tensor(weights, dtype=torch.float64), 4, 5.0))
     # rank 1 of 2 keeps its rows of the gathered advantages, normalised over both ranks
     half = advantages(PosttrainConfig(group_size=4, reward_norm="per_reward"), everything, weights, rank=1, n_local=4)
     assert torch.equal(half, per.reshape(-1)[4:8].reshape(1, 4))
-    half_raw = advantages(PosttrainConfig(group_size=4), everything, weights, rank=2, n_local=4)
+    half_raw = advantages(PosttrainConfig(group_size=4, reward_norm="none"), everything, weights, rank=2, n_local=4)
     assert torch.equal(half_raw, raw[2:3])
 
 
@@ -103,3 +103,22 @@ def test_build_policies_freezes_all_but_the_trainable_subset():
     assert not any(p.requires_grad for p in pol.ref.parameters())
     trained = {n for n, p in pol.theta.named_parameters() if p.requires_grad}
     assert trained == {n for n in trained if n.startswith("cond_proj.") or ".emb_proj." in n}
+
+
+AVAILABLE = ("moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count", "moa_capped")
+
+
+def test_training_weights_default_to_the_standardised_shares_and_overrides_merge_into_them():
+    from cellfluxrl.rewards.weights import DEFAULT_WEIGHTS
+    from cellfluxrl.rl.config import STANDARDISED_WEIGHTS
+
+    assert PosttrainConfig().reward_norm == "per_reward"
+    assert PosttrainConfig().train_weights(AVAILABLE) == STANDARDISED_WEIGHTS
+    assert STANDARDISED_WEIGHTS == {**DEFAULT_WEIGHTS, "moa": 2.0, "nuc_in_cyto": 1.0}
+    assert PosttrainConfig(weights="nuc_size=3").train_weights(AVAILABLE) == {**STANDARDISED_WEIGHTS, "nuc_size": 3.0}
+    assert PosttrainConfig(reward_norm="none").train_weights(AVAILABLE) == DEFAULT_WEIGHTS  # the paper's raw sum
+    assert PosttrainConfig(reward_norm="none", weights="moa=1").train_weights(AVAILABLE) == {**DEFAULT_WEIGHTS, "moa": 1.0}
+    capped = PosttrainConfig(weights="moa=0,moa_capped=2").train_weights(AVAILABLE)
+    assert "moa" not in capped and capped["moa_capped"] == 2.0 and capped["nuc_in_cyto"] == 1.0
+    with pytest.raises(CellfluxError, match="unknown reward 'mao'"):
+        PosttrainConfig(weights="mao=1").train_weights(AVAILABLE)

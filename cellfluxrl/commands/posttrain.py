@@ -12,7 +12,7 @@ from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import DEVICE, File, Folder
 from cellfluxrl.commands.vocabulary import renamed
 
-from cellfluxrl.rewards.weights import weights_option
+from cellfluxrl.rewards.weights import TRAIN_WEIGHTS_HELP, weights_option
 
 POS_INT, POS_FLOAT = click.IntRange(min=1), click.FloatRange(min=0, min_open=True)
 NONNEG_FLOAT = click.FloatRange(min=0)
@@ -48,8 +48,8 @@ def _options(f):
          "Weights RL updates: all, or the conditioning path (condition + embedding projections) [all]."),
         ("--adv-clip", POS_FLOAT, "Advantage clip C [5]."),
         ("--reward-norm", click.Choice(["none", "per_reward"]),
-         "Advantages of the raw weighted reward sum, or of the weighted sum of each reward standardised "
-         "over the iteration (every reward moves them in proportion to its weight) [none]."),
+         "Advantages of the weighted sum of each reward standardised over the iteration (a weight is the "
+         "reward's share of the advantage), or of the raw weighted sum (the paper's Table 1) [per_reward]."),
         ("--lr", POS_FLOAT, "AdamW learning rate [2e-5]."),
         ("--grad-clip", NONNEG_FLOAT, "Max gradient norm, 0 = off [1.0]."),
         ("--old-rate", NONNEG_FLOAT, "Old-policy decay growth: eta_i = min(rate i, old-max) [0.001]."),
@@ -117,7 +117,7 @@ def base_notice(base_run: Path) -> str | None:
 @click.argument("base_run", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", "out_run", type=Folder("run"), required=True, metavar="RUN",
               help="Run folder to write (checkpoint.pt, config.json, stats.jsonl, samples/); re-run to resume.")
-@weights_option
+@weights_option(help=TRAIN_WEIGHTS_HELP)
 @_options
 @click.option("--config", "config_file", type=File("TOML settings"), default=None, metavar="FILE.toml",
               help="TOML file of posttrain settings (options given here win).")
@@ -143,9 +143,7 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
     if config_file is not None:
         cfg = replace_validated(cfg, **load_toml_overrides(config_file, PosttrainConfig))
     cfg = replace_validated(cfg, weights=weights, **options)
-    from cellfluxrl.rewards.weights import parse_weights
-
-    parse_weights(cfg.weights)  # a bad weight (moa=inf, unknown name) is refused before anything runs
+    cfg.train_weights()  # a bad weight (moa=inf, unknown name) is refused before anything runs
     check_base_run(base_run)
     notice = base_notice(base_run) if is_main() else None
     if notice:

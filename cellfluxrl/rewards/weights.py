@@ -42,13 +42,15 @@ def _parse_pair(item: str, spec: str) -> tuple[str, float]:
     return name, weight
 
 
-def parse_weights(spec: str | None, available: Iterable[str] | None = None) -> dict[str, float]:
+def parse_weights(spec: str | None, available: Iterable[str] | None = None,
+                  defaults: Mapping[str, float] | None = None) -> dict[str, float]:
     """Parse a weight string and merge it into the defaults.
 
     Args:
         spec: ``"moa=5,nuc_in_cyto=2"``-style overrides; ``None`` or ``""`` gives the defaults.
         available: the reward names that may be named (default: the installed rewards, discovered
             from entry-point metadata without importing them).
+        defaults: what ``spec`` overrides (default: the paper's :data:`DEFAULT_WEIGHTS`).
 
     Returns:
         name -> weight (float, > 0), the defaults first in their order then the named plugins in
@@ -59,14 +61,14 @@ def parse_weights(spec: str | None, available: Iterable[str] | None = None) -> d
             weight, a name given twice, an unknown name (the message lists the available ones), or
             all weights zero.
     """
-    weights = dict(DEFAULT_WEIGHTS)
+    weights = dict(DEFAULT_WEIGHTS if defaults is None else defaults)
     if spec is None or not spec.strip():
         return weights
     if available is None:
         from cellfluxrl.rewards.registry import available_rewards
 
         available = available_rewards()
-    names = set(available) | set(DEFAULT_WEIGHTS)
+    names = set(available) | set(weights)
     seen: set[str] = set()
     for item in spec.split(","):
         name, weight = _parse_pair(item, spec)
@@ -101,7 +103,17 @@ def _given_weights(ctx, param, value: str | None) -> str | None:
     return value
 
 
-def weights_option(f):
-    """Click decorator adding ``--weights TEXT``; the command receives the raw string (or None)."""
-    return click.option("--weights", "weights", default=None, metavar="NAME=W,...", help=WEIGHTS_HELP,
+TRAIN_WEIGHTS_HELP = ("Training reward weights as NAME=W pairs separated by commas, e.g. 'nuc_size=2,actin_tubulin=1'. "
+                      "Overrides the named rewards of the training default: with --reward-norm per_reward (the "
+                      "default) the paper's seven at moa=2, nuc_in_cyto=1, the others 1 (a standardised reward's "
+                      "weight is its share of the advantage: docs/posttrain.md); with none the paper's sum. W=0 "
+                      "drops a reward; a plugin reward joins only when named. Evaluation keeps the paper's sum.")
+
+
+def weights_option(f=None, *, help: str = WEIGHTS_HELP):
+    """Click decorator adding ``--weights TEXT``; the command receives the raw string (or None).
+    ``@weights_option(help=...)`` gives the option another help text."""
+    if f is None:
+        return lambda g: weights_option(g, help=help)
+    return click.option("--weights", "weights", default=None, metavar="NAME=W,...", help=help,
                         callback=_given_weights)(f)

@@ -169,7 +169,7 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
             ``stats.jsonl``, ``samples/step_XXXXXX.png``). Re-running on it resumes.
         cfg: the settings; on resume the stored ones are kept except ``steps``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``; under torchrun each rank takes its local GPU.
-        suite: a reward scorer (default: ``RewardSuite.from_dataset`` with ``cfg.weights``).
+        suite: a reward scorer (default: ``RewardSuite.from_dataset`` with ``cfg.train_weights()``).
         on_step: called on every rank with each step's stats (the command draws its progress bar);
             ``stats["no_signal"]`` marks a step with nothing to learn from (:func:`no_signal`).
         should_stop: polled after every step; True on any rank stops the run after a checkpoint
@@ -208,7 +208,6 @@ def _posttrain(base_run: Path, out_run: Path, cfg: PosttrainConfig, device, suit
     from cellfluxrl.data.pairing import PairedDataset
     from cellfluxrl.distributed import barrier, init_distributed
     from cellfluxrl.provenance import reference_fingerprint
-    from cellfluxrl.rewards.weights import parse_weights
 
     info = init_distributed(device)
     dev, rank, world = info.device, info.rank, info.world_size
@@ -229,7 +228,7 @@ def _posttrain(base_run: Path, out_run: Path, cfg: PosttrainConfig, device, suit
     accepted = _reference(state, fingerprints, out_run, base.dataset_dir, allow_changed_reference)
     dataset = load_dataset(base.dataset_dir)
     pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=cfg.seed)
-    weights = parse_weights(cfg.weights)
+    weights = cfg.train_weights()
     if suite is None:
         from cellfluxrl.rewards import RewardSuite
 
