@@ -103,14 +103,19 @@ def make_nuc_in_cyto(context: RewardContext) -> Reward:
     return nuc_in_cyto
 
 
+def _target_probability(batch: RewardBatch, classifier) -> np.ndarray:
+    """The classifier's probability of each image's target MoA, float64 ``(B,)`` (a control's row is
+    class 0's; callers zero it). The probabilities are computed once per batch and shared."""
+    proba = batch.shared("moa_proba", lambda: classifier.predict_proba(batch.images))
+    return proba[np.arange(len(batch)), np.maximum(batch.moa_index, 0)]
+
+
 def make_moa(context: RewardContext) -> Reward:
     """Eq. 3: probability of the target MoA under the dataset's MoA classifier, in [0, 1]; DMSO -> 0."""
     classifier = context.moa_classifier()
 
     def moa(batch: RewardBatch) -> np.ndarray:
-        proba = batch.shared("moa_proba", lambda: classifier.predict_proba(batch.images))
-        picked = proba[np.arange(len(batch)), np.maximum(batch.moa_index, 0)]
-        return np.where(batch.moa_index >= 0, picked, 0.0).astype(np.float64)
+        return np.where(batch.moa_index >= 0, _target_probability(batch, classifier), 0.0).astype(np.float64)
 
     return moa
 
@@ -123,8 +128,6 @@ def make_moa_capped(context: RewardContext) -> Reward:
     caps = real_class_probability(context.evaluators, classifier)
 
     def moa_capped(batch: RewardBatch) -> np.ndarray:
-        proba = batch.shared("moa_proba", lambda: classifier.predict_proba(batch.images))
-        picked = proba[np.arange(len(batch)), np.maximum(batch.moa_index, 0)]
-        return capped_probability(picked, batch.moa_index, caps)
+        return capped_probability(_target_probability(batch, classifier), batch.moa_index, caps)
 
     return moa_capped

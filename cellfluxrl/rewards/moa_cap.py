@@ -67,8 +67,8 @@ def real_class_probability(evaluators, classifier) -> np.ndarray:
         CellfluxError: ``classifier.json`` is missing (the halves' seed is unknown).
     """
     from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.images import to_model
     from cellfluxrl.rewards.evaluators_fit import classifier_halves
-    from cellfluxrl.rewards.moa_classifier import _to_float
 
     seed = evaluators.classifier_report.get("seed")
     if seed is None:
@@ -77,10 +77,7 @@ def real_class_probability(evaluators, classifier) -> np.ndarray:
                             f"refit with `cellfluxrl rewards fit DATASET`")
     dataset = load_dataset(evaluators.root.parent)
     idx, labels, _, held_out = classifier_halves(dataset, int(seed))
-    device = next(classifier.parameters()).device
-    images = np.asarray(dataset.images[np.sort(idx[held_out])])
-    order = np.argsort(idx[held_out], kind="stable")
-    proba = classifier.predict_proba(_to_float(images, device))
-    caps = class_means(proba, labels[held_out][order])
+    proba = classifier.predict_proba(to_model(np.asarray(dataset.images[idx[held_out]]), dequantize=False))
+    caps = class_means(proba, labels[held_out])
     log.info("moa_capped: per-MoA caps %s", ", ".join(f"{m} {c:.2f}" for m, c in zip(MOAS, caps)))
     return caps
