@@ -92,9 +92,10 @@ def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights:
                 began = time.perf_counter()
                 rkey = tuple(getattr(cfg, key) for key in ROLLOUT_KEYS)
                 if rkey not in rollouts:
-                    key = tuple(cfg.train_weights().items())
+                    train_weights = cfg.train_weights()
+                    key = tuple(train_weights.items())
                     if key not in suites:
-                        suite = RewardSuite.from_dataset(dataset, cfg.train_weights())
+                        suite = RewardSuite.from_dataset(dataset, train_weights)
                         suites[key] = (suite, RewardWorker(suite))
                     suite, worker = suites[key]
                     pairs = PairedDataset(dataset, "train", flip_p=0.0, include_ood=False, seed=cfg.seed)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from cellfluxrl.config import check_seed
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.rewards.weights import DEFAULT_WEIGHTS
 
 TRAINABLE = ("all", "conditioning")  # which weights RL updates (cellfluxrl.rl.step.trainable_parameters)
 # What --weights overrides when every reward is standardised first (reward_norm "per_reward"): the
@@ -14,8 +15,7 @@ TRAINABLE = ("all", "conditioning")  # which weights RL updates (cellfluxrl.rl.s
 # sets the reward's share of the advantage; the paper's 5 and 2 (meant for raw rewards, where
 # morphology holds 97 % of the variance) give MoA and Nuc-in-Cyto 63 % of it and left the
 # morphology rewards below drift (docs/posttrain.md; benchmarks/RESULTS.md, "RL recipe").
-STANDARDISED_WEIGHTS = {"moa": 2.0, "nuc_in_cyto": 1.0, "roundness": 1.0, "nuc_size": 1.0, "cyto_size": 1.0,
-                        "nuc_count": 1.0, "cyto_count": 1.0}
+STANDARDISED_WEIGHTS = {**DEFAULT_WEIGHTS, "moa": 2.0, "nuc_in_cyto": 1.0}
 
 
 @dataclass(frozen=True)
