@@ -16,7 +16,7 @@ H = W; absent in older runs), ``preset`` (name or
 ``"custom"``), ``unet`` (the :class:`UNetConfig` as a dict) and ``condition_dim`` (int), which is
 all :func:`load_run` needs to rebuild the network, plus the training settings of its kind, and
 ``sampling``: how the run is meant to be sampled (:class:`Sampling`: Heun steps, CFG scale, grid,
-source-noise std). ``sample``, ``evaluate``, ``demo`` and the benchmarks use it unless told
+source-noise std). ``sample``, ``evaluate``, ``demo`` and the experiment scripts use it unless told
 otherwise (:func:`resolve_sampling`); a run written before it was recorded loads with CellFlux's
 defaults and a notice.
 """

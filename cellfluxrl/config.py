@@ -1,32 +1,43 @@
 """Typed, frozen run configurations with CellFlux's defaults; TOML/CLI overrides; JSON dump.
 
 Generic helpers (usable for any frozen dataclass config, e.g. the posttrain one):
-:func:`load_toml_overrides` reads a TOML file and checks every key against the dataclass fields
-(an unknown key is a :class:`CellfluxError` naming it and the file), :func:`replace_validated`
-applies overrides (``None`` = not given) with type checks, :func:`config_to_dict` /
-:func:`dump_json` write plain JSON.
+:func:`load_toml_overrides` reads a UTF-8 TOML file and checks every key against the dataclass
+fields (an unknown key is a :class:`CellfluxError` naming it and the file, with the key it most
+likely means), :func:`replace_validated` applies overrides (``None`` = not given) with type checks,
+:func:`config_to_dict` / :func:`dump_json` write plain JSON.
+
+A config class may declare two class-level tables (``typing.ClassVar``, not fields):
+
+- ``RENAMED_KEYS``, ``{old key: new key}``: a key that was renamed. The old one is still read
+  everywhere (a TOML file, with a deprecation note; a stored run config; a keyword of the class),
+  and giving both with different values is refused (:func:`upgrade_keys`).
+- ``KEY_SYNONYMS``, ``{word: key or None}``: what a user may write for a key (the command line's
+  spelling of an option whose key differs, e.g. posttrain's ``--iterations`` for ``steps``; ``None``
+  for an option that is no setting, e.g. ``device``); only used to name the key in an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import os
 import sys
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from cellfluxrl.errors import CellfluxError
+from cellfluxrl.errors import CellfluxError, did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-
+log = logging.getLogger(__name__)
 
 # Seeds reach numpy (SeedSequence, RandomState: non-negative, below 2**32 for the latter) and torch.
 SEED_MAX = 2**32 - 1
@@ -38,6 +49,43 @@ def check_seed(seed: int, where: str = "seed") -> int:
         raise CellfluxError(f"{where} must be an integer from 0 to {SEED_MAX}, got {seed!r}")
     return seed
 
+
+def upgrade_keys(settings: dict, cls, where: str, note: bool = False) -> dict:
+    """``settings`` (a TOML file's, a stored run config's, keywords) with every old key of
+    ``cls.RENAMED_KEYS`` put under its new name; ``where`` names the source in messages; ``note`` logs a
+    deprecation warning per old key (for a file the user edits; stored configs are upgraded silently).
+
+    Raises:
+        CellfluxError: an old key and its new one both given, with different values.
+    """
+    out = dict(settings)
+    for old, new in getattr(cls, "RENAMED_KEYS", {}).items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in out and out[new] != value:
+            raise CellfluxError(f"{where}: both {old!r} (the old name of {new!r}) and {new!r} are set, to {value!r} "
+                                f"and {out[new]!r}; keep only {new!r}")
+        out[new] = value
+        (log.warning if note else log.debug)("%s: key %r is deprecated, read as %r; rename it (docs/cli.md)",
+                                             where, old, new)
+    return out
+
+
+def accepts_renamed_keys(cls):
+    """Class decorator: ``cls(old=v)`` stands for ``cls(new=v)`` for each ``cls.RENAMED_KEYS`` entry
+    (so programs written against the old keyword keep working); both with different values are refused."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **upgrade_keys(kwargs, cls, cls.__name__))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@accepts_renamed_keys
 @dataclass(frozen=True)
 class PretrainConfig:
     """Flow-matching pretraining (defaults: CellFlux's BBBC021 run unless noted).
@@ -57,7 +105,8 @@ class PretrainConfig:
         time_sampling: ``skewed`` (CellFlux) or ``uniform``.
         include_ood: also train on the held-out compounds (CellFlux: no).
         dequantize: uniform dequantisation noise (CellFlux: yes).
-        ckpt_every: write ``checkpoint.pt`` every this many steps (and at the end).
+        save_every: write ``checkpoint.pt`` every this many steps (and at the end); called
+            ``ckpt_every`` in 0.1 (still read: ``RENAMED_KEYS``).
         log_every: append to ``stats.jsonl`` every this many steps.
         seed: base seed of data order, pairing, noise, times, dropout.
         num_workers: DataLoader worker processes (0 = load in the main process).
@@ -66,6 +115,12 @@ class PretrainConfig:
             grid and the CFG weight; CellFlux: 50 and 0.2), recorded as the run's ``sampling``
             and used by ``sample``/``evaluate``/``posttrain`` unless told otherwise.
     """
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"ckpt_every": "save_every"}
+    # The command line's words that are not keys here (pretrain's options): named in an error.
+    KEY_SYNONYMS: ClassVar[dict[str, str | None]] = {
+        "train_steps": "steps", "out": None, "config": None, "device": None, "compile": None, "no_compile": None,
+        "init_from": None, "dry_run": None}
 
     preset: str = "paper"
     steps: int = 100_000
@@ -84,7 +139,7 @@ class PretrainConfig:
     time_sampling: str = "skewed"
     include_ood: bool = False
     dequantize: bool = True
-    ckpt_every: int = 1000
+    save_every: int = 1000
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
@@ -94,7 +149,7 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_seed(self.seed, "config: seed")
-        positive = ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "sample_steps")
+        positive = ("steps", "batch_size", "grad_accum", "save_every", "log_every", "sample_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise CellfluxError(f"config: {name} must be >= 1, got {getattr(self, name)}")
@@ -155,45 +210,99 @@ def field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def validate_overrides(overrides: dict, cls, where: str) -> dict:
-    """Check keys and types of ``overrides`` against dataclass ``cls``; returns coerced values."""
+def unknown_key_error(key: str, cls, where: str) -> CellfluxError:
+    """The one-line error for a key that is no field of ``cls``, naming the key meant when there is one.
+
+    A command-line spelling (``--save-every``, ``save-every``) of a key is named as that key; a word of
+    ``cls.KEY_SYNONYMS`` (``iterations``) as its key, or as an option that is no setting; otherwise the
+    closest field name (difflib), and the list of keys.
+    """
+    known = list(field_types(cls))
+    spelled = str(key).lstrip("-").replace("-", "_")
+    meant = {**getattr(cls, "RENAMED_KEYS", {}), **getattr(cls, "KEY_SYNONYMS", {})}
+    option = "--" + spelled.replace("_", "-")
+    if spelled in meant and meant[spelled] is None:
+        hint = f"{option} is a command-line option, not a setting of this file"
+    elif spelled in meant:
+        hint = f"the key is {meant[spelled]!r} ({option} on the command line)"
+    elif spelled in known:
+        hint = f"the key is spelled {spelled!r} (with underscores)"
+    else:
+        hint = did_you_mean(key, known)
+    return CellfluxError(f"{where}: unknown key {key!r}; {hint}")
+
+
+def validate_overrides(overrides: dict, cls, where: str, note: bool = False) -> dict:
+    """Check keys and types of ``overrides`` against dataclass ``cls``; returns coerced values. Old keys
+    are read under their new names (:func:`upgrade_keys`, which ``note`` is passed to).
+
+    Raises:
+        CellfluxError: an unknown key (:func:`unknown_key_error`), a value of the wrong type, or an old
+            and a new key given with different values.
+    """
     types_ = field_types(cls)
     out = {}
-    for key, value in overrides.items():
+    for key, value in upgrade_keys(overrides, cls, where, note=note).items():
         if key not in types_:
-            raise CellfluxError(f"{where}: unknown key {key!r} (known: {', '.join(types_)})")
+            raise unknown_key_error(key, cls, where)
         out[key] = _coerce(value, types_[key], f"{where}: {key}")
     return out
 
 
-def load_toml_overrides(path: str | os.PathLike, cls, tables: dict[str, type] | None = None) -> dict:
-    """Overrides for ``cls`` from a TOML file.
-
-    Top-level keys must be fields of ``cls``; a table ``[name]`` is allowed only when ``tables``
-    maps ``name`` to a dataclass, whose fields its keys must be (e.g. ``{"unet": UNetConfig}``).
-
-    Returns:
-        ``{field: value}`` for ``cls``, plus ``{table_name: {field: value}}`` for the tables.
+def read_toml(path: str | os.PathLike) -> dict:
+    """A TOML file's content, or one line naming the file and what is wrong with it.
 
     Raises:
-        CellfluxError: missing/unparsable file, unknown key (named), wrong type.
+        CellfluxError: a missing or unreadable file, bytes that are not UTF-8 (the line and column of the
+            first bad byte; TOML files are UTF-8), or invalid TOML (tomllib's line and column).
     """
     path = Path(path)
     if not path.is_file():
         raise CellfluxError(f"config file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CellfluxError(f"config file {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (some Windows editors) is allowed
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise CellfluxError(f"{path} line {line}, column {column}: byte 0x{raw[exc.start]:02x} is not UTF-8; a TOML "
+                            f"file must be saved as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise CellfluxError(f"{path}: invalid TOML ({exc})") from exc
+        raise CellfluxError(f"{path}: invalid TOML ({exc})") from None
+
+
+def load_toml_overrides(path: str | os.PathLike, cls, tables: dict[str, type] | None = None) -> dict:
+    """Overrides for ``cls`` from a TOML file (UTF-8).
+
+    Top-level keys must be fields of ``cls``; a table ``[name]`` is allowed only when ``tables``
+    maps ``name`` to a dataclass, whose fields its keys must be (e.g. ``{"unet": UNetConfig}``).
+    An old key (``cls.RENAMED_KEYS``) is read as its new one, with a deprecation warning.
+
+    Returns:
+        ``{field: value}`` for ``cls``, plus ``{table_name: {field: value}}`` for the tables.
+
+    Raises:
+        CellfluxError: missing/unreadable/non-UTF-8/unparsable file, unknown key (named, with the key
+            it likely means), wrong type, an old and a new key with different values.
+    """
+    path = Path(path)
+    data = read_toml(path)
     tables = tables or {}
-    out = {}
+    settings = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    out = validate_overrides(settings, cls, str(path), note=True)
     for key, value in data.items():
-        if isinstance(value, dict):
-            if key not in tables:
-                raise CellfluxError(f"{path}: unknown table [{key}]")
-            out[key] = validate_overrides(value, tables[key], f"{path} [{key}]")
-        else:
-            out.update(validate_overrides({key: value}, cls, str(path)))
+        if not isinstance(value, dict):
+            continue
+        if key not in tables:
+            known = ", ".join(f"[{t}]" for t in tables) or "none"
+            what = f"{key!r} is a setting: write {key} = VALUE" if key in field_types(cls) else f"tables here: {known}"
+            raise CellfluxError(f"{path}: unknown table [{key}]; {what}")
+        out[key] = validate_overrides(value, tables[key], f"{path} [{key}]", note=True)
     return out
 
 
@@ -216,7 +325,8 @@ def config_to_dict(cfg) -> dict:
 
 
 def config_from_dict(cls, d: dict):
-    """Rebuild a config from :func:`config_to_dict` output (validated; unknown keys are an error)."""
+    """Rebuild a config from :func:`config_to_dict` output (validated; unknown keys are an error; old keys
+    of ``cls.RENAMED_KEYS``, as older runs stored them, are read under their new names)."""
     return cls(**validate_overrides(d, cls, cls.__name__))
 
 

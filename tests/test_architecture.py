@@ -4,8 +4,11 @@ Every module of ``cellfluxrl/`` is parsed with ``ast`` (imports inside functions
 new file that breaks a rule fails here: (a) no module over ``MAX_LINES`` lines, (b) imports only go
 down the layers ``plumbing < data < model < rewards < rl < evaluation < app``, (c) no import cycle,
 neither among the imports that run when a module is imported nor among all of them (lazy imports
-inside functions included), and (d) the old module paths of the issue-14 move are gone: nothing
-imports or names them, and importing one fails.
+inside functions included), (d) the old module paths of the issue-14 move are gone: nothing
+imports or names them, and importing one fails, and (e) ``benchmarks/`` holds the speed and memory
+checks and ``experiments/`` the science scripts, each with a results file that opens with what holds
+at HEAD; the scripts import only the package and their own folder; every script path and results
+section the repository cites exists.
 """
 
 from __future__ import annotations
@@ -233,10 +236,11 @@ OLD_PATHS = ("cellfluxrl.unet", "cellfluxrl.path", "cellfluxrl.sampler", "cellfl
 
 
 def test_the_repository_uses_the_new_paths():
-    """Tests, benchmarks, the plugin, docs and README name only the current module paths."""
+    """Tests, benchmarks, experiments, the plugin, docs and README name only the current module paths."""
     old = "|".join(re.escape(name) for name in sorted(OLD_PATHS, key=len, reverse=True))
     pattern = re.compile(rf"\b(?:{old})\b")
-    files = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py"), *ROOT.glob("plugins/**/*.py"),
+    files = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/**/*.py"), *ROOT.glob("experiments/**/*.py"),
+             *ROOT.glob("plugins/**/*.py"),
              *ROOT.glob("plugins/**/*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("data/*.md"), ROOT / "README.md",
              *PACKAGE.rglob("*.py")]
     bad = []
@@ -267,3 +271,126 @@ def test_rewards_and_cli_import_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/ (speed and memory) and experiments/ (the science), issue 29 item 19.
+
+BENCHMARKS, EXPERIMENTS = ROOT / "benchmarks", ROOT / "experiments"
+SPEED_SCRIPTS = ("eval_memory.py", "gpu_check.py")  # the speed and memory checks that are no pytest-benchmark suite
+SCIENCE_SCRIPTS = ("classifier_robustness.py", "gradient_snr.py", "nucleus_artefacts.py", "nucleus_sizes.py",
+                   "reward_correlation.py", "rl_compare.py", "rl_experiment.py", "rl_table.py", "sampler_steps.py",
+                   "sampling_curve.py")
+HEAD_PAGE, HISTORY = "## What holds at HEAD", "## History (dated; a newcomer can skip)"
+HEAD_PAGE_LINES = 60  # "one page"
+# Texts that cite script paths and results sections (CHANGELOG.md is history: it keeps the paths of its day).
+CITING = ("README.md", "docs/*.md", "data/*.md", "configs/*", "plugins/**/*.py", "plugins/**/*.md", "tests/**/*.py",
+          "cellfluxrl/**/*.py", "benchmarks/*", "experiments/*")
+PLACEHOLDERS = {"bench_x"}  # docs/segmentation.md: `benchmarks/bench_x.py`
+
+
+def _entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if not p.name.startswith((".", "__"))}
+
+
+def test_benchmarks_hold_only_speed_and_memory_checks():
+    """bench_*.py pytest-benchmark suites, the two speed and memory scripts and their RESULTS.md."""
+    names = _entries(BENCHMARKS)
+    assert {"bench_model.py", "bench_rewards.py", "bench_evaluate.py", *SPEED_SCRIPTS, "RESULTS.md"} <= names
+    other = sorted(n for n in names
+                   if not re.fullmatch(r"bench_\w+\.py", n) and n not in (*SPEED_SCRIPTS, "RESULTS.md"))
+    assert not other, f"benchmarks/ holds speed and memory checks only (science scripts go to experiments/): {other}"
+    for path in BENCHMARKS.glob("bench_*.py"):
+        tests = [n for n in ast.parse(path.read_text()).body
+                 if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+        assert tests and all("benchmark" in [a.arg for a in t.args.args] for t in tests), path.name
+
+
+def test_experiments_hold_the_science_scripts():
+    """The science scripts and their RESULTS.md; no speed suite, no test (scripts run by hand, with a main)."""
+    names = _entries(EXPERIMENTS)
+    assert {*SCIENCE_SCRIPTS, "RESULTS.md"} <= names
+    assert not set(SCIENCE_SCRIPTS) & _entries(BENCHMARKS)
+    assert not [n for n in names if n.startswith("bench_") or n in SPEED_SCRIPTS]
+    assert not [n for n in names if not n.endswith((".py", ".md"))], names
+    for path in EXPERIMENTS.glob("*.py"):
+        text = path.read_text()
+        assert '__name__ == "__main__"' in text and not re.search(r"^def test_", text, re.M), path.name
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "experiments"])
+def test_results_open_with_what_holds_at_head(folder):
+    """One page of the newest figure of each kind (each row dated), then the dated history."""
+    text = (ROOT / folder / "RESULTS.md").read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections[:2] == [HEAD_PAGE, HISTORY], sections[:2]
+    page = text.split(HEAD_PAGE, 1)[1].split(HISTORY, 1)[0].strip().splitlines()
+    assert len(page) <= HEAD_PAGE_LINES
+    rows = [line for line in page if line.startswith("| ") and not line.startswith(("| figure |", "| result |"))]
+    assert len(rows) >= 5
+    undated = [row[:80] for row in rows if not re.search(r"\b20\d\d-\d\d-\d\d", row)]
+    assert not undated, undated
+
+
+def _script_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, top-level name)`` of every absolute import of a file (inside functions too)."""
+    out = []
+    for node in _import_nodes(ast.parse(path.read_text(), str(path)), module_level=False):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            continue
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        out.extend((node.lineno, n.split(".")[0]) for n in names)
+    return out
+
+
+def test_scripts_import_the_package_and_their_own_folder_only():
+    """A script imports cellfluxrl by current paths and sibling scripts of its own folder by name;
+    benchmarks never import a science script, experiments never a benchmark, and the package neither."""
+    stems = {folder: {p.stem for p in folder.glob("*.py")} for folder in (BENCHMARKS, EXPERIMENTS)}
+    assert stems[EXPERIMENTS] >= {Path(n).stem for n in SCIENCE_SCRIPTS}
+    assert ("rl_experiment", "experiments/rl_compare.py") in {  # the walk sees sibling imports
+        (name, "experiments/rl_compare.py") for _, name in _script_imports(EXPERIMENTS / "rl_compare.py")}
+    bad = []
+    for folder, other in ((BENCHMARKS, EXPERIMENTS), (EXPERIMENTS, BENCHMARKS)):
+        for path in sorted(folder.glob("*.py")):
+            where = f"{folder.name}/{path.name}"
+            bad += [f"{where}:{line} imports {t}" for line, t in imported(path, f"{folder.name}.{path.stem}")
+                    if t not in modules()]
+            bad += [f"{where}:{line} imports {name} from {other.name}/" for line, name in _script_imports(path)
+                    if name in stems[other] - stems[folder] or name in ("benchmarks", "experiments")]
+    scripts = stems[BENCHMARKS] | stems[EXPERIMENTS] | {"benchmarks", "experiments"}
+    bad += [f"{name}:{line} imports {top}" for name, path in modules().items()
+            for line, top in _script_imports(path) if top in scripts]
+    assert not bad, "\n".join(bad)
+
+
+def _citing_texts():
+    """``(path, text with its whitespace runs collapsed to one space)`` of every citing text."""
+    for pattern in CITING:
+        for path in sorted(ROOT.glob(pattern)):
+            if path.is_file() and path.suffix in (".py", ".md", ".toml") and path != Path(__file__).resolve():
+                yield path, " ".join(path.read_text().split())
+
+
+def test_every_cited_script_path_exists():
+    """After a move, no text sends a reader to a script that is not there any more."""
+    bad = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path, text in _citing_texts()
+           for m in re.finditer(r"(?<![\w.])(benchmarks|experiments)/(\w+)\.py\b", text)
+           if m.group(2) not in PLACEHOLDERS and not (ROOT / m.group(1) / f"{m.group(2)}.py").is_file()]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_cited_results_section_exists():
+    """``benchmarks/RESULTS.md, "Title"`` (or ``experiments/...``) names a heading of that file."""
+    headings = {folder: [line.lstrip("#").strip().lower()
+                         for line in (ROOT / folder / "RESULTS.md").read_text().splitlines() if line.startswith("#")]
+                for folder in ("benchmarks", "experiments")}
+    cite = re.compile(r"(?<![\w.])(benchmarks|experiments)/RESULTS\.md`?\)?,? ?\(?\"([^\"]+)\"")
+    cited, bad = 0, []
+    for path, text in _citing_texts():
+        for m in cite.finditer(text):
+            cited += 1
+            if not any(m.group(2).lower() in h for h in headings[m.group(1)]):
+                bad.append(f'{path.relative_to(ROOT)}: {m.group(1)}/RESULTS.md, "{m.group(2)}"')
+    assert cited >= 10  # the pattern still finds the citations
+    assert not bad, "sections not found:\n" + "\n".join(bad)

@@ -623,7 +623,7 @@ def test_prepare_command_pixel_size_and_scale(tmp_path, capsys):
     _zoom_raw(tmp_path / "raw", tmp_path / "zoom", 2)
     for args, needle, status in ((["--pixel-size", "nan"], "'--pixel-size': must be a positive finite number", 2),
                                  (["--scale", "-2"], "'--scale': must be a positive finite number", 2),
-                                 (["--scale", "0.5", "--pixel-size", "0.3"], "not both", 1)):
+                                 (["--scale", "0.5", "--pixel-size", "0.3"], "not both", 2)):
         code, err = run(str(tmp_path / "bad"), "--raw", str(tmp_path / "zoom"), *args)
         assert code == status and needle in err and len(err.strip().splitlines()) == 1, (args, err)
     code, err = run(str(tmp_path / "bad"), "--impa", str(tmp_path), "--scale", "0.5")

@@ -190,3 +190,50 @@ def test_images_survive_the_cli_exactly(tmp_path, capsys):
     assert code == 0
     ds = load_dataset(tmp_path / "out")
     np.testing.assert_array_equal(np.asarray(ds.images), np.stack([images[r["SAMPLE_KEY"]] for r in rows]))
+
+
+def test_a_mistyped_command_gets_did_you_mean(capsys):
+    code, out, err = run_main(capsys, "sampel", "runs/x")
+    assert (code, out, visible_lines(err)) == (2, "", ["error: No such command 'sampel'. Did you mean 'sample'?"])
+    code, _, err = run_main(capsys, "evalute")
+    assert (code, visible_lines(err)) == (2, ["error: No such command 'evalute'. Did you mean 'evaluate'?"])
+    code, _, err = run_main(capsys, "zzzz")
+    assert (code, visible_lines(err)) == (2, ["error: No such command 'zzzz'."])
+    code, _, err = run_main(capsys, "prepare", "synthtic")
+    assert code == 2 and "Did you mean 'synthetic'?" in err
+
+
+def test_a_folder_option_shows_one_metavar_and_can_require_the_folder(tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from cellfluxrl.commands.params import Folder
+
+    @click.command()
+    @click.argument("dataset", type=Folder("dataset"))
+    @click.option("--data", type=Folder("dataset", exists=True))
+    def command(dataset, data):
+        click.echo(f"{dataset} {data}")
+
+    text = CliRunner().invoke(command, ["--help"]).output
+    assert "Usage: command [OPTIONS] DATASET" in text and "--data DIR" in text
+    result = CliRunner().invoke(command, ["x", "--data", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and f"{tmp_path / 'nowhere'} does not exist; give a dataset folder" in result.output
+    assert CliRunner().invoke(command, ["x", "--data", str(tmp_path)]).output == f"x {tmp_path}\n"
+
+
+def test_every_folder_option_of_the_cli_shows_dir():
+    """One metavar for folders in every command's --help (an option's own metavar, ``--out RUN``, aside)."""
+    import importlib
+
+    import click
+
+    from cellfluxrl.commands.params import Folder
+
+    for name, (module, attr, _) in COMMANDS.items():
+        command = getattr(importlib.import_module(module), attr)
+        for sub in [command, *(command.commands.values() if isinstance(command, click.Group) else [])]:
+            with click.Context(sub) as ctx:
+                for param in sub.params:
+                    if isinstance(param, click.Option) and isinstance(param.type, Folder) and param.metavar is None:
+                        assert param.make_metavar(ctx) == "DIR", (name, sub.name, param.name)

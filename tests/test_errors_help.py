@@ -1,5 +1,5 @@
-"""Errors that help: file vs folder, --device gpu, "did you mean", exit 2 for every invalid value,
-a short line for a bad Inception file, and `posttrain --dry-run` checking its base run."""
+"""Errors that help: file vs folder, --device checked on this machine before any work, "did you mean",
+exit 2 for every invalid value, a short line for a bad Inception file, and `posttrain --dry-run` checking its base run."""
 
 from __future__ import annotations
 
@@ -56,8 +56,103 @@ def test_device_gpu_means_cuda_or_one_line(made, capsys):
     if torch.cuda.is_available():
         assert resolve_device("gpu").type == "cuda"
         return
-    code, _, err = run_main(capsys, "sample", str(made / "run"), "--out", str(made / "s.npz"), "--device", "gpu")
-    assert code == 1 and visible_lines(err) == ["error: device cuda requested but CUDA is not available"]
+    assert usage_error(capsys, "sample", made / "run", "--out", made / "s.npz", "--device", "gpu") == (
+        "error: --device gpu: this machine has no CUDA device (see 'cellfluxrl sample --help')")
+    assert not (made / "s.npz").exists()
+
+
+def _cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def test_device_problem_names_the_device_asked_for():
+    from cellfluxrl.distributed import device_problem
+
+    assert device_problem("cuda:3", 0, False) == "this machine has no CUDA device 3 (it has none)"
+    assert device_problem("cuda:3", 1, False) == "this machine has no CUDA device 3 (it has 1: cuda:0)"
+    assert device_problem("cuda:3", 2, False) == "this machine has no CUDA device 3 (it has 2: cuda:0 to cuda:1)"
+    assert device_problem("cuda", 0, False) == "this machine has no CUDA device"
+    assert device_problem("cuda", 2, False, local_rank=3) == (
+        "this machine has no CUDA device 3 for local rank 3 (it has 2: cuda:0 to cuda:1)")
+    assert device_problem("mps", 0, False) == "this machine has no MPS (Apple GPU) device"
+    assert [device_problem(d, 2, True, local_rank=1) for d in ("cpu", "cuda", "cuda:1", "mps")] == [None] * 4
+
+
+def test_resolve_device_reports_the_index_asked_for():
+    from cellfluxrl.distributed import pick_device, resolve_device
+
+    n = _cuda_count()
+    with pytest.raises(CellfluxError) as exc:
+        resolve_device(f"cuda:{n + 3}")
+    have = "none" if n == 0 else f"{n}: cuda:0" + (f" to cuda:{n - 1}" if n > 1 else "")
+    assert str(exc.value) == f"device cuda:{n + 3}: this machine has no CUDA device {n + 3} (it has {have})"
+    assert pick_device("auto") == pick_device(None) == ("cuda" if n else "cpu") and pick_device("CPU") == "cpu"
+    if n:
+        assert pick_device(" GPU ") == "cuda" and pick_device(f"gpu:{n - 1}") == f"cuda:{n - 1}"
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_the_device_type_resolves_auto_and_checks_the_machine_when_parsing():
+    import click
+
+    from cellfluxrl.commands.params import DEVICE
+
+    n = _cuda_count()
+    assert DEVICE.convert("auto", None, None) == ("cuda" if n else "cpu") and DEVICE.convert("CPU", None, None) == "cpu"
+    if n:
+        assert DEVICE.convert("Gpu:0", None, None) == "cuda:0"
+    with pytest.raises(click.UsageError, match=rf"^--device cuda:{n}: this machine has no CUDA device {n} "):
+        DEVICE.convert(f"cuda:{n}", None, None)
+
+
+def _device_commands():
+    """(path, command) for every command and subcommand of the CLI."""
+    import importlib
+
+    import click
+
+    from cellfluxrl.cli import COMMANDS
+
+    for name, (module, attr, _) in COMMANDS.items():
+        command = getattr(importlib.import_module(module), attr)
+        subs = command.commands.items() if isinstance(command, click.Group) else [(None, command)]
+        for sub_name, sub in subs:
+            yield [name] + ([sub_name] if sub_name else []), sub
+
+
+def test_every_device_option_is_the_one_device_type():
+    from cellfluxrl.commands.params import Device
+
+    found = {" ".join(path) for path, command in _device_commands()
+             for param in command.params if param.name == "device" and isinstance(param.type, Device)}
+    every = {" ".join(path) for path, command in _device_commands() for param in command.params
+             if "--device" in getattr(param, "opts", [])}
+    assert found == every and {"sample", "evaluate", "pretrain", "posttrain", "demo", "rewards fit",
+                               "prepare cellpose-model"} <= found
+
+
+@pytest.mark.parametrize("device", ["cuda:{n3}", "gpu:{n3}", "cuda"])
+@pytest.mark.parametrize("command", [
+    ["sample", "{run}", "--out", "{tmp}/s.npz"],
+    ["evaluate", "{run}", "--data", "{ds}", "--out", "{tmp}/ev"],
+    ["pretrain", "{ds}", "--out", "{tmp}/r"],
+    ["posttrain", "{run}", "--out", "{tmp}/rl"],
+    ["rewards", "fit", "{ds}"],
+    ["demo", "--quick", "--out", "{tmp}/demo"],
+    ["prepare", "cellpose-model", "{ds}", "--out", "{tmp}/models"],
+])
+def test_every_command_refuses_a_missing_device_before_any_work(made, tmp_path, capsys, command, device):
+    n = _cuda_count()
+    if device == "cuda" and n:
+        pytest.skip("this machine has a CUDA device")
+    device = device.format(n3=n + 3)
+    args = [a.format(run=made / "run", ds=made / "ds", tmp=tmp_path) for a in command]
+    before = sorted(p.name for p in made.iterdir())
+    line = usage_error(capsys, *args, "--device", device)
+    have = "none" if n == 0 else f"{n}: cuda:0" + (f" to cuda:{n - 1}" if n > 1 else "")
+    problem = "this machine has no CUDA device" + (f" {n + 3} (it has {have})" if ":" in device else "")
+    assert line.startswith(f"error: --device {device}: {problem} (see 'cellfluxrl "), line
+    assert list(tmp_path.iterdir()) == [] and sorted(p.name for p in made.iterdir()) == before
 
 
 def test_unknown_reward_and_compound_get_did_you_mean(made, capsys):

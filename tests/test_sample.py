@@ -155,12 +155,13 @@ def test_sample_format_tiff_reads_back_with_channel_names_and_csv_matches_npz(tr
     from cellfluxrl.cli import cli
 
     ds, run = trained
-    out = tmp_path / "s.npz"
+    out = tmp_path / "s"  # --format tiff: --out is the folder the images go into
     result = CliRunner().invoke(cli, ["sample", str(run), "--n", "3", "--steps", "2", "--device", "cpu",
                                       "--format", "tiff", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    data = np.load(out)
-    rows = list(csv.DictReader(open(tmp_path / "s" / "samples.csv")))
+    assert f"wrote 3 images (OME-TIFF), samples.csv, samples.npz and grid.png to {out}" in result.output
+    data = np.load(out / "samples.npz")
+    rows = list(csv.DictReader(open(out / "samples.csv")))
     assert [r["pair"] for r in rows] == ["0", "1", "2"]
     assert [r["compound"] for r in rows] == list(data["compound"])
     assert [r["moa"] for r in rows] == list(data["moa"])
@@ -169,13 +170,18 @@ def test_sample_format_tiff_reads_back_with_channel_names_and_csv_matches_npz(tr
     t = data["target_index"]
     assert [r["plate"] for r in rows] == list(ds.table["batch"][t])
     assert [float(r["dose"]) for r in rows] == list(ds.table["dose"][t])
-    assert [r["control_source"] for r in rows] == list(ds.table["source"][data["control_index"]])
+    assert [r["well"] for r in rows] == list(ds.table["well"][t])
+    assert [r["control_well"] for r in rows] == list(ds.table["well"][data["control_index"]])
+    assert "target_source" not in rows[0] and "control_source" not in rows[0]  # plate and well are columns
     for i, row in enumerate(rows):
-        with tifffile.TiffFile(tmp_path / "s" / row["file"]) as tif:
+        with tifffile.TiffFile(out / row["file"]) as tif:
             assert tif.is_ome and tif.series[0].axes == "CYX"
-            names = [c.get("Name") for c in tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]["Channel"]]
-            assert names == list(ds.channels)
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+            assert image["Name"] == row["file"][:-len(".ome.tif")] == f"{i:05d}_{row['compound']}"
+            names = [c.get("Name") for c in image["Pixels"]["Channel"]]
+            assert names == list(ds.channels) == ["actin", "tubulin", "dna"]
             assert np.array_equal(tif.asarray(), np.moveaxis(data["generated"][i], 2, 0))
+    assert (out / "grid.png").stat().st_size > 1000 and not (tmp_path / "s.npz").exists()
 
 
 def test_sample_format_png_writes_rgb_previews(trained, tmp_path):
@@ -184,18 +190,23 @@ def test_sample_format_png_writes_rgb_previews(trained, tmp_path):
     from cellfluxrl.cli import cli
 
     _, run = trained
-    out = tmp_path / "s.npz"
+    out = tmp_path / "s"
     result = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--steps", "2", "--device", "cpu",
                                       "--format", "png", "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    files = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert files == sorted([f"00000_{np.load(out)['compound'][0]}.png", f"00001_{np.load(out)['compound'][1]}.png",
-                            "samples.csv"])
-    png = Image.open(tmp_path / "s" / files[0])
-    assert png.mode == "RGB" and np.array_equal(np.asarray(png), np.load(out)["generated"][0])
+    compounds = np.load(out / "samples.npz")["compound"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted([f"00000_{compounds[0]}.png", f"00001_{compounds[1]}.png", "samples.csv", "samples.npz",
+                            "grid.png", ".cellfluxrl-sample.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no staging folder or lock left beside it
+    png = Image.open(out / files[1])
+    assert png.mode == "RGB" and np.array_equal(np.asarray(png), np.load(out / "samples.npz")["generated"][0])
     (tmp_path / "f").write_text("")
-    clash = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--format", "png", "--out", str(tmp_path / "f.npz")])
+    clash = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--format", "png", "--out", str(tmp_path / "f")])
     assert clash.exit_code == 2 and "is a file" in clash.output
+    named = CliRunner().invoke(cli, ["sample", str(run), "--n", "2", "--format", "png",
+                                     "--out", str(tmp_path / "g.npz")])
+    assert named.exit_code == 2 and "give a folder name, not FILE.npz" in named.output
 
 
 def test_samples_csv_records_the_kept_candidate_and_every_reward(trained, tmp_path):

@@ -64,7 +64,8 @@ def test_sample_network_and_its_old_name(made, tmp_path):
         result = invoke("sample", made / "run", "--n", "1", "--steps", "1", "--device", "cpu", flag, "model",
                         "--out", tmp_path / "s.npz")
         assert result.exit_code == 0, result.output
-        assert str(np.load(tmp_path / "s.npz")["meta_weights_from"]) == "model"
+        saved = np.load(tmp_path / "s.npz")  # the key is meta_network since the sample files' v2 (meta_weights_from before)
+        assert str(saved["meta_network" if "meta_network" in saved else "meta_weights_from"]) == "model"
         assert len(notes(result)) == (flag == "--weights-from")
 
 
@@ -117,3 +118,50 @@ def test_help_uses_the_new_names():
                                   (["prepare", "cellpose-model"], ["--out DIR", "--device"], ["--gpu"])):
         text = invoke(*path, "--help").output
         assert all(word in text for word in present) and not any(word in text for word in absent), (path, text)
+
+
+
+def one_line_usage_error(capsys, *args) -> tuple[str, str]:
+    """Run ``cellfluxrl.cli.main(ARGS)``; assert exit 2, nothing on stdout, one ``error:`` line; return it and stderr."""
+    from test_cli import run_main, visible_lines  # tests/ is on sys.path
+
+    code, out, err = run_main(capsys, *map(str, args))
+    lines = visible_lines(err)
+    assert code == 2 and out == "" and len(lines) == 1, err
+    return lines[0], err
+
+
+def test_two_spellings_of_one_option_with_different_values_are_a_usage_error(made, tmp_path, capsys):
+    line, err = one_line_usage_error(capsys, "pretrain", made / "ds", "--out", tmp_path / "r", "--steps", "5",
+                                     "--train-steps", "7", "--dry-run")
+    assert line == ("error: --steps 5 and --train-steps 7 set one option twice with different values (--steps: the "
+                    "deprecated spelling of --train-steps); give --train-steps once (see 'cellfluxrl pretrain --help')")
+    assert "note:" not in err
+    same = invoke("pretrain", made / "ds", "--out", tmp_path / "r", "--steps=5", "--train-steps", "05", "--dry-run")
+    assert same.exit_code == 0 and tomllib.loads(same.stdout)["steps"] == 5 and len(notes(same)) == 1
+    line, _ = one_line_usage_error(capsys, "prepare", "cellpose-model", tmp_path / "ds", "--out", tmp_path / "m",
+                                   "--gpu", "--device", "cpu")
+    assert line.startswith("error: --gpu and --device cpu set one option twice with different values (--gpu: the "
+                           "deprecated spelling of --device); give --device once")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_positional_output_beside_another_out_is_a_usage_error(made, tmp_path, capsys):
+    line, err = one_line_usage_error(capsys, "pretrain", made / "ds", tmp_path / "C", "--out", tmp_path / "D", "--dry-run")
+    assert line == (f"error: the output is given twice: {tmp_path / 'C'} (as a positional argument, the deprecated "
+                    f"spelling) and --out {tmp_path / 'D'}; give --out once (see 'cellfluxrl pretrain --help')")
+    assert "note:" not in err
+    same = invoke("pretrain", made / "ds", tmp_path / "C", "--out", f"{tmp_path / 'C'}/", "--dry-run")
+    assert same.exit_code == 0 and len(notes(same)) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_option_is_named_not_taken_for_a_positional_output(tmp_path, capsys):
+    from cellfluxrl.commands.prepare import prepare
+
+    line, err = one_line_usage_error(capsys, "prepare", "synthetic", "--out", tmp_path / "zz", "--device", "cpu")
+    assert line == "error: No such option '--device'. (see 'cellfluxrl prepare synthetic --help')" or \
+        line.startswith("error: No such option: --device"), line
+    assert "note:" not in err
+    assert _rewrite(prepare.commands["synthetic"], ["--out", "zz", "--device", "cpu"]) == ["--out", "zz", "--device", "cpu"]
+    assert list(tmp_path.iterdir()) == []

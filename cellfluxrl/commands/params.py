@@ -1,17 +1,15 @@
 """Click parameter types shared by the commands: folders vs files, devices, and values that must
 exit with status 2 (a usage error, via :class:`click.BadParameter`) when invalid.
 
-Only click is imported here, so ``cellfluxrl --help`` stays fast.
+Only click is imported here, so ``cellfluxrl --help`` stays fast (a ``--device`` value imports torch
+when it is checked, which ``--help`` never does).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|gpu)(:\d+)?)$")
 
 
 def _a(word: str) -> str:
@@ -22,19 +20,29 @@ def _a(word: str) -> str:
 class Folder(click.ParamType):
     """A folder path (need not exist yet); an existing *file* is refused as such (exit 2).
 
+    Every folder option shows the one metavar ``DIR`` in ``--help`` (an option's own ``metavar=``,
+    like ``--out RUN``, still wins; an argument keeps its name, ``DATASET``).
+
     Args:
         what: what the folder holds, for the message (``"dataset"``, ``"run"``, ``"output"``).
+        exists: the folder must already exist (a missing one is a usage error naming it).
     """
 
     name = "folder"
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, exists: bool = False):
         self.what = what
+        self.exists = exists
+
+    def get_metavar(self, param, ctx=None) -> str | None:
+        return "DIR" if isinstance(param, click.Option) else None
 
     def convert(self, value, param, ctx) -> Path:
         path = Path(value)
         if path.is_file():
             self.fail(f"{path} is a file; give {_a(self.what)} folder", param, ctx)
+        if self.exists and not path.is_dir():
+            self.fail(f"{path} does not exist; give {_a(self.what)} folder", param, ctx)
         return path
 
 
@@ -58,7 +66,14 @@ class File(click.ParamType):
 
 
 class Device(click.ParamType):
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``gpu`` and ``gpu:N`` mean CUDA."""
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; ``gpu`` and ``gpu:N`` mean CUDA.
+
+    Resolved and checked on this machine when the command line is parsed, before any work, by the
+    one resolver :func:`cellfluxrl.distributed.pick_device`: ``auto`` becomes ``cuda`` or ``cpu``, and a
+    device the machine lacks is a usage error (exit 2) naming what was asked, e.g. ``--device cuda:3:
+    this machine has no CUDA device 3 (it has none)``. Converts to the canonical string (a bare
+    ``cuda`` stays bare: under torchrun each process takes its ``LOCAL_RANK``).
+    """
 
     name = "device"
 
@@ -66,10 +81,21 @@ class Device(click.ParamType):
         return "auto|cpu|cuda[:N]|gpu"
 
     def convert(self, value, param, ctx) -> str:
-        text = str(value).strip().lower()
-        if not DEVICE_PATTERN.match(text):
-            self.fail(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or gpu (= cuda)", param, ctx)
-        return text.replace("gpu", "cuda")
+        from cellfluxrl.distributed import (DEVICE_WORDS, device_unavailable, env_local_rank, normalise_device,
+                                            pick_device)
+        from cellfluxrl.errors import CellfluxError
+
+        try:
+            device = normalise_device(value)
+        except CellfluxError:
+            self.fail(f"{value!r} is not a device; use {DEVICE_WORDS}", param, ctx)
+        if device == "auto":
+            return pick_device("auto")
+        problem = device_unavailable(device, env_local_rank())
+        if problem:
+            option = param.opts[0] if param is not None and param.opts else "--device"
+            raise click.UsageError(f"{option} {value}: {problem}", ctx)
+        return device
 
 
 DEVICE = Device()

@@ -11,6 +11,7 @@ import click
 from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import DEVICE, File, Folder
 from cellfluxrl.commands.vocabulary import renamed
+from cellfluxrl.commands.wording import count
 
 from cellfluxrl.rewards.weights import TRAIN_WEIGHTS_HELP, weights_option
 
@@ -75,8 +76,47 @@ def first_iteration_line(step: int, total: int, seconds: float) -> str:
     from cellfluxrl.progress import format_duration
 
     left = total - step
-    return (f"posttrain: iteration {step} took {format_duration(seconds)} (start-up included); the {left} "
-            f"remaining iterations need at most about {format_duration(left * seconds)} at this speed")
+    return (f"posttrain: iteration {step} took {format_duration(seconds)} (start-up included); the "
+            f"{count(left, 'remaining iteration')} {'needs' if left == 1 else 'need'} at most about "
+            f"{format_duration(left * seconds)} at this speed")
+
+
+RUN_OUTPUTS = ("config.json", "stats.jsonl", "checkpoint.pt", "samples")  # what a posttrain run folder may hold
+
+
+def written_line(out_run: Path) -> str:
+    """The last line of ``posttrain``: the run folder and what it holds (``samples/`` only when sample grids
+    were written: ``--grid-every 0`` writes none)."""
+    held = [f"{name}/" if (out_run / name).is_dir() else name for name in RUN_OUTPUTS if (out_run / name).exists()]
+    return f"posttrain run written to {out_run} ({', '.join(held) or 'nothing yet'})"
+
+
+def resolve_config(config_file: Path | None, weights: str | None, **options):
+    """Defaults -> TOML file -> CLI options; the file's own errors (a bad ``weights`` value, a value out
+    of range) name the file and the key, not an option.
+
+    Returns:
+        The :class:`~cellfluxrl.rl.config.PosttrainConfig`.
+
+    Raises:
+        CellfluxError: a bad file or setting (one line).
+    """
+    from cellfluxrl.config import load_toml_overrides, replace_validated
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.rl.config import PosttrainConfig
+
+    cfg = PosttrainConfig()
+    if config_file is not None:
+        over = load_toml_overrides(config_file, PosttrainConfig)
+        try:
+            cfg = replace_validated(cfg, **over)
+        except CellfluxError as exc:
+            raise CellfluxError(f"{config_file}: {exc}") from None
+        if cfg.weights is not None:
+            cfg.train_weights(where=f"{config_file}: weights = {cfg.weights!r}")
+    cfg = replace_validated(cfg, weights=weights, **options)
+    cfg.train_weights()  # a bad weight (moa=inf, unknown name) is refused before anything runs
+    return cfg
 
 
 def check_base_run(base_run: Path) -> None:
@@ -116,7 +156,8 @@ def base_notice(base_run: Path) -> str | None:
                                       meaning={"--iterations": "RL iterations"}))
 @click.argument("base_run", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", "out_run", type=Folder("run"), required=True, metavar="RUN",
-              help="Run folder to write (checkpoint.pt, config.json, stats.jsonl, samples/); re-run to resume.")
+              help="Run folder to write (checkpoint.pt, config.json, stats.jsonl; samples/ unless --grid-every 0); "
+                   "re-run to resume.")
 @weights_option(help=TRAIN_WEIGHTS_HELP)
 @_options
 @click.option("--config", "config_file", type=File("TOML settings"), default=None, metavar="FILE.toml",
@@ -134,16 +175,11 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
     Example (CPU, tiny model):
       cellfluxrl posttrain runs/base --out runs/rl --iterations 100 --groups-per-step 4 --rollout-steps 6
     """
-    from cellfluxrl.config import config_to_dict, load_toml_overrides, replace_validated
+    from cellfluxrl.config import config_to_dict
     from cellfluxrl.distributed import is_main
-    from cellfluxrl.rl.config import PosttrainConfig
     from cellfluxrl.rl.loop import posttrain as run
 
-    cfg = PosttrainConfig()
-    if config_file is not None:
-        cfg = replace_validated(cfg, **load_toml_overrides(config_file, PosttrainConfig))
-    cfg = replace_validated(cfg, weights=weights, **options)
-    cfg.train_weights()  # a bad weight (moa=inf, unknown name) is refused before anything runs
+    cfg = resolve_config(config_file, weights, **options)
     check_base_run(base_run)
     notice = base_notice(base_run) if is_main() else None
     if notice:
@@ -187,4 +223,4 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
         stop.exit(f"posttrain stopped by {stop.name} at step {last['step']} of {cfg.steps}; checkpoint "
                   f"{out_run / 'checkpoint.pt'} holds it: run the same command to resume" if is_main() else None)
     if is_main():
-        click.echo(f"posttrain run written to {out_run} (stats.jsonl, checkpoint.pt, samples/)")
+        click.echo(written_line(out_run))

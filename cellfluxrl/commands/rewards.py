@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
-from cellfluxrl.commands.params import DEVICE
+from cellfluxrl.commands.params import DEVICE, Folder
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -19,7 +19,7 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 @click.group(invoke_without_command=True)
 @click.option("--check", is_flag=True,
               help="Import every reward and call its factory; report failures one line each (exit 1 if any).")
-@click.option("--data", "dataset", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+@click.option("--data", "dataset", type=Folder("dataset", exists=True), default=None,
               help="With --check: build the rewards on this dataset's evaluators (without it, factories that "
                    "need a dataset are only imported).")
 @click.pass_context
@@ -92,13 +92,23 @@ def fit(dataset: Path, segmenter: str, cellpose_model: str | None, seed: int, ep
     `prepare` does this already; use it after changing the segmenter, or on a dataset prepared
     with --no-evaluators. A segmenter that finds nothing in some MoA's train images is refused
     (naming the MoA and statistic); one that misses nuclei in more than 5 % of them is a warning.
+    The device is checked first; the new files replace the old ones only once all are fitted
+    (a failure or Ctrl-C leaves DATASET/evaluators as it was), holding DATASET's lock as
+    `prepare` does.
     """
-    import torch
+    from cellfluxrl.commands.interrupts import StopSignals
+    from cellfluxrl.distributed import resolve_device
+    from cellfluxrl.rundir import hold
 
-    from cellfluxrl.rewards.evaluators_fit import fit_evaluators
+    device = str(resolve_device(device or "auto"))  # an unavailable device fails here, before any write
+    with hold(dataset, "rewards fit"), StopSignals(graceful=False) as stop:
+        from cellfluxrl.rewards.evaluators_fit import fit_evaluators
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    summary = fit_evaluators(dataset, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed, progress=True,
-                             classifier_epochs=epochs, device=device)
+        try:
+            summary = fit_evaluators(dataset, segmenter=segmenter, cellpose_model=cellpose_model, seed=seed,
+                                     progress=True, classifier_epochs=epochs, device=device)
+        except KeyboardInterrupt:
+            stop.exit(f"rewards fit stopped by {stop.name}: {dataset / 'evaluators'} is as it was (the new files "
+                      f"replace it only once all are fitted); run the same command to fit them again")
     for key, value in summary.items():
         click.echo(f"{key}: {value}")

@@ -1,4 +1,7 @@
-"""``cellfluxrl sample RUN --n N --out FILE.npz``: generate perturbed cells (optionally best-of-K)."""
+"""``cellfluxrl sample RUN --n N --out FILE.npz|DIR``: generate perturbed cells (optionally best-of-K).
+
+What it writes, and what it refuses to write over, is :mod:`cellfluxrl.commands.sample_outputs`.
+"""
 
 from __future__ import annotations
 
@@ -7,69 +10,10 @@ from pathlib import Path
 import click
 
 from cellfluxrl.commands import SEED
-from cellfluxrl.commands.params import DEVICE, File, Folder
+from cellfluxrl.commands.params import DEVICE, Folder
 from cellfluxrl.commands.vocabulary import renamed
 
 from cellfluxrl.rewards.weights import weights_option
-
-
-def write_outputs(out: Path, samples, meta: dict) -> tuple[Path, Path]:
-    """Write ``FILE.npz`` (images + metadata) and ``FILE.png`` (control | generated | real target per condition)."""
-    import numpy as np
-
-    from cellfluxrl.grids import save_grid
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"generated": samples.generated, "controls": samples.controls, "targets": samples.targets,
-              "target_index": samples.target_index, "control_index": samples.control_index,
-              "compound": samples.compound, "moa": samples.moa, "seeds": samples.seeds}
-    if samples.rewards is not None:
-        arrays["rewards"] = samples.rewards
-        arrays["candidate_rewards"] = samples.candidate_rewards
-        for name, values in samples.components.items():
-            arrays[f"reward_{name}"] = values
-    arrays.update({f"meta_{k}": np.asarray(v) for k, v in meta.items()})
-    tmp = out.with_name(f".{out.stem}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(out)
-    rows, labels = [], []
-    for name in dict.fromkeys(samples.compound.tolist()):
-        i = int(np.flatnonzero(samples.compound == name)[0])
-        rows.append([samples.controls[i], samples.generated[i], samples.targets[i]])
-        labels.append(f"{name}\n{samples.moa[i]}")
-    png = out.with_suffix(".png")
-    save_grid(png, rows, labels, ["control", "generated", "real target"], title=meta.get("run"))
-    return out, png
-
-
-def check_writable(out: Path) -> None:
-    """Refuse an --out that cannot be written, before anything is generated (one line naming it).
-
-    Creates nothing: an existing folder gets a probe file (removed at once); a folder still to be
-    made needs a writable nearest existing parent.
-    """
-    import os
-
-    from cellfluxrl.errors import CellfluxError
-
-    for path in (out, out.with_suffix(".png")):
-        if path.is_dir():
-            raise CellfluxError(f"--out {out}: {path} is a folder; give a FILE.npz path")
-    folder = out.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise CellfluxError(f"--out {out}: cannot write in {folder} (not a folder)")
-    if folder != out.absolute().parent:  # created when writing: the parent must let us
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise CellfluxError(f"--out {out}: cannot write in {folder} (Permission denied)")
-        return
-    probe = folder / f".{out.name}.probe-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
-        raise CellfluxError(f"--out {out}: cannot write in {folder} ({exc.strerror or type(exc).__name__})") from None
 
 
 def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None) -> Path:
@@ -124,37 +68,106 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
 @click.option("--data", "data_dir", type=Folder("dataset"), default=None, metavar="DIR",
               help="Dataset to take the test pairs from. [default: the one the run was trained on]")
-@click.option("--out", type=File("FILE.npz"), required=True, metavar="FILE.npz")
+@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.npz|DIR",
+              help="Where to write: --format npz: FILE.npz, with the grid FILE.png beside it; --format tiff|png: "
+                   "the folder DIR (images, samples.csv, samples.npz, grid.png), replaced whole on a re-run. "
+                   "Never a file or folder sample did not write, a dataset, or a run folder itself (a new "
+                   "subfolder of a run is fine).")
 @click.option("--format", "fmt", type=click.Choice(["npz", "tiff", "png"]), default="npz", show_default=True,
-              help="Also write each generated image to the folder FILE/ with samples.csv: tiff = one "
-                   "multi-channel OME-TIFF per image with channel names (Fiji, napari); png = RGB previews.")
+              help="npz = FILE.npz and FILE.png; tiff = one multi-channel OME-TIFF per generated image with "
+                   "channel names and intensity scale (Fiji, napari), png = RGB previews; both in DIR with "
+                   "samples.csv.")
 def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, cfg_scale, which, seed, batch_size,
            device, data_dir, out, fmt):
     """Generate perturbed cells from RUN for the first N treated test rows (same-plate controls).
 
-    Writes FILE.npz (uint8 generated/control/target images and metadata) and FILE.png; with
-    --format tiff or png also FILE/ (one image per generated cell and samples.csv: pair, candidate,
-    compound, dose, MoA, plate, control image and every reward).
+    --format npz (default) writes FILE.npz (uint8 generated/control/target images and metadata) and
+    the grid FILE.png beside it. --format tiff or png writes the folder DIR: one image per generated
+    cell, samples.csv (pair, file, compound, dose, MoA, plate, well, kept candidate, control row,
+    intensity scale, every reward), samples.npz and grid.png; it is built beside DIR and swapped in
+    whole, so a re-run leaves nothing of the previous one. sample writes over only what it wrote
+    itself, never into a dataset, and into a run folder only as a new subfolder; all of that is
+    checked before the model is loaded.
 
     \b
     Example:
       cellfluxrl sample runs/base --n 32 --conditions taxol,AZ138 --best-of 4 --out samples.npz
+      cellfluxrl sample runs/base --n 32 --format tiff --out samples-tiff
+    """
+    from cellfluxrl.commands import sample_outputs
+    from cellfluxrl.distributed import resolve_device
+    from cellfluxrl.rundir import hold
+
+    out, folder_out = Path(out), fmt != "npz"
+    check_out_shape(out, fmt)
+    sample_outputs.check_out(out, folder_out)  # before anything is loaded or written
+    dev = resolve_device(device)
+    loaded, dataset, pairs, sampling, source, suite = _prepare(run, data_dir, conditions, n, split, steps, solver,
+                                                             grid, cfg_scale, which, best_of_k, weights, dev,
+                                                             seed)
+    with hold(out, "sample"):
+        sample_outputs.check_out(out, folder_out)  # again, now that no other sample can write it
+        samples = _generate(loaded, dataset, pairs, sampling, seed, batch_size, best_of_k, suite, dev)
+        meta = {"run": str(run), "dataset": str(dataset.root), "kind": loaded.kind, "step": loaded.step,
+                "network": loaded.weights, "num_steps": sampling.steps, "solver": sampling.solver,
+                "grid": sampling.grid, "cfg_scale": sampling.cfg_scale, "sigma": sampling.sigma,
+                "sampling_source": source, "split": pairs[2], "seed": seed, "best_of": best_of_k,
+                "reward_weights": _weights_text(suite)}
+        extra = f"; mean reward {samples.rewards.mean():.4f}" if samples.rewards is not None else ""
+        count = plural(len(samples.generated), "image")
+        if not folder_out:
+            npz, png = sample_outputs.write_npz_outputs(out, samples, meta)
+            click.echo(f"wrote {count} to {npz} and {png}{extra}")
+            return
+        sample_outputs.write_folder_outputs(out, samples, meta, dataset, fmt)
+        kind = "OME-TIFF" if fmt == "tiff" else "PNG"
+        click.echo(f"wrote {count} ({kind}), samples.csv, {sample_outputs.FOLDER_NPZ} and "
+                   f"{sample_outputs.FOLDER_GRID} to {out}{extra}")
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 image"``, ``"2 images"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def check_out_shape(out: Path, fmt: str) -> None:
+    """Usage errors of ``--out`` (exit 2): FILE.npz for ``--format npz``, a folder name otherwise."""
+    if fmt == "npz":
+        if out.is_dir():
+            raise click.BadParameter(f"{out} is a folder; give a FILE.npz file (or --format tiff|png to write a "
+                                     f"folder)", param_hint="--out")
+        if out.suffix != ".npz":  # FILE.png is written beside it: another suffix would be overwritten
+            raise click.BadParameter(f"{out} must end in .npz (the PNG grid is written beside it)", param_hint="--out")
+        return
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} is a file; --format {fmt} writes a folder there", param_hint="--out")
+    if out.suffix == ".npz":
+        raise click.BadParameter(f"{out}: --format {fmt} writes a folder (images, samples.csv, samples.npz, "
+                                 f"grid.png); give a folder name, not FILE.npz", param_hint="--out")
+
+
+def _weights_text(suite) -> str:
+    """The reward weights a best-of selection used, as ``name=w,...`` (``""`` without a suite)."""
+    if suite is None:
+        return ""
+    from cellfluxrl.rewards import format_weights
+
+    return format_weights(suite.weights)
+
+
+def _prepare(run, data_dir, conditions, n, split, steps, solver, grid, cfg_scale, which, best_of_k, weights, dev,
+             seed):
+    """Load the run, its dataset, the test pairs, the sampling setting and the reward suite (when scored).
+
+    Returns:
+        ``(loaded run, dataset, (target rows, control rows, split), sampling, its source, suite or None)``.
     """
     from dataclasses import replace
 
     from cellfluxrl.checkpoint import load_run, resolve_sampling
     from cellfluxrl.data.layout import load_dataset
-    from cellfluxrl.distributed import resolve_device
-    from cellfluxrl.model.generate import sample_pairs, test_pairs
-    from cellfluxrl.progress import progress
+    from cellfluxrl.model.generate import test_pairs
 
-    if Path(out).suffix != ".npz":  # FILE.png is written beside it: another suffix would be overwritten
-        raise click.BadParameter(f"{out} must end in .npz (the PNG grid is written beside it)", param_hint="--out")
-    check_writable(Path(out))
-    if fmt != "npz" and Path(out).with_suffix("").exists() and not Path(out).with_suffix("").is_dir():
-        raise click.BadParameter(f"{Path(out).with_suffix('')} is a file; --format {fmt} writes a folder there",
-                                 param_hint="--out")
-    dev = resolve_device(device)
     loaded = load_run(run, device=dev, weights=which)
     dataset_dir = dataset_for(run, loaded.config, loaded.dataset_dir, data_dir)
     dataset = load_dataset(dataset_dir)
@@ -168,24 +181,20 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
         click.echo(f"note: only {len(target_idx)} treated test rows match; sampling {len(target_idx)}", err=True)
     suite = None
     if best_of_k > 1 or weights:
-        from cellfluxrl.rewards import RewardSuite, format_weights, parse_weights
+        from cellfluxrl.rewards import RewardSuite, parse_weights
 
         suite = RewardSuite.from_dataset(dataset_dir, parse_weights(weights), device=str(dev))
-    with progress(total=len(target_idx), desc="sample", unit="img") as bar:
-        samples = sample_pairs(loaded.net, dataset, target_idx, control_idx, seed=seed, num_steps=sampling.steps,
-                               cfg_scale=sampling.cfg_scale, grid=sampling.grid, solver=sampling.solver,
-                               sigma=sampling.sigma, batch_size=batch_size, best_of_k=best_of_k, suite=suite,
-                               device=dev, on_batch=bar.update)
-    meta = {"run": str(run), "dataset": str(dataset_dir), "kind": loaded.kind, "step": loaded.step, "weights_from": loaded.weights,
-            "num_steps": sampling.steps, "solver": sampling.solver, "grid": sampling.grid,
-            "cfg_scale": sampling.cfg_scale, "sigma": sampling.sigma, "sampling_source": source, "split": split,
-            "seed": seed,
-            "best_of": best_of_k, "reward_weights": format_weights(suite.weights) if suite is not None else ""}
-    npz, png = write_outputs(Path(out), samples, meta)
-    extra = f"; mean reward {samples.rewards.mean():.4f}" if samples.rewards is not None else ""
-    click.echo(f"wrote {len(samples.generated)} images to {npz} and {png}{extra}")
-    if fmt != "npz":
-        from cellfluxrl.export import export_samples
+    return loaded, dataset, (target_idx, control_idx, split), sampling, source, suite
 
-        table = export_samples(Path(out).with_suffix(""), samples, dataset.table, dataset.channels, fmt)
-        click.echo(f"wrote {len(samples.generated)} {fmt.upper()} files and {table.name} to {table.parent}")
+
+def _generate(loaded, dataset, pairs, sampling, seed, batch_size, best_of_k, suite, dev):
+    """Sample every pair on ``dev`` with a progress bar on stderr; returns the ``Samples``."""
+    from cellfluxrl.model.generate import sample_pairs
+    from cellfluxrl.progress import progress
+
+    target_idx, control_idx, _ = pairs
+    with progress(total=len(target_idx), desc="sample", unit="img") as bar:
+        return sample_pairs(loaded.net, dataset, target_idx, control_idx, seed=seed, num_steps=sampling.steps,
+                            cfg_scale=sampling.cfg_scale, grid=sampling.grid, solver=sampling.solver,
+                            sigma=sampling.sigma, batch_size=batch_size, best_of_k=best_of_k, suite=suite,
+                            device=dev, on_batch=bar.update)

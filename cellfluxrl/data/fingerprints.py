@@ -21,7 +21,9 @@ of a dataset's ``conditions.csv``:
 An embeddings CSV (:func:`read_embeddings_csv`) is laid out like the shipped file: a header line
 (``,0,1,...,1023``; the labels are not used), then one line per compound: its name, then ``D``
 numbers. Every problem is a one-line :class:`~cellfluxrl.errors.CellfluxError` naming the file,
-line and compound.
+line and compound. Rows are found by compound name in any spelling
+(:func:`cellfluxrl.data.compound_names.compound_key`: ``Taxol`` finds ``taxol``), so two rows whose
+names differ only in case or spacing are refused as a repeat.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -38,6 +40,8 @@ from typing import Mapping
 
 import numpy as np
 
+from cellfluxrl.data.compound_names import compound_key
+from cellfluxrl.data.csv_input import all_lines
 from cellfluxrl.errors import CellfluxError, finite_float
 
 FINGERPRINT_BITS = 1024
@@ -90,11 +94,20 @@ class EmbeddingTable:
         path: the file, as named in error messages.
         vectors: compound name -> float32 ``(width,)``, read-only, in file order.
         width: ``D``, the number of values per row (the same for every row).
+        names: :func:`~cellfluxrl.data.compound_names.compound_key` -> the name as the file spells it.
     """
 
     path: str
     vectors: Mapping[str, np.ndarray]
     width: int
+    names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def row(self, name: str) -> np.ndarray | None:
+        """The vector of compound ``name`` in any spelling (``Taxol`` finds ``taxol``), or None."""
+        if name in self.vectors:
+            return self.vectors[name]
+        spelled = self.names.get(compound_key(name))
+        return None if spelled is None else self.vectors[spelled]
 
 
 def _parse_value(text: str, column: int, name: str, where: str) -> float:
@@ -136,7 +149,7 @@ def parse_embeddings_csv(lines: list[str], path: str) -> EmbeddingTable:
         width = len(header) - 1
         if width < 1:
             raise CellfluxError(f"{path} line 1: no value columns after the compound name")
-        vectors, first_line = {}, {}
+        vectors, names, first_line = {}, {}, {}
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue
@@ -146,34 +159,33 @@ def parse_embeddings_csv(lines: list[str], path: str) -> EmbeddingTable:
             if len(row) - 1 != width:
                 raise CellfluxError(f"{where}: compound {name!r} has {len(row) - 1} values, "
                                     f"expected {width} (the header's width)")
-            if name in vectors:
-                raise CellfluxError(f"{where}: compound {name!r} repeats line {first_line[name]}")
+            key = compound_key(name)
+            if key in names:
+                same = "" if names[key] == name else f" ({names[key]!r}: names differing only in case or spacing " \
+                                                     f"are one compound)"
+                raise CellfluxError(f"{where}: compound {name!r} repeats line {first_line[key]}{same}")
             values = [_parse_value(v, j, name, where) for j, v in enumerate(row[1:], start=2)]
             vector = np.array(values, dtype=np.float32)
             vector.setflags(write=False)
-            vectors[name], first_line[name] = vector, reader.line_num
+            vectors[name], names[key], first_line[key] = vector, name, reader.line_num
     except csv.Error as exc:
         raise CellfluxError(f"{path} line {reader.line_num}: not a readable CSV ({exc})") from None
     if not vectors:
         raise CellfluxError(f"{path}: no compound rows after the header")
-    return EmbeddingTable(path, MappingProxyType(vectors), width)
+    return EmbeddingTable(path, MappingProxyType(vectors), width, MappingProxyType(names))
 
 
 def read_embeddings_csv(path: str | os.PathLike) -> EmbeddingTable:
     """Read and validate an embeddings CSV file (see :func:`parse_embeddings_csv`).
 
     Raises:
-        CellfluxError: the file is missing, not UTF-8 text, or any problem of
+        CellfluxError: the file is missing, not UTF-8 text (naming the line), or any problem of
             :func:`parse_embeddings_csv`, as one line naming the file.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CellfluxError(f"{path}: missing embeddings CSV")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
-    except UnicodeDecodeError:
-        raise CellfluxError(f"{path}: not a UTF-8 text CSV") from None
-    return parse_embeddings_csv(text.splitlines(), str(path))
+    return parse_embeddings_csv(all_lines(path), str(path))  # UTF-8 (a byte-order mark is dropped)
 
 
 @lru_cache(maxsize=1)
@@ -194,9 +206,9 @@ def load_user_embeddings(path: str | os.PathLike | None) -> EmbeddingTable | Non
 
 
 def has_embedding_row(name: str, user: EmbeddingTable | None = None) -> bool:
-    """Whether ``name`` can be embedded without a SMILES: it has a row in ``user`` if given, else in
-    the shipped CellFlux table."""
-    return name in (user if user is not None else cellflux_embeddings()).vectors
+    """Whether ``name`` (any spelling) can be embedded without a SMILES: it has a row in ``user`` if
+    given, else in the shipped CellFlux table."""
+    return (user if user is not None else cellflux_embeddings()).row(name) is not None
 
 
 def resolve_embedding(name: str, smiles: str, user: EmbeddingTable | None = None, where: str = "",
@@ -204,7 +216,7 @@ def resolve_embedding(name: str, smiles: str, user: EmbeddingTable | None = None
     """The embedding of one compound and its kind (precedence in the module docstring).
 
     Args:
-        name: the compound as the dataset spells it (looked up exactly).
+        name: the compound (looked up in any spelling, :func:`~cellfluxrl.data.compound_names.compound_key`).
         smiles: its SMILES, or ``""`` when unknown.
         user: the user's embeddings table; when given, it is the only source.
         where: the data file and line that names the compound, prefixed to error messages.
@@ -220,16 +232,17 @@ def resolve_embedding(name: str, smiles: str, user: EmbeddingTable | None = None
     """
     prefix = f"{where}: " if where else ""
     if user is not None:
-        if name not in user.vectors:
+        row = user.row(name)
+        if row is None:
             needed = f" (needed by {where})" if where else ""
             raise CellfluxError(f"{user.path}: no row for compound {name!r}{needed}")
-        return np.array(user.vectors[name], dtype=np.float32), "user"
+        return np.array(row, dtype=np.float32), "user"
     if smiles:
         try:
             return morgan_count_fingerprint(smiles), "morgan"
         except CellfluxError:
             raise CellfluxError(f"{prefix}compound {name!r} has an invalid SMILES {smiles!r}") from None
-    shipped = cellflux_embeddings().vectors.get(name)
+    shipped = cellflux_embeddings().row(name)
     if shipped is not None:
         return np.array(shipped, dtype=np.float32), "cellflux"
     if not allow_name_seeded:

@@ -1,15 +1,17 @@
 """A user's own plates into the cellfluxrl layout (:func:`prepare_images`, ``cellfluxrl prepare images``).
 
-Input: one CSV, one row per field of view (or per ready-cut crop), with the columns
+Input: one comma-separated UTF-8 CSV, one row per field of view (or per ready-cut crop), with the
+columns below (every column, value and rule is in ``docs/data.md``)
 
 =============  ==================================================================================
 ``actin``      image file of the actin (phalloidin) channel: TIFF or PNG, one 8- or 16-bit
 ``tubulin``    grayscale plane; the tubulin channel; paths relative to the CSV's folder or absolute
 ``dna``        the DNA (DAPI/Hoechst) channel, on which nuclei are found
-``compound``   compound name (controls: anything, e.g. ``DMSO``; stored as ``DMSO``)
-``dose``       concentration (a number, any unit; controls may leave it empty = 0)
-``plate``      plate (batch) name; every plate needs controls in each split
-``well``       well name (e.g. ``B02``); the train/test split is drawn per (plate, well)
+``compound``   compound name, any case (``Taxol`` is the table's ``taxol``); controls: anything,
+               stored as ``DMSO``; a treated row may not name DMSO
+``dose``       concentration (a number >= 0, any unit; controls may leave it empty = 0)
+``plate``      plate (batch) name, not empty; every plate needs controls in each split
+``well``       well name (e.g. ``B02``), not empty; the train/test split is drawn per (plate, well)
 ``control``    ``1``/``true``/``yes`` for a DMSO (vehicle) control, ``0``/``false``/``no`` otherwise
 ``smiles``     optional; else the compound's SMILES or row in the shipped BBBC021 table
 ``moa``        optional; one of the 12 BBBC021 MoAs (the MoA reward and classifier know only these);
@@ -25,14 +27,16 @@ The well is kept in each crop's ``well`` column, ``id`` (``PLATE_WELL_lLINE_K``)
 (:mod:`cellfluxrl.data.splits`).
 
 Every problem is a one-line :class:`CellfluxError` naming the CSV line before any pixel is cropped:
-a missing or unreadable file, a colour or multi-plane image, a bit depth other than 8 or 16 bit or
-one that differs within the plate, channels of different shapes, a compound that cannot be
-embedded (no SMILES, no row in the embeddings) or has no known MoA, a plate without controls.
+a file that is not UTF-8 or not comma-separated (:mod:`cellfluxrl.data.csv_input`), an empty plate
+or well, a negative dose, a treated row naming DMSO, a missing or unreadable file, a colour or
+multi-plane image, a bit depth other than 8 or 16 bit or one that differs within the plate,
+channels of different shapes, a field listed twice (the same file contents as another row,
+:mod:`cellfluxrl.data.duplicates`), a compound that cannot be embedded (no SMILES, no row in the
+embeddings) or has no known MoA, a plate without controls.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import struct
@@ -47,8 +51,11 @@ from cellfluxrl.data.bbbc021.raw import (_crop_field, _Field, _plate_statistics,
                                          DECLUMP_H_PX, ILLUMINATION_SIGMA_FRACTION, MIN_NUCLEUS_AREA_PX,
                                          NUCLEUS_SIGMA_PX, PERCENTILES)
 from cellfluxrl.data.bbbc021.tables import (CHANNELS_BBBC021, DMSO_SMILES, _blank, _canonical_moa, _check_plates,
-                                            _ChunkBuffer, _CompoundTable, _csv_rows, _parse_float)
-from cellfluxrl.data.compounds import CONTROL, bbbc021_compounds
+                                            _ChunkBuffer, _CompoundTable, _csv_rows, _parse_dose)
+from cellfluxrl.data.compound_names import is_control_name, known_compound, tidy_name
+from cellfluxrl.data.compounds import CONTROL
+from cellfluxrl.data.csv_input import read_header
+from cellfluxrl.data.duplicates import field_digest
 from cellfluxrl.data.fingerprints import load_user_embeddings
 from cellfluxrl.data.layout import DatasetWriter
 from cellfluxrl.errors import CellfluxError
@@ -122,8 +129,9 @@ def _is_control(value: str, where: str) -> bool:
 
 
 def _moa_and_smiles(compound: str, moa: str, smiles: str, where: str) -> tuple[str, str]:
-    """The row's MoA (its own, else the shipped table's) and SMILES (its own, else the table's)."""
-    known = {c.name.lower(): c for c in bbbc021_compounds()}.get(compound.lower())
+    """The row's MoA (its own, else the shipped table's) and SMILES (its own, else the table's); the
+    table is searched in any spelling of the name (:func:`~cellfluxrl.data.compound_names.compound_key`)."""
+    known = known_compound(compound)
     if _blank(moa):
         if known is None or known.moa == CONTROL:
             raise CellfluxError(f"{where}: compound {compound!r} has no MoA; give it one in the moa column "
@@ -144,44 +152,75 @@ class _Row:
     crop: bool
 
 
+def _row_condition(row: dict[str, str], where: str) -> tuple[bool, str, float, str, str]:
+    """Check a row's plate, well, control flag, dose and compound.
+
+    Returns:
+        ``(control, compound, dose, moa, smiles)``; ``compound`` as the row spells it (``DMSO`` for
+        controls), ``dose`` a float >= 0.
+    """
+    for column in ("plate", "well"):
+        if _blank(row[column]):
+            raise CellfluxError(f"{where}: empty {column}; every row needs its {column} (the train/test split is "
+                                f"drawn per plate and well)")
+    control = _is_control(row["control"], where)
+    dose = 0.0 if control and _blank(row["dose"]) else _parse_dose(row["dose"], "dose", where)
+    if control:
+        return True, CONTROL, dose, CONTROL, DMSO_SMILES
+    compound = tidy_name(row["compound"])
+    if _blank(compound):
+        raise CellfluxError(f"{where}: empty compound in a row that is not a control")
+    if is_control_name(compound):
+        raise CellfluxError(f"{where}: compound {compound!r} is the vehicle control, but the row has control="
+                            f"{row['control']!r}; set control=1 on DMSO rows (control=0 marks a treated row)")
+    moa, smiles = _moa_and_smiles(compound, row.get("moa", ""), row.get("smiles", ""), where)
+    return False, compound, dose, moa, smiles
+
+
+def _row_planes(row: dict[str, str], root: Path, where: str) -> tuple[tuple[Path, ...], PlaneInfo]:
+    """The row's channel files (relative to ``root`` unless absolute) and their common shape and depth."""
+    paths = tuple(Path(row[ch]) if Path(row[ch]).is_absolute() else root / row[ch] for ch in CHANNELS_BBBC021)
+    infos = [plane_info(p, f"{where}, {ch}") for p, ch in zip(paths, CHANNELS_BBBC021)]
+    if len({i.shape for i in infos}) > 1 or len({i.bits for i in infos}) > 1:
+        raise CellfluxError(f"{where}: channels differ: " + ", ".join(
+            f"{ch} {i.shape[0]}x{i.shape[1]} {i.bits}-bit" for ch, i in zip(CHANNELS_BBBC021, infos)))
+    return paths, infos[0]
+
+
 def read_rows(csv_path: Path, crop_size: int, factor: float, user) -> tuple[list[_Row], _CompoundTable]:
-    """Check every row of the images CSV (files, shapes, bit depths, compounds) before any cropping.
+    """Check every row of the images CSV (files, shapes, bit depths, compounds, repeats) before any cropping.
+
+    A row whose three files hold the same bytes as an earlier row's (:func:`field_digest`, whatever
+    the file names) is refused, naming both lines: the same field listed twice.
 
     Returns:
         The rows (split still unset) and the compound table (embeddings resolved).
     """
     root, table, rows = csv_path.parent, _CompoundTable(user), []
     plates: dict[str, tuple[PlaneInfo, bool, str]] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        present = {h.strip() for h in next(csv.reader(f), [])}
+    seen: dict[bytes, int] = {}
+    present = read_header(csv_path, REQUIRED)
     columns = REQUIRED + tuple(c for c in OPTIONAL if c in present)
     for line, row in _csv_rows(csv_path, columns):
         where = f"{csv_path} line {line}"
-        control = _is_control(row["control"], where)
-        dose = 0.0 if control and _blank(row["dose"]) else _parse_float(row["dose"], "dose", where)
-        if control:
-            compound, moa, smiles = CONTROL, CONTROL, DMSO_SMILES
-        else:
-            compound = row["compound"]
-            if _blank(compound):
-                raise CellfluxError(f"{where}: empty compound in a row that is not a control")
-            moa, smiles = _moa_and_smiles(compound, row.get("moa", ""), row.get("smiles", ""), where)
-        table.add(compound, moa, smiles, where)
-        paths = tuple(Path(row[ch]) if Path(row[ch]).is_absolute() else root / row[ch] for ch in CHANNELS_BBBC021)
-        infos = [plane_info(p, f"{where}, {ch}") for p, ch in zip(paths, CHANNELS_BBBC021)]
-        if len({i.shape for i in infos}) > 1 or len({i.bits for i in infos}) > 1:
-            raise CellfluxError(f"{where}: channels differ: " + ", ".join(
-                f"{ch} {i.shape[0]}x{i.shape[1]} {i.bits}-bit" for ch, i in zip(CHANNELS_BBBC021, infos)))
-        info, plate = infos[0], row["plate"]
+        control, compound, dose, moa, smiles = _row_condition(row, where)
+        compound = table.add(compound, moa, smiles, where)
+        paths, info = _row_planes(row, root, where)
+        first = seen.setdefault(field_digest(paths), line)
+        if first != line:
+            raise CellfluxError(f"{where}: the same images as line {first} (identical actin, tubulin and dna file "
+                                f"contents); a field listed twice would repeat its cells, maybe in both train and "
+                                f"test: remove one of the two rows")
+        plate = row["plate"]
         is_crop = info.shape == (crop_size, crop_size) and factor == 1.0
         if min(info.shape) * factor < crop_size:
             raise CellfluxError(f"{where}: images of {info.shape[0]}x{info.shape[1]} px are smaller than a "
                                 f"{crop_size} px crop")
-        first = plates.setdefault(plate, (info, is_crop, where))
-        if (first[0], first[1]) != (info, is_crop):
+        first_info = plates.setdefault(plate, (info, is_crop, where))
+        if (first_info[0], first_info[1]) != (info, is_crop):
+            old = first_info[0]
             raise CellfluxError(f"{where}: {info.shape[0]}x{info.shape[1]} px {info.bits}-bit images, but plate "
-                                f"{plate!r} has {first[0].shape[0]}x{first[0].shape[1]} px {first[0].bits}-bit ones "
-                                f"at {first[2]}")
+                                f"{plate!r} has {old.shape[0]}x{old.shape[1]} px {old.bits}-bit ones at {first_info[2]}")
         dna_rel = paths[2].relative_to(root).as_posix() if paths[2].is_relative_to(root) else str(paths[2])
         field = _Field(paths, plate, compound, dose, moa, "control" if control else "treated",
                        f"{plate}_{row['well']}_l{line}", f"{plate}/{row['well']}/{dna_rel}", well=row["well"])

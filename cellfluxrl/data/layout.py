@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from cellfluxrl import __version__
+from cellfluxrl.data.duplicates import CropDigests
 from cellfluxrl.data.npy_stream import NpyAppender, follow_umask
 from cellfluxrl.data.partials import partial_prefix, remove_stale_partials
 from cellfluxrl.data.splits import VAL_FRACTION, VAL_RULE, group_ids, validation_split
@@ -81,11 +82,12 @@ class DatasetWriter:
             (self.tmp / "masks").mkdir()
             self._masks = (NpyAppender(self.tmp / "masks" / "nuclei.npy", np.int32, shape),
                            NpyAppender(self.tmp / "masks" / "cells.npy", np.int32, shape))
-        self._rows_file = open(self.tmp / "metadata.csv", "w", newline="")
+        self._rows_file = open(self.tmp / "metadata.csv", "w", newline="", encoding="utf-8")
         self._rows = csv.DictWriter(self._rows_file, fieldnames=METADATA_COLUMNS + OPTIONAL_COLUMNS)
         self._rows.writeheader()
         self.counts: dict[str, dict[str, int]] = {s: {t: 0 for t in STATES} for s in SPLITS}
         self.validation: dict = {}
+        self._digests = CropDigests()  # identical crops must share a split and a well (checked on finish)
 
     def __enter__(self) -> "DatasetWriter":
         return self
@@ -113,6 +115,7 @@ class DatasetWriter:
                 raise ValueError(f"row {row.get('id')}: bad split/state {row['split']!r}/{row['state']!r}")
             self._rows.writerow({**{k: row[k] for k in METADATA_COLUMNS}, "well": row.get("well", "")})
         self._images.append(images)
+        self._digests.add(images)
         if self._masks is not None:
             if nuclei is None or cells is None:
                 raise ValueError("this dataset stores masks: add() needs nuclei and cells")
@@ -122,7 +125,8 @@ class DatasetWriter:
     def finish(self, conditions: list[Mapping[str, Any]], embeddings: np.ndarray,
                extra_meta: Mapping[str, Any] | None = None, val_seed: int = 0) -> Path:
         """Deal the validation split, write the conditions, embeddings and meta.json, validate, and
-        move into place.
+        move into place. A dataset in which two identical crops sit in different splits or wells is
+        refused (:class:`cellfluxrl.data.duplicates.CropDigests`).
 
         The ``val`` split is dealt out of ``train`` by whole (plate, well) groups, stratified by MoA,
         with same-plate controls (:func:`cellfluxrl.data.splits.validation_split`); its rule, share
@@ -141,7 +145,7 @@ class DatasetWriter:
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.shape[0] != len(conditions):
             raise ValueError(f"{len(conditions)} conditions but {embeddings.shape[0]} embedding rows")
-        with open(self.tmp / "conditions.csv", "w", newline="") as f:
+        with open(self.tmp / "conditions.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=CONDITION_COLUMNS)
             writer.writeheader()
             for i, c in enumerate(conditions):
@@ -174,7 +178,8 @@ class DatasetWriter:
         groups = group_ids(table["batch"], table["well"])
         table["split"] = validation_split(table["split"], table["state"], table["moa"], table["batch"], groups,
                                           ood, seed)
-        with open(path, "w", newline="") as f:
+        self._digests.check(table["split"], groups, table, f"{self.out}")
+        with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
             writer.writerows(zip(*(table[c].tolist() for c in columns)))
@@ -272,7 +277,7 @@ def _read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = 
     """The named columns of a CSV as lists of strings; an ``optional`` column that is absent is all ``""``."""
     if not path.is_file():
         _fail(path, "missing file")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

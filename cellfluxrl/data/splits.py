@@ -11,6 +11,11 @@ the validation split that :class:`~cellfluxrl.data.layout.DatasetWriter` carves 
 Groups (:func:`group_ids`): images with the same ``batch`` and a non-empty ``well`` share a group;
 an image without a well (a dataset written before the ``well`` column, or a source that does not
 record one) is its own group, so old datasets behave as before (image by image).
+
+Dealing by group keeps *near*-duplicates together; *exact* duplicates listed under two wells (a
+copied plate map) would still straddle a boundary, so the writer refuses any two identical crops in
+different groups or splits (:class:`cellfluxrl.data.duplicates.CropDigests`): with that, no image
+content reaches two splits or both classifier halves.
 """
 
 from __future__ import annotations

@@ -161,11 +161,15 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
 
     targets = split_targets(dataset, split, images)
     if conditions:
+        from cellfluxrl.data.compound_names import compound_key
+
         known = set(dataset.conditions["compound"].tolist())
+        stored = {compound_key(name): name for name in known}  # any spelling finds the stored one
         for name in conditions:
-            if name not in known:
+            if compound_key(name) not in stored:
                 raise CellfluxError(f"{dataset.root}: unknown condition {name!r} (not in conditions.csv); "
                                     f"{did_you_mean(name, known)}")
+        conditions = [stored[compound_key(name)] for name in conditions]
         targets = targets[np.isin(dataset.table["compound"][targets], list(conditions))]
     if targets.size == 0:
         what = f" for {', '.join(conditions)}" if conditions else ""

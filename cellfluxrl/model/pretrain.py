@@ -36,7 +36,7 @@ from cellfluxrl.model import losses
 from cellfluxrl.checkpoint import (CHECKPOINT_NAME, CONFIG_NAME, RUN_FILES, STATS_NAME, Sampling,
                                    load_cellflux_weights, load_checkpoint, load_state_strict, save_checkpoint,
                                    truncate_stats)
-from cellfluxrl.config import PretrainConfig, config_to_dict, dump_json
+from cellfluxrl.config import PretrainConfig, config_to_dict, dump_json, upgrade_keys
 from cellfluxrl.distributed import DistInfo, all_reduce_sum, barrier
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.model.batches import BatchOrder, EpochItems, batches_per_epoch, collate, micro_batch  # noqa: F401 (micro_batch re-exported)
@@ -48,7 +48,7 @@ from cellfluxrl.rundir import check_run_folder, hold
 log = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed (they do not change the trajectory).
-RESUMABLE_CHANGES = ("steps", "ckpt_every", "log_every", "num_workers", "sample_steps", "sample_cfg_scale")
+RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "num_workers", "sample_steps", "sample_cfg_scale")
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,12 +113,15 @@ def run_config(dataset_dir: Path, cfg: PretrainConfig, unet: UNetConfig, conditi
 
 
 def check_resume_compatible(stored: dict, new: dict, path: Path) -> None:
-    """Refuse to resume a run with settings that would change its trajectory (one line naming the key)."""
+    """Refuse to resume a run with settings that would change its trajectory (one line naming the key).
+
+    A run stored by an older version is read with today's keys (``ckpt_every`` is ``save_every``)."""
     for key in ("dataset", "unet", "condition_dim"):
         if stored.get(key) != new.get(key):
             raise CellfluxError(f"{path}: run was started with {key}={stored.get(key)!r}, now {new.get(key)!r}; "
                                 f"use a new RUN folder")
-    old_train, new_train = stored.get("train", {}), new["train"]
+    old_train = upgrade_keys(stored.get("train") or {}, PretrainConfig, str(path))
+    new_train = new["train"]
     for key in sorted(set(old_train) | set(new_train)):
         if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
             raise CellfluxError(f"{path}: run was started with {key}={old_train.get(key)!r}, now "
@@ -313,7 +316,7 @@ def _train(dataset_dir: Path, run_dir: Path, cfg: PretrainConfig, unet: UNetConf
 
             # Save (also when asked to stop: the checkpoint is the resume point).
             stop = should_stop is not None and _any_rank(should_stop(), device)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
                 if dist.is_main:
                     save_checkpoint(ckpt_path, {
                         "kind": "pretrain", "format_version": 1, "step": step, "config": config,

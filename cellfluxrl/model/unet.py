@@ -87,7 +87,7 @@ PRESETS: dict[str, UNetConfig] = {
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
                        attention_resolutions=(), dropout=0.1),
     # The demo's: "tiny" with 1 ResBlock per level (about 1.15M): 1.8x the training images/s of
-    # "tiny" on 2 CPU cores, and at lr 1e-3 a better base per minute (benchmarks/RESULTS.md).
+    # "tiny" on 2 CPU cores, and at lr 1e-3 a better base per minute (experiments/RESULTS.md, "A base that renders each MoA").
     "micro": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                         attention_resolutions=(), dropout=0.1),
 }

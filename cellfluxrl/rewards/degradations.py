@@ -159,7 +159,7 @@ class DegradationConfig:
             uniform in ``1 +- gain_jitter`` and ``1 +- contrast_jitter``. Off by default: channel
             brightness is itself MoA evidence (DNA x0.9 for Aurora kinase inhibitors against x1.1
             for DNA damage), and a +-15 % jitter cost 0.025 clean accuracy at 48 px
-            (benchmarks/RESULTS.md, "MoA classifier on clean crops").
+            (experiments/RESULTS.md, "MoA classifier on clean crops").
         p_blur: probability of a Gaussian blur with sigma uniform in ``[0, max_blur_px]`` pixels.
         p_down_up: probability of a down/up-sampling round trip, factor drawn uniformly from
             ``down_up_factors``.

@@ -49,6 +49,7 @@ from cellfluxrl.rewards.refstats import (POOLED, STATS, check_reference,  # noqa
                                          measure_images, moa_labels, reference_statistics)
 
 logger = logging.getLogger(__name__)
+_WARNED_POOLED: set[tuple[str, tuple[str, ...]]] = set()  # (reference folder, MoAs) already warned about
 
 
 def moa_index(moa) -> np.ndarray:
@@ -87,12 +88,15 @@ class Evaluators:
         reference: the parsed reference_stats.json.
         classifier_path: path of moa_classifier.pt (loaded lazily by :meth:`moa_classifier`).
         classifier_report: the parsed classifier.json (``{}`` when absent).
+        dataset_moas: the MoAs of the dataset's conditions (``conditions.csv``), the only ones any
+            image is scored under; ``None`` when unknown (then all 12 count).
     """
 
     root: Path
     reference: dict
     classifier_path: Path
     classifier_report: dict = field(default_factory=dict)
+    dataset_moas: frozenset[str] | None = None
     _classifiers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -137,20 +141,38 @@ class Evaluators:
     def reference_arrays(self, stat: str) -> tuple[np.ndarray, np.ndarray]:
         """Per-MoA mean and std of one statistic, float64 ``(13,)`` each, row = moa_index + 1.
 
-        An MoA absent from the train split gets the pooled treated reference (logged once).
+        An MoA absent from the train split gets the pooled treated reference. That changes a score
+        only for an MoA the dataset has (:attr:`dataset_moas`), so only those are named, in one
+        warning per process and reference file (:meth:`pooled_moas`).
         """
         if stat not in STATS:
             raise CellfluxError(f"unknown statistic {stat!r}; expected one of {', '.join(STATS)}")
         mu, sigma = np.zeros(len(MOAS) + 1), np.zeros(len(MOAS) + 1)
         for row, name in enumerate(moa_labels()):
-            entry = self.reference["moas"].get(name)
+            entry = self.reference["moas"].get(name, self.reference["moas"].get(POOLED))
             if entry is None:
-                entry = self.reference["moas"].get(POOLED)
-                if entry is None:
-                    raise CellfluxError(f"{self.root / REFERENCE_FILE}: no reference statistics for {name!r}")
-                logger.warning("no train images of %r in the reference; using the pooled treated statistics", name)
+                raise CellfluxError(f"{self.root / REFERENCE_FILE}: no reference statistics for {name!r}")
             mu[row], sigma[row] = entry["mean"][stat], entry["std"][stat]
+        self._warn_pooled()
         return mu, sigma
+
+    def pooled_moas(self) -> list[str]:
+        """The MoAs scored against the pooled treated reference: in the dataset (all 12 when
+        :attr:`dataset_moas` is unknown) but without train images in the reference, in MoA order."""
+        present = [m for m in MOAS if self.dataset_moas is None or m in self.dataset_moas]
+        return [m for m in present if m not in self.reference["moas"]]
+
+    def _warn_pooled(self) -> None:
+        """Log :meth:`pooled_moas` once per process and reference file (nothing when empty)."""
+        pooled = self.pooled_moas()
+        key = (str(self.root.resolve()), tuple(pooled))
+        if not pooled or key in _WARNED_POOLED:
+            return
+        _WARNED_POOLED.add(key)
+        names = ", ".join(repr(m) for m in pooled)
+        logger.warning("%s: no in-distribution train images of MoA %s, which the dataset has (in held-out "
+                       "compounds or test images only); its morphology rewards use the pooled treated statistics",
+                       self.root / REFERENCE_FILE, names)
 
     def moa_classifier(self, device: str = "cpu"):
         """The MoA classifier on ``device`` (loaded once per device, eval mode)."""
@@ -195,4 +217,15 @@ def load_evaluators(dataset_dir: str | os.PathLike) -> Evaluators:
     check_reference(reference["moas"], reference["segmenter"]["settings"], str(path))
     report_path = root / CLASSIFIER_REPORT
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    return Evaluators(root, reference, root / CLASSIFIER_FILE, report)
+    return Evaluators(root, reference, root / CLASSIFIER_FILE, report, dataset_moas(Path(dataset_dir)))
+
+
+def dataset_moas(dataset_dir: Path) -> frozenset[str] | None:
+    """The MoAs in a dataset's ``conditions.csv`` (its treated compounds), or None when it cannot be read."""
+    import csv
+
+    try:
+        with open(dataset_dir / "conditions.csv", newline="", encoding="utf-8") as f:
+            return frozenset(row["moa"] for row in csv.DictReader(f))
+    except (OSError, KeyError, UnicodeDecodeError, csv.Error):
+        return None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def _treated_in_distribution(dataset, split: str) -> tuple[np.ndarray, np.ndarra
 
 
 def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | None = None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, folder: Path | None = None) -> dict:
     """Measure the train split and write ``evaluators/reference_stats.json``; returns its content.
 
     Args:
@@ -46,6 +48,7 @@ def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | N
         segmenter: segmentation backend (``"classical"`` or ``"cellpose"``).
         cellpose_model: Cellpose model name or local path (``segmenter="cellpose"``).
         progress: draw a tqdm bar.
+        folder: where to write it (default ``dataset.evaluators_dir``; a staging folder for ``rewards fit``).
 
     Raises:
         CellfluxError: an empty train split, or a degenerate reference (a statistic 0 on every image
@@ -69,8 +72,9 @@ def fit_reference(dataset, segmenter: str = "classical", cellpose_model: str | N
                                      segmenter=segmenter_label(seg.settings))
     if warning:
         logger.warning("%s: %s", dataset.root, warning)
-    dataset.evaluators_dir.mkdir(exist_ok=True)
-    write_json(dataset.evaluators_dir / REFERENCE_FILE, reference)
+    folder = dataset.evaluators_dir if folder is None else Path(folder)
+    folder.mkdir(exist_ok=True)
+    write_json(folder / REFERENCE_FILE, reference)
     return reference
 
 
@@ -125,7 +129,7 @@ def _fit_one(dataset, train_idx: np.ndarray, train_labels: np.ndarray, test_idx:
 
 
 def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: str = "cpu",
-                   progress: bool = False, resume: bool = False) -> dict:
+                   progress: bool = False, resume: bool = False, folder: Path | None = None) -> dict:
     """Train the reward's MoA classifier and the independent judge; write both and ``classifier.json``.
 
     The treated, in-distribution train images are split into two disjoint halves by whole
@@ -138,6 +142,8 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
     images is refitted; one fitted with another seed is refused
     (:mod:`cellfluxrl.rewards.evaluators_resume`).
 
+    The files go to ``folder`` (default ``dataset.evaluators_dir``).
+
     Returns:
         The report written to classifier.json: the reward classifier's figures at the top level
         (accuracies, robustness, epochs, seconds, ...) and the judge's under ``"judge"``.
@@ -147,13 +153,14 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
     if min(len(np.unique(train_labels[first])), len(np.unique(train_labels[second]))) < 2:
         raise CellfluxError(f"{dataset.root}: too few treated train images to fit two MoA classifiers "
                             f"({train_idx.size} images)")
-    dataset.evaluators_dir.mkdir(exist_ok=True)
+    folder = dataset.evaluators_dir if folder is None else Path(folder)
+    folder.mkdir(exist_ok=True)
     from cellfluxrl.rewards.moa_classifier import FORMAT
 
     reports = []
     for name, half, offset, widths in ((CLASSIFIER_FILE, first, 0, None),
                                        (JUDGE_FILE, second, JUDGE_SEED_OFFSET, JUDGE_WIDTHS)):
-        path = dataset.evaluators_dir / name
+        path = folder / name
         wanted = indices_hash(dataset, train_idx[half])
         kept = stored_classifier_report(path, seed, epochs, FORMAT, offset, wanted) if resume else None
         reports.append(kept if kept is not None else _fit_one(
@@ -165,7 +172,7 @@ def fit_classifier(dataset, seed: int = 0, epochs: int | None = None, device: st
     report["halves"] = (f"treated in-distribution train images dealt by (plate, well) groups, stratified by MoA "
                         f"(disjoint_halves(seed={seed})): {first.size} images in {n_groups[0]} groups for the reward "
                         f"classifier, {second.size} in {n_groups[1]} other groups for the judge")
-    write_json(dataset.evaluators_dir / CLASSIFIER_REPORT, report)
+    write_json(folder / CLASSIFIER_REPORT, report)
     return report
 
 
@@ -184,8 +191,10 @@ def fit_evaluators(dataset_dir: str | os.PathLike, segmenter: str = "classical",
             see :func:`cellfluxrl.rewards.moa_classifier.default_epochs`).
         device: torch device for the classifier (``"cuda"`` when available is faster).
         resume: keep every evaluator file already fitted with these settings and fit only the
-            missing ones (``prepare`` run again; :mod:`cellfluxrl.rewards.evaluators_resume`); False
-            refits everything (``rewards fit``).
+            missing ones, each written as soon as it is fitted (``prepare`` run again;
+            :mod:`cellfluxrl.rewards.evaluators_resume`); False refits everything (``rewards fit``)
+            in a staging folder and moves the files into ``DATASET/evaluators`` only once all are
+            fitted: a failure or an interrupt leaves the old evaluators untouched.
 
     Returns:
         A short summary, e.g. ``{"reference stats": "13 MoAs on 9,876 train images (classical)",
@@ -199,15 +208,59 @@ def fit_evaluators(dataset_dir: str | os.PathLike, segmenter: str = "classical",
     from cellfluxrl.data.layout import load_dataset
 
     dataset = load_dataset(dataset_dir)
+    if resume:
+        return _summary(*_fit(dataset, dataset.evaluators_dir, segmenter, cellpose_model, seed, progress,
+                              classifier_epochs, device, resume=True), segmenter)
+    staging = staging_folder(dataset)
+    try:
+        reference, report = _fit(dataset, staging, segmenter, cellpose_model, seed, progress, classifier_epochs,
+                                 device, resume=False)
+        commit(staging, dataset.evaluators_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _summary(reference, report, segmenter)
+
+
+def staging_folder(dataset) -> Path:
+    """A new hidden folder ``DATASET/.evaluators.partial-HOST-PID-XXXX`` to fit into (those of killed runs
+    are removed first: :func:`cellfluxrl.data.partials.remove_stale_partials`)."""
+    from cellfluxrl.data.partials import partial_prefix, remove_stale_partials
+
+    remove_stale_partials(dataset.evaluators_dir)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{partial_prefix(dataset.evaluators_dir)}{os.getpid()}-",
+                                     dir=dataset.root))
+    except OSError as exc:
+        raise CellfluxError(f"{dataset.root}: cannot write its evaluators ({exc.strerror or exc})") from None
+
+
+def commit(staging: Path, folder: Path) -> None:
+    """Move every file fitted in ``staging`` into ``folder`` (each by an atomic rename), classifier.json last."""
+    folder.mkdir(exist_ok=True)
+    names = sorted((p.name for p in staging.iterdir() if not p.name.startswith(".")),
+                   key=lambda name: name == CLASSIFIER_REPORT)
+    for name in names:
+        os.replace(staging / name, folder / name)
+
+
+def _fit(dataset, folder: Path, segmenter: str, cellpose_model: str | None, seed: int, progress: bool,
+         classifier_epochs: int | None, device: str, resume: bool) -> tuple[dict, dict]:
+    """Fit (or, with ``resume``, keep) the reference and both classifiers into ``folder``; returns
+    ``(reference, classifier report)``."""
     reference = None
     if resume:
-        reference = stored_reference(dataset.evaluators_dir / REFERENCE_FILE, segmenter,
-                                     segmenter_options(segmenter, cellpose_model), REFERENCE_FORMAT)
+        reference = stored_reference(folder / REFERENCE_FILE, segmenter, segmenter_options(segmenter, cellpose_model),
+                                     REFERENCE_FORMAT)
     if reference is None:
-        reference = fit_reference(dataset, segmenter, cellpose_model, progress=progress)
+        reference = fit_reference(dataset, segmenter, cellpose_model, progress=progress, folder=folder)
     report = fit_classifier(dataset, seed=seed, epochs=classifier_epochs, device=device, progress=progress,
-                            resume=resume)
+                            resume=resume, folder=folder)
     logger.info("fitted evaluators of %s: %s", dataset.root, report)
+    return reference, report
+
+
+def _summary(reference: dict, report: dict, segmenter: str) -> dict[str, str]:
+    """The short summary :func:`fit_evaluators` returns."""
     n_moas = len([m for m in reference["moas"] if m != POOLED])
     accuracy = f"{report['test_accuracy']:.3f}" if report["n_test"] else "n/a (no test images)"
     judge = report["judge"]

@@ -3,7 +3,7 @@
 The ``moa`` reward (paper Eq. 3) keeps paying as a phenotype grows stronger than any real cell's:
 the classifier's probability rises with the strength of the evidence it was trained on (enlarged
 nuclei for DNA replication and DNA damage), so RL on it can push nuclei past their real size
-(benchmarks/RESULTS.md, "What RL trades"). ``moa_capped`` pays ``min(p_c(x), q_c)``, where ``q_c``
+(experiments/RESULTS.md, "What RL trades"). ``moa_capped`` pays ``min(p_c(x), q_c)``, where ``q_c``
 is the mean probability the *same* classifier gives real images of MoA ``c`` that it never saw:
 an image that the classifier finds as typical of its MoA as a real one earns the full reward, and
 nothing is paid for being more so.

@@ -21,7 +21,7 @@ down/up-sampling by 1.5/2/3, pixel noise; not the gain/contrast jitter, which er
 cues of the MoA), in batches of 32 so that a few hundred crops still get enough optimizer steps
 to learn the harder, degraded task; :func:`robustness_report`
 measures accuracy under the fixed degradations of ``ROBUSTNESS_CONDITIONS``
-(``benchmarks/classifier_robustness.py`` prints the table).
+(``experiments/classifier_robustness.py`` prints the table).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ DEFAULT_WIDTHS = (24, 48, 96)
 DEFAULT_BATCH_SIZE = 32
 """Crops per optimizer step. Degradation training of ~900 crops underfits at batch 128 (160 steps of
 the demo's 20 epochs: train accuracy 0.76-0.84); batch 32 takes 4x the steps for the same images
-(benchmarks/RESULTS.md, "MoA classifier on clean crops")."""
+(experiments/RESULTS.md, "MoA classifier on clean crops")."""
 TARGET_IMAGES = 300 * 128
 """Images seen by default (:func:`default_epochs`): 300 steps of the former batch 128."""
 

@@ -26,24 +26,24 @@ WEIGHTS_HELP = ("Reward weights as NAME=W pairs separated by commas, e.g. 'moa=5
                 "a plugin reward joins only when named. `cellfluxrl rewards` lists the installed names.")
 
 
-def _parse_pair(item: str, spec: str) -> tuple[str, float]:
-    """One ``NAME=W`` item -> (name, weight); CellfluxError naming the item when malformed."""
+def _parse_pair(item: str, where: str) -> tuple[str, float]:
+    """One ``NAME=W`` item -> (name, weight); CellfluxError naming ``where`` and the item when malformed."""
     name, sep, number = (part.strip() for part in item.partition("="))
     if not sep or not name or not number:
-        raise CellfluxError(f"--weights {spec!r}: {item.strip()!r} is not NAME=WEIGHT")
+        raise CellfluxError(f"{where}: {item.strip()!r} is not NAME=WEIGHT")
     try:
         weight = float(number)
     except ValueError:
-        raise CellfluxError(f"--weights {spec!r}: weight of {name!r} is not a number ({number!r})") from None
+        raise CellfluxError(f"{where}: weight of {name!r} is not a number ({number!r})") from None
     if not math.isfinite(weight):
-        raise CellfluxError(f"--weights {spec!r}: weight of {name!r} must be finite, got {number!r}")
+        raise CellfluxError(f"{where}: weight of {name!r} must be finite, got {number!r}")
     if weight < 0:
-        raise CellfluxError(f"--weights {spec!r}: weight of {name!r} must be >= 0, got {number!r}")
+        raise CellfluxError(f"{where}: weight of {name!r} must be >= 0, got {number!r}")
     return name, weight
 
 
 def parse_weights(spec: str | None, available: Iterable[str] | None = None,
-                  defaults: Mapping[str, float] | None = None) -> dict[str, float]:
+                  defaults: Mapping[str, float] | None = None, where: str | None = None) -> dict[str, float]:
     """Parse a weight string and merge it into the defaults.
 
     Args:
@@ -51,6 +51,8 @@ def parse_weights(spec: str | None, available: Iterable[str] | None = None,
         available: the reward names that may be named (default: the installed rewards, discovered
             from entry-point metadata without importing them).
         defaults: what ``spec`` overrides (default: the paper's :data:`DEFAULT_WEIGHTS`).
+        where: how an error names the string (default ``--weights 'SPEC'``; a settings file says
+            ``"FILE: weights = 'SPEC'"``).
 
     Returns:
         name -> weight (float, > 0), the defaults first in their order then the named plugins in
@@ -64,6 +66,7 @@ def parse_weights(spec: str | None, available: Iterable[str] | None = None,
     weights = dict(DEFAULT_WEIGHTS if defaults is None else defaults)
     if spec is None or not spec.strip():
         return weights
+    where = f"--weights {spec!r}" if where is None else where
     if available is None:
         from cellfluxrl.rewards.registry import available_rewards
 
@@ -71,16 +74,16 @@ def parse_weights(spec: str | None, available: Iterable[str] | None = None,
     names = set(available) | set(weights)
     seen: set[str] = set()
     for item in spec.split(","):
-        name, weight = _parse_pair(item, spec)
+        name, weight = _parse_pair(item, where)
         if name in seen:
-            raise CellfluxError(f"--weights {spec!r}: {name!r} is given twice")
+            raise CellfluxError(f"{where}: {name!r} is given twice")
         if name not in names:
-            raise CellfluxError(f"--weights {spec!r}: unknown reward {name!r}; {did_you_mean(name, names)}")
+            raise CellfluxError(f"{where}: unknown reward {name!r}; {did_you_mean(name, names)}")
         seen.add(name)
         weights[name] = weight
     weights = {name: w for name, w in weights.items() if w != 0.0}
     if not weights:
-        raise CellfluxError(f"--weights {spec!r}: every weight is zero; keep at least one reward")
+        raise CellfluxError(f"{where}: every weight is zero; keep at least one reward")
     return weights
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cellfluxrl.config import check_seed
 from cellfluxrl.errors import CellfluxError
@@ -14,13 +15,19 @@ TRAINABLE = ("all", "conditioning")  # which weights RL updates (cellfluxrl.rl.s
 # paper's seven with moa 2 and nuc_in_cyto 1 instead of 5 and 2. With standardised rewards a weight
 # sets the reward's share of the advantage; the paper's 5 and 2 (meant for raw rewards, where
 # morphology holds 97 % of the variance) give MoA and Nuc-in-Cyto 63 % of it and left the
-# morphology rewards below drift (docs/posttrain.md; benchmarks/RESULTS.md, "RL recipe").
+# morphology rewards below drift (docs/posttrain.md; experiments/RESULTS.md, "RL recipe").
 STANDARDISED_WEIGHTS = {**DEFAULT_WEIGHTS, "moa": 2.0, "nuc_in_cyto": 1.0}
 
 
 @dataclass(frozen=True)
 class PosttrainConfig:
     """Post-training settings; defaults follow the paper, then DiffusionNFT (see docs/posttrain.md)."""
+
+    # The command line's words that are not keys here (posttrain's options): named in an error
+    # (cellfluxrl.config.unknown_key_error); None: an option that is no setting.
+    KEY_SYNONYMS: ClassVar[dict[str, str | None]] = {
+        "iterations": "steps", "stop_after_no_signal": "no_signal_stop", "no_adaptive": "adaptive", "out": None,
+        "config": None, "device": None, "dry_run": None, "allow_changed_reference": None}
 
     weights: str | None = None  # NAME=W,... overriding the named training weights (train_weights)
     steps: int = 1200  # RL iterations (each takes grad_steps optimizer steps; paper: 1200 x 1)
@@ -103,12 +110,14 @@ class PosttrainConfig:
         """The CFG scale ``w`` of rollouts and training (an unresolved ``None`` counts as 0)."""
         return float(self.cfg_scale or 0.0)
 
-    def train_weights(self, available=None) -> dict[str, float]:
+    def train_weights(self, available=None, where: str | None = None) -> dict[str, float]:
         """The weights RL trains on: ``weights`` merged into :data:`STANDARDISED_WEIGHTS` with
         ``reward_norm = "per_reward"``, into the paper's with the raw sum (``"none"``).
 
         Args:
             available: the reward names ``weights`` may name (default: the installed rewards).
+            where: where ``weights`` was given, for the error (default ``--weights '...'``; a settings
+                file: ``"FILE: weights = '...'"``).
 
         Raises:
             CellfluxError: a bad ``weights`` string (:func:`cellfluxrl.rewards.weights.parse_weights`).
@@ -116,7 +125,7 @@ class PosttrainConfig:
         from cellfluxrl.rewards.weights import parse_weights
 
         defaults = STANDARDISED_WEIGHTS if self.reward_norm == "per_reward" else None
-        return parse_weights(self.weights, available, defaults=defaults)
+        return parse_weights(self.weights, available, defaults=defaults, where=where)
 
     @property
     def n_train_timesteps(self) -> int:

@@ -74,7 +74,7 @@ def per_reward_advantages(components: torch.Tensor, weights: torch.Tensor, group
     reward then moves the advantages in proportion to its weight, whatever its scale or tails; with
     the raw sum (:func:`group_advantages` of ``sum_k w_k R_k``) a reward's share is ``w_k^2 Var(R_k)``,
     and one heavy-tailed reward (a clipped squared deviation reaching -25) can drown the others
-    (benchmarks/RESULTS.md, "Why RL on the raw sum lowered MoA"). This is the paper's App. E idea
+    (experiments/RESULTS.md, "RL experiments: why RL on the raw reward sum lowered MoA"). This is the paper's App. E idea
     (each reward normalised before weighting), with the std instead of the min-max range, which one
     outlier would set.
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cellfluxrl.data.bbbc021.tables import (CHANNELS_BBBC021, DMSO_SMILES, _blank, _canonical_moa, _check_plates,
-                                            _ChunkBuffer, _CompoundTable, _csv_rows, _parse_float)
+                                            _ChunkBuffer, _CompoundTable, _csv_rows, _parse_dose)
+from cellfluxrl.data.compound_names import canonical_compound, is_control_name
 from cellfluxrl.data.compounds import CONTROL
 from cellfluxrl.data.fingerprints import EmbeddingTable, load_user_embeddings
 from cellfluxrl.data.layout import SOURCE_SPLITS, DatasetWriter
@@ -65,12 +66,12 @@ def _impa_row(csv_path: Path, line: int, raw: dict[str, str]) -> tuple[dict, str
     split = raw["SPLIT"].lower()
     if split not in SOURCE_SPLITS:
         raise CellfluxError(f"{where}: SPLIT {raw['SPLIT']!r} is not one of {SOURCE_SPLITS}")
-    compound = raw["CPD_NAME"]
-    if (state == "control") != (compound == CONTROL):
+    compound = canonical_compound(raw["CPD_NAME"])
+    if (state == "control") != is_control_name(compound):
         raise CellfluxError(f"{where}: STATE {raw['STATE']!r} does not match CPD_NAME {compound!r}")
     if _blank(raw["BATCH"]):
         raise CellfluxError(f"{where}: empty BATCH")
-    dose = _parse_float(raw["DOSE"], "DOSE", where) if state == "treated" else 0.0
+    dose = _parse_dose(raw["DOSE"], "DOSE", where) if state == "treated" else 0.0
     smiles = "" if _blank(raw["SMILES"]) else raw["SMILES"]
     if state == "control":
         moa, smiles = CONTROL, smiles or DMSO_SMILES
@@ -108,7 +109,7 @@ def _impa_scan(csv_path: Path, root: Path, user: EmbeddingTable | None) -> tuple
     table, counts, n_rows, size = _CompoundTable(user), defaultdict(Counter), 0, None
     for line, raw in _csv_rows(csv_path, IMPA_COLUMNS):
         row, smiles = _impa_row(csv_path, line, raw)
-        table.add(row["compound"], row["moa"], smiles, f"{csv_path} line {line}")
+        table.add(row["compound"], row["moa"], smiles, f"{csv_path} line {line}")  # compared in any spelling
         counts[(row["split"], row["batch"])][row["state"]] += 1
         n_rows += 1
         if size is None:
@@ -174,6 +175,7 @@ def prepare_impa(impa_dir: str | os.PathLike, out: str | os.PathLike, progress: 
         for line, raw in _csv_rows(csv_path, IMPA_COLUMNS):
             bar.update(1)
             row, _ = _impa_row(csv_path, line, raw)
+            row["compound"] = table.stored_name(row["compound"])  # one spelling per compound
             image, why = _read_crop(root / row["source"], size)
             if image is None:
                 skipped[f"{why}_npy"] += 1

@@ -22,7 +22,8 @@ from cellfluxrl.data.bbbc021.fields import (DECLUMP_H_PX, MIN_NUCLEUS_AREA_PX, N
                                             crop_windows, detect_nuclei, field_scale, illumination_function,
                                             rescale_field, scale_to_uint8)
 from cellfluxrl.data.bbbc021.tables import (CHANNELS_BBBC021, DMSO_SMILES, _blank, _canonical_moa, _check_plates,
-                                            _ChunkBuffer, _CompoundTable, _csv_rows, _parse_float)
+                                            _ChunkBuffer, _CompoundTable, _csv_rows, _parse_dose)
+from cellfluxrl.data.compound_names import canonical_compound, compound_key, is_control_name
 from cellfluxrl.data.compounds import CONTROL
 from cellfluxrl.data.fingerprints import EmbeddingTable, has_embedding_row, load_user_embeddings
 from cellfluxrl.data.layout import DatasetWriter
@@ -80,18 +81,20 @@ def _raw_batch(plate: str, path_name: str) -> str:
 
 
 def _raw_tables(raw_dir: Path) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, float], str]]:
-    """``({compound: (smiles, where)}, {(compound, concentration): moa})`` from the two small CSVs."""
+    """``({compound key: (smiles, where)}, {(compound key, concentration): moa})`` from the two small
+    CSVs, keyed by :func:`~cellfluxrl.data.compound_names.compound_key` (any spelling matches)."""
     smiles = {}
     path = raw_dir / RAW_COMPOUND_CSV
     for line, row in _csv_rows(path, ("compound", "smiles")):
-        smiles[row["compound"]] = ("" if _blank(row["smiles"]) else row["smiles"], f"{path} line {line}")
+        smiles[compound_key(row["compound"])] = ("" if _blank(row["smiles"]) else row["smiles"],
+                                                 f"{path} line {line}")
     moas = {}
     path = raw_dir / RAW_MOA_CSV
     for line, row in _csv_rows(path, ("compound", "concentration", "moa")):
         where = f"{path} line {line}"
-        concentration = _parse_float(row["concentration"], "concentration", where)
-        moa = CONTROL if row["compound"] == CONTROL else _canonical_moa(row["moa"], where)
-        moas[(row["compound"], round(concentration, 9))] = moa
+        concentration = _parse_dose(row["concentration"], "concentration", where)
+        moa = CONTROL if is_control_name(row["compound"]) else _canonical_moa(row["moa"], where)
+        moas[(compound_key(row["compound"]), round(concentration, 9))] = moa
     return smiles, moas
 
 
@@ -103,21 +106,22 @@ def _raw_fields(raw_dir: Path, user: EmbeddingTable | None) -> tuple[list[_Field
     path = raw_dir / RAW_IMAGE_CSV
     for line, row in _csv_rows(path, RAW_COLUMNS):
         where = f"{path} line {line}"
-        compound = row["Image_Metadata_Compound"]
-        dose = _parse_float(row["Image_Metadata_Concentration"], "Image_Metadata_Concentration", where)
-        if compound == CONTROL:
+        name = row["Image_Metadata_Compound"]
+        compound, key = canonical_compound(name), compound_key(name)
+        dose = _parse_dose(row["Image_Metadata_Concentration"], "Image_Metadata_Concentration", where)
+        if is_control_name(compound):
             moa, state, dose = CONTROL, "control", 0.0
-            smiles = smiles_of.get(compound, ("", ""))[0] or DMSO_SMILES
+            smiles = smiles_of.get(key, ("", ""))[0] or DMSO_SMILES
         else:
-            moa, state = moa_of.get((compound, round(dose, 9))), "treated"
-            smiles = smiles_of.get(compound, ("", ""))[0]
+            moa, state = moa_of.get((key, round(dose, 9))), "treated"
+            smiles = smiles_of.get(key, ("", ""))[0]
             if moa is None:
                 skipped["fields_not_moa_annotated"] += 1
                 continue
             if not smiles and not has_embedding_row(compound, user):
                 skipped["fields_without_smiles"] += 1  # ... and without an embedding row
                 continue
-        table.add(compound, moa, smiles, smiles_of.get(compound, ("", where))[1] or where)
+        compound = table.add(compound, moa, smiles, smiles_of.get(key, ("", where))[1] or where)
         paths = tuple(_resolve(raw_dir, row[f"Image_PathName_{ch}"], row[f"Image_FileName_{ch}"], where)
                       for ch in RAW_CHANNEL_COLUMNS)
         batch = _raw_batch(row["Image_Metadata_Plate_DAPI"], row["Image_PathName_DAPI"])

@@ -3,15 +3,14 @@ compound, embedded as CellFlux does), the per-plate control checks and the chunk
 
 from __future__ import annotations
 
-import csv
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from cellfluxrl.data.compounds import CONTROL, MOAS, OOD_COMPOUNDS
+from cellfluxrl.data.compound_names import canonical_compound, compound_key, is_ood
+from cellfluxrl.data.compounds import CONTROL, MOAS
+from cellfluxrl.data.csv_input import csv_rows as _csv_rows  # noqa: F401 (every user CSV is read through it)
 from cellfluxrl.data.fingerprints import EmbeddingTable, resolve_embedding
 from cellfluxrl.data.layout import SOURCE_SPLITS, DatasetWriter
 from cellfluxrl.errors import CellfluxError, finite_float
@@ -20,35 +19,6 @@ from cellfluxrl.errors import CellfluxError, finite_float
 CHANNELS_BBBC021 = ("actin", "tubulin", "dna")
 DMSO_SMILES = "CS(C)=O"
 CHUNK_IMAGES = 512  # images per DatasetWriter.add call (peak memory does not grow with N)
-
-
-def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Stream ``(line number, {column: stripped value})`` for the requested columns of a CSV.
-
-    Other columns (e.g. IMPA's junk index columns ``Unnamed: 0.1``, ``Unnamed: 0``) are ignored.
-
-    Raises:
-        CellfluxError: missing file, empty file, a missing column, or a row with the wrong number
-            of fields (naming the file and line).
-    """
-    if not path.is_file():
-        raise CellfluxError(f"{path}: missing file")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # tolerate a byte-order mark
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise CellfluxError(f"{path}: empty file")
-        header = [h.strip() for h in header]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise CellfluxError(f"{path}: missing column(s) {', '.join(missing)}")
-        pos = [header.index(c) for c in columns]
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise CellfluxError(f"{path} line {reader.line_num}: {len(row)} fields, expected {len(header)}")
-            yield reader.line_num, {c: row[p].strip() for c, p in zip(columns, pos)}
 
 
 def _blank(value: str) -> bool:
@@ -68,6 +38,14 @@ def _parse_float(value: str, column: str, where: str) -> float:
     return finite_float(value, f"{where}: {column}")
 
 
+def _parse_dose(value: str, column: str, where: str) -> float:
+    """A concentration: a finite number >= 0 (any unit), or a one-line error naming the file and line."""
+    dose = _parse_float(value, column, where)
+    if dose < 0:
+        raise CellfluxError(f"{where}: {column} {value!r} is negative; a concentration is 0 or more")
+    return dose
+
+
 @dataclass
 class _Compound:
     """What the conditions table needs about one compound, and where it was first seen."""
@@ -81,13 +59,21 @@ class _Compound:
 
 class _CompoundTable:
     """Compounds seen so far, embedded (user CSV > SMILES > CellFlux row); checks that a compound
-    keeps one SMILES ("" = none) and one MoA."""
+    keeps one SMILES ("" = none) and one MoA.
+
+    Names are compared by :func:`~cellfluxrl.data.compound_names.compound_key` (``Taxol`` and
+    ``taxol`` are one compound) and stored under one spelling: the shipped table's, else the first
+    one seen (:meth:`add` returns it; the dataset's rows must use it).
+    """
 
     def __init__(self, user: EmbeddingTable | None = None):
         self.compounds: dict[str, _Compound] = {}
+        self.spelling: dict[str, str] = {}  # compound_key -> the stored name
         self.user = user
 
-    def add(self, name: str, moa: str, smiles: str, where: str) -> None:
+    def add(self, name: str, moa: str, smiles: str, where: str) -> str:
+        """Record one row's compound; returns the name the dataset stores it under."""
+        name = self.spelling.setdefault(compound_key(name), canonical_compound(name))
         known = self.compounds.get(name)
         if known is None:
             fingerprint, kind = resolve_embedding(name, smiles, self.user, where, allow_name_seeded=False)
@@ -97,14 +83,18 @@ class _CompoundTable:
             raise CellfluxError(f"{where}: compound {name!r} has {ours}, but {theirs} at {known.where}")
         elif known.moa != moa:
             raise CellfluxError(f"{where}: compound {name!r} has MoA {moa!r}, but {known.moa!r} at {known.where}")
+        return name
+
+    def stored_name(self, name: str) -> str:
+        """The spelling :meth:`add` stored for ``name`` (any spelling of a compound it has seen)."""
+        return self.spelling[compound_key(name)]
 
     def conditions(self, used: set[str]) -> tuple[list[dict], np.ndarray]:
         """Conditions rows (DMSO first, then by name) and float32 ``(n, D)`` embeddings (D = 1024, or the
         user CSV's width)."""
-        ood = {c.lower() for c in OOD_COMPOUNDS}
         names = sorted(used, key=lambda n: (n != CONTROL, n))
         rows = [{"compound": n, "moa": self.compounds[n].moa, "smiles": self.compounds[n].smiles,
-                 "ood": n.lower() in ood, "embedding": self.compounds[n].kind} for n in names]
+                 "ood": is_ood(n), "embedding": self.compounds[n].kind} for n in names]
         embeddings = np.stack([self.compounds[n].fingerprint for n in names]).astype(np.float32)
         return rows, embeddings
 

@@ -1,7 +1,7 @@
 """A run's rewards at other sampler step counts, paired against its recorded setting (RESULTS.md,
 "Longer RL, finer sampling and the collapse").
 
-    python benchmarks/sampler_steps.py DATA RUN --steps 10,20 [--n 64] [--k 4] [--seed 0]
+    python experiments/sampler_steps.py DATA RUN --steps 10,20 [--n 64] [--k 4] [--seed 0]
 
 Samples ``RUN`` on the first ``--n`` in-distribution test pairs, ``--k`` candidates each from the
 same noise seeds, once at its recorded sampling and once per ``--steps`` value (everything else

@@ -1,9 +1,9 @@
 """Evidence for CellFluxRL post-training on CPU: the paper's Table 1 and Table 2 directions.
 
-    python benchmarks/rl_table.py WORK --from-demo runs/demo    # reuse the demo's data, base and RL run
-    python benchmarks/rl_table.py WORK                          # everything from scratch, the demo's settings
-    python benchmarks/rl_table.py WORK --quick                  # plumbing check (a few minutes)
-    python benchmarks/rl_table.py WORK --from-demo runs/demo --singles moa,nuc_size --single-steps 40
+    python experiments/rl_table.py WORK --from-demo runs/demo    # reuse the demo's data, base and RL run
+    python experiments/rl_table.py WORK                          # everything from scratch, the demo's settings
+    python experiments/rl_table.py WORK --quick                  # plumbing check (a few minutes)
+    python experiments/rl_table.py WORK --from-demo runs/demo --singles moa,nuc_size --single-steps 40
 
 One source of truth: every size and setting (data, base, RL, sampling) is the demo's
 (:class:`cellfluxrl.commands.demo.DemoConfig`; ``--quick``: its ``quick`` preset; ``--from-demo DEMO``:

@@ -1,6 +1,6 @@
 """How much of a post-training gradient is reward signal: agreement of independent iterations.
 
-    python benchmarks/gradient_snr.py DATA BASE_RUN --iters 6 --set group_size=4,train_timesteps=2 \
+    python experiments/gradient_snr.py DATA BASE_RUN --iters 6 --set group_size=4,train_timesteps=2 \
         --set group_size=4,train_timesteps=4 --set train_source=rollout
 
 For each setting, ``--iters`` independent RL iterations (different pairs and source noise, the same

@@ -1,6 +1,6 @@
 """Signed morphology statistic per MoA: real targets against each run (RESULTS.md, "What RL trades").
 
-    python benchmarks/nucleus_sizes.py DATA RUN [RUN ...] [--stat nuc_size] [--n 64] [--k 4]
+    python experiments/nucleus_sizes.py DATA RUN [RUN ...] [--stat nuc_size] [--n 64] [--k 4]
 
 The rewards are squared deviations, so they cannot say in which direction a run errs. This prints,
 per MoA of ``--n`` in-distribution pairs (validation pairs unless ``--pairs test``), the mean of the raw statistic (default the

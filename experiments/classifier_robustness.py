@@ -1,8 +1,8 @@
 """Robustness of the MoA classifier to blur, noise and resampling: the old and the new recipe.
 
-    python benchmarks/classifier_robustness.py DATA_DIR            # old and new recipe
-    python benchmarks/classifier_robustness.py DATA_DIR --half     # + new recipe on half the train crops
-    python benchmarks/classifier_robustness.py DATA_DIR --synthetic 4000,48,4,7 --prepare-half \
+    python experiments/classifier_robustness.py DATA_DIR            # old and new recipe
+    python experiments/classifier_robustness.py DATA_DIR --half     # + new recipe on half the train crops
+    python experiments/classifier_robustness.py DATA_DIR --synthetic 4000,48,4,7 --prepare-half \
         --skip-old --before --epochs 20 --seed 7                 # the reward classifier as `prepare` fits it
 
 If ``DATA_DIR`` does not exist, a synthetic set is written there first (``--synthetic

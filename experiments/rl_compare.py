@@ -1,6 +1,6 @@
 """Paired differences between runs scored by ``rl_experiment.py`` (RESULTS.md, "RL recipe").
 
-    python benchmarks/rl_compare.py A/evalcache_val_n64_s0_k5_w2_c4.npz B/evalcache_val_n64_s0_k5_w2_c4.npz [C ...]
+    python experiments/rl_compare.py A/evalcache_val_n64_s0_k5_w2_c4.npz B/evalcache_val_n64_s0_k5_w2_c4.npz [C ...]
 
 Each file holds one run's per-pair scores on the same pairs and source noise (``rl_experiment.scores``);
 prints, for every reward row, ``overall`` and the judge's accuracy, the mean ± per-pair s.e.

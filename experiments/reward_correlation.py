@@ -1,6 +1,6 @@
 """Within-group correlations of the rewards on a run's own rollouts (RESULTS.md, "What RL trades").
 
-    python benchmarks/reward_correlation.py BASE OUT [--iterations 8] [--seed 123]
+    python experiments/reward_correlation.py BASE OUT [--iterations 8] [--seed 123]
 
 Rolls out ``BASE`` exactly as the demo's post-training would (``posttrain_config(DemoConfig())`` at
 the base's recorded sampler steps and CFG) for ``--iterations`` iterations at a learning rate of

@@ -1,6 +1,6 @@
 """MoA accuracy (judge) against sampler steps and CFG scale for one run: how to sample a base.
 
-    python benchmarks/sampling_curve.py DATA RUN --steps 5,10,20 --cfg 0,0.2,1,2 --n 128 [--split val]
+    python experiments/sampling_curve.py DATA RUN --steps 5,10,20 --cfg 0,0.2,1,2 --n 128 [--split val]
 
 Every setting is evaluated on the same pairs (``--split val``, the default: in-distribution validation
 pairs, ``rl_experiment.eval_pairs``; ``id``/``ood``: test pairs, for a final table only) and the same source noise (paired), with the

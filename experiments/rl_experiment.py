@@ -1,6 +1,6 @@
 """One post-training experiment and its paired evaluation against the base (RESULTS.md, "RL experiments").
 
-    python benchmarks/rl_experiment.py DATA BASE OUT --set reward_norm=per_reward,lr=3e-4 --steps 20
+    python experiments/rl_experiment.py DATA BASE OUT --set reward_norm=per_reward,lr=3e-4 --steps 20
 
 Post-trains ``BASE`` into ``OUT`` with the demo's settings (``cellfluxrl.commands.demo.posttrain_config``)
 rolled out and trained at the base's recorded sampling, changed by ``--set`` (PosttrainConfig keys),

@@ -13,7 +13,10 @@ Three conventions, each owned here:
   (:func:`temp_path`); such a file is removed by another process only when ``PID`` is dead
   (:func:`dead_temps`), so a live writer's temp file is never deleted under it.
 * **Ownership.** A command writes only into an absent or empty folder, or one holding nothing but
-  the files it writes itself (:func:`check_owned`); a dataset folder (``meta.json``) is never a run.
+  the files it writes itself (:func:`check_owned`), recognised by name and, for the names a user's
+  file could have (``stats.jsonl``, ``config.json``, ``checkpoint.pt``, ...), by content
+  (:data:`OWN_FILES`); a dataset folder (``meta.json``) is never a run. This one lives in
+  :mod:`cellfluxrl.rundir.owned` and is re-exported here.
 
 Plumbing: no torch, imports only :mod:`cellfluxrl.errors`.
 """
@@ -21,7 +24,6 @@ Plumbing: no torch, imports only :mod:`cellfluxrl.errors`.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import json
 import logging
 import os
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from cellfluxrl.errors import CellfluxError
+from cellfluxrl.rundir.owned import (OWN_FILES, check_contents, check_owned,  # noqa: F401 (the API)
+                                     check_run_folder)
 
 log = logging.getLogger(__name__)
 
@@ -93,75 +97,6 @@ def remove_dead_temps(folder: str | os.PathLike, names: Iterable[str]) -> list[P
     if removed:
         log.info("removed %d temp file(s) of killed writes: %s", len(removed), ", ".join(p.name for p in removed))
     return removed
-
-
-# --------------------------------------------------------------------------------------------
-# Ownership.
-
-def check_owned(folder: str | os.PathLike, command: str, allowed: Iterable[str], what: str = "folder") -> bool:
-    """Refuse a folder that holds files ``command`` did not write; True when it holds some of its own.
-
-    Args:
-        folder: the output folder.
-        command: the command's name for the message (``"pretrain"``).
-        allowed: ``fnmatch`` patterns of the top-level names the command writes (temp files of
-            those names, ``.NAME.tmp-*``, are allowed too).
-        what: how to name the folder in the message (``"RUN"``, ``"--out"``).
-
-    Returns:
-        False for an absent or empty folder, True for one holding only allowed names.
-
-    Raises:
-        CellfluxError: a file in place of the folder, a dataset folder, or a foreign entry (named).
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CellfluxError(f"{what} {folder} is a file; give a folder")
-    if not folder.exists():
-        return False
-    entries = sorted(p.name for p in folder.iterdir())
-    if not entries:
-        return False
-    if "meta.json" in entries and not any(fnmatch.fnmatch("meta.json", pat) for pat in allowed):
-        raise CellfluxError(f"{what} {folder} is a dataset folder (it has meta.json); {command} writes into a "
-                            f"new or empty folder")
-    patterns = [*allowed, *(f".{pat}.tmp-*" for pat in allowed)]
-    for name in entries:
-        if not any(fnmatch.fnmatch(name, pat) for pat in patterns):
-            raise CellfluxError(f"{what} {folder} holds {name}, which {command} did not write; choose a new or "
-                                f"empty folder")
-    return True
-
-
-def check_run_folder(folder: str | os.PathLike, kind: str, names: Iterable[str],
-                     checkpoint: str = "checkpoint.pt") -> bool:
-    """May ``kind`` write into this run folder? True when it already holds run files.
-
-    A folder with a ``checkpoint`` is a run to resume (its kind is checked when it is loaded); files
-    the user added beside it are left alone, since a run writes only its own names. Without one,
-    the folder must pass :func:`check_owned` for ``names`` and its ``config.json`` (when present)
-    must be a run config of this ``kind`` (a run killed before its first checkpoint).
-
-    Raises:
-        CellfluxError: a foreign file, a dataset folder, or a ``config.json`` of another kind or program.
-    """
-    folder = Path(folder)
-    if folder.is_dir() and (folder / checkpoint).is_file() and not (folder / "meta.json").exists():
-        return True
-    if not check_owned(folder, kind, names, "run folder"):
-        return False
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            stored = json.loads(config.read_text())
-        except (OSError, ValueError, UnicodeDecodeError):
-            stored = None
-        found = stored.get("kind") if isinstance(stored, dict) else None
-        if found != kind:
-            what = f"a {found} run" if found in ("pretrain", "posttrain") else "a config.json that is not a run's"
-            raise CellfluxError(f"{folder} holds {what}; {kind} writes into a new or empty folder, or resumes "
-                                f"its own run")
-    return True
 
 
 # --------------------------------------------------------------------------------------------

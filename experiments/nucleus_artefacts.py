@@ -2,7 +2,7 @@
 "Longer RL, finer sampling and the collapse").
 
     cellfluxrl sample RUN --n 64 --out samples.npz
-    python benchmarks/nucleus_artefacts.py samples.npz [more.npz ...] [--targets]
+    python experiments/nucleus_artefacts.py samples.npz [more.npz ...] [--targets]
 
 For each ``cellfluxrl sample`` file (and with ``--targets`` also its real target images), segments
 the images with the classical segmenter and prints: nuclei per image, the share of nuclei under
