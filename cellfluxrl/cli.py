@@ -8,6 +8,7 @@ with the full traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -25,7 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "posttrain": ("cellfluxrl.commands.posttrain", "posttrain", "Post-train a base run with DiffusionNFT on the rewards."),
     "sample": ("cellfluxrl.commands.sample", "sample", "Generate perturbed cells from a run (optionally best-of-N)."),
     "evaluate": ("cellfluxrl.commands.evaluate", "evaluate", "Score runs: rewards, MoA accuracy, FID/KID, best-of-N curves."),
-    "info": ("cellfluxrl.commands.info", "info", "Describe a dataset, a run or a sample file (how it was made, sizes)."),
+    "measure": ("cellfluxrl.commands.measure", "measure", "Segment images and write CellProfiler-named measurements (per image and per object)."),
+    "info": ("cellfluxrl.commands.info", "info", "Describe any file or folder cellfluxrl wrote (dataset, run, samples, report, evaluators)."),
     "rewards": ("cellfluxrl.commands.rewards", "rewards", "List the installed reward plugins and where they come from."),
     "demo": ("cellfluxrl.commands.demo", "demo", "The main job: prepare -> pretrain -> posttrain -> evaluate on synthetic data."),
 }
@@ -42,6 +44,16 @@ class LazyGroup(click.Group):
             return None
         module, attr, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attr)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """Click's lookup, but a mistyped command name gets a did-you-mean over the available commands
+        (``sampel`` -> "No such command 'sampel'. Did you mean 'sample'?", the words click uses for a
+        mistyped subcommand; click itself offers none here, since the commands are not loaded)."""
+        name = click.utils.make_str(args[0])
+        if name not in COMMANDS and not name.startswith("-") and not ctx.resilient_parsing:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1)
+            ctx.fail(f"No such command {name!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
+        return super().resolve_command(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]

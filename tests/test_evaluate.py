@@ -183,6 +183,22 @@ def test_table_columns_are_the_hand_computed_expectations_over_the_candidates(da
         assert abs(cell["mean"] - diff.mean()) < 1e-9
         assert abs(cell["sem"] - diff.std(ddof=1) / np.sqrt(diff.size)) < 1e-9
     assert set(report["paired"]) == {"1", "2"} and set(report["paired"]["1"]) == {"y"}
+    # the texture statistic of every candidate is the one of the quantised image; its rows are the
+    # same expectations; the paired table holds the reward classifier's accuracy and the judge's gap
+    from cellfluxrl.evaluation.candidates import quantize
+    from cellfluxrl.evaluation.texture import high_frequency_share
+
+    first = pairs.order()[:4]  # the first batch, as evaluate_sources drew it
+    assert np.allclose(x.texture[first, 1], high_frequency_share(quantize(noised(0.2)(first, 1))), atol=1e-12)
+    for s in ("x", "y"):
+        plain, best2 = by_hand(results["scores"][s], results["scores"][s].texture)
+        assert abs(report["table"][s]["texture_hf"]["mean"] - plain.mean()) < 1e-12
+        assert abs(report["table"][f"{s}+best-of-2"]["texture_hf"]["mean"] - best2.mean()) < 1e-12
+    assert x.texture.mean() > y.texture.mean()  # more noise, more power above Nyquist/2
+    gap = {s: (sc.correct.astype(float) - sc.correct_reward.astype(float)).mean(axis=1) for s, sc in (("x", x), ("y", y))}
+    assert abs(report["paired"]["1"]["y"]["moa_accuracy_gap"]["mean"] - (gap["y"] - gap["x"]).mean()) < 1e-12
+    reward_hits = y.correct_reward.mean(axis=1) - x.correct_reward.mean(axis=1)
+    assert abs(report["paired"]["1"]["y"]["moa_accuracy_reward"]["mean"] - reward_hits.mean()) < 1e-12
     with pytest.raises(CellfluxError, match="best-of-5"):
         evaluate_sources(dataset, pairs, {"x": noised}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
                          features=MoAFeatures(judge), classifier=None, judge=judge, best_of=(1, 2), tts_n=5)
@@ -274,8 +290,12 @@ def test_evaluate_says_how_long_it_will_take_after_the_first_batch(cli_report):
 def test_run_compared_with_itself_gives_identical_rows(cli_report):
     out, *_ = cli_report
     report = json.loads((out / "report.json").read_text())
-    for section in report["sections"].values():
-        assert section["columns"] == ["base", "base+best-of-2", "base#2", "base#2+best-of-2", "real"]
+    assert report["settings"]["baselines"] == ["copy-control", "train-real"]  # evaluate's default
+    for part, section in report["sections"].items():
+        baselines = ["copy-control", "train-real"] if part == "id" else ["copy-control"]  # OOD: no train images
+        assert section["columns"] == ["base", "base+best-of-2", "base#2", "base#2+best-of-2", *baselines, "real"]
+        assert section["baselines"]["notes"] == ([] if part == "id" else [section["baselines"]["notes"][0]])
+        assert list(section["baselines"]["versus_copy_control"]) == ["base", "base#2"]
         assert section["table"]["base"] == section["table"]["base#2"]
         assert section["table"]["base+best-of-2"] == section["table"]["base#2+best-of-2"]
         assert section["best_of_n"]["base"] == section["best_of_n"]["base#2"]
@@ -303,23 +323,24 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
     report = json.loads((out / "report.json").read_text())
     section = report["sections"]["id"]
     rows = section["rows"]
-    assert rows[:10] == ["moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count",
-                         "overall", "moa_accuracy", "moa_accuracy_reward"]
-    assert rows[10:] == ["FD-judge_o", "FD-judge_c", "KD-judge_o", "KD-judge_c"]  # never called FID without Inception
-    for column in section["columns"]:
+    assert rows[:11] == ["moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count",
+                         "overall", "moa_accuracy", "moa_accuracy_reward", "texture_hf"]
+    assert rows[11:] == ["FD-judge_o", "FD-judge_c", "KD-judge_o", "KD-judge_c"]  # never called FID without Inception
+    for column in section["columns"]:  # the texture statistic too, `real` included
         assert set(rows) <= set(section["table"][column])
-        for row in rows[:10]:
+        for row in rows[:11]:
             assert np.isfinite(section["table"][column][row]["mean"])
+        assert 0 < section["table"][column]["texture_hf"]["mean"] < 1
         fd_o, kd_o = section["table"][column]["FD-judge_o"]["mean"], section["table"][column]["KD-judge_o"]["mean"]
         if column == "real":
-            assert all(section["table"][column][row]["mean"] is None for row in rows[10:])
+            assert all(section["table"][column][row]["mean"] is None for row in rows[11:])
         else:  # KID is an unbiased estimate and may be slightly negative
             assert fd_o > 0 and np.isfinite(kd_o)
             assert section["table"][column]["FD-judge_o"]["sem"] > 0  # bootstrap s.e. over pairs
             # 6 pairs over several compounds, 128-d features: no per-compound distance (n_c > D fails)
             assert section["table"][column]["FD-judge_c"]["mean"] is None
             assert section["table"][column]["KD-judge_c"]["mean"] is None
-        for row in rows[:10]:  # both error bars: per pair and clustered by compound
+        for row in rows[:11]:  # both error bars: per pair and clustered by compound
             cell = section["table"][column][row]
             assert cell["sem"] >= 0 and cell["sem_compound"] is not None and cell["sem_compound"] >= 0
     per_compound = section["distance"]["per_compound"]

@@ -33,7 +33,7 @@ class DemoConfig:
 
     The default uses 48x48 crops (a quarter of BBBC021's pixels) so that a small UNet gets a
     thousand steps on 2 cores; ``--size 96`` reproduces BBBC021's geometry at about 4x the cost.
-    Every choice below is measured in benchmarks/RESULTS.md ("The demo's settings").
+    Every choice below is measured in experiments/RESULTS.md ("The demo's settings").
     """
 
     n_images: int = 3000  # synthetic crops (treated + controls)
@@ -45,7 +45,7 @@ class DemoConfig:
     pretrain_batch: int = 16  # images per pretraining step
     pretrain_lr: float = 1e-3  # 10x CellFlux's 1e-4: a 1.2M-parameter model, 1,000 steps, EMA 0.999
     posttrain_steps: int = 60  # DiffusionNFT iterations (one optimizer step each)
-    grad_steps: int = 1  # optimizer steps per iteration (more were noise: benchmarks/RESULTS.md)
+    grad_steps: int = 1  # optimizer steps per iteration (more were noise: experiments/RESULTS.md)
     posttrain_lr: float = 5e-5  # half the Adam step of 1e-4; 60 such steps beat 30 at 1e-4 (val pairs)
     reward_norm: str = "per_reward"  # each reward standardised, then weighted moa=2, nuc_in_cyto=1, others 1
     kl_weight: float = 0.1  # ||v_theta - v_ref||^2 weight
@@ -59,6 +59,8 @@ class DemoConfig:
     tts_n: int = 4  # the table's best-of column (paper Table 1: best-of-4)
     seed: int = 0  # seed of every stage
 
+
+DEMO_BASELINES = ("copy-control", "train-real")  # evaluation.baselines: in every demo table
 
 DEMO_PRESETS = {
     "default": DemoConfig(),
@@ -106,11 +108,11 @@ def stage_prepare(out: Path, cfg: DemoConfig) -> Path:
 
 
 def pretrain_config(cfg: DemoConfig):
-    """The demo's :class:`~cellfluxrl.config.PretrainConfig` (also used by benchmarks/rl_table.py)."""
+    """The demo's :class:`~cellfluxrl.config.PretrainConfig` (also used by experiments/rl_table.py)."""
     from cellfluxrl.config import PretrainConfig
 
     return PretrainConfig(preset=cfg.preset, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch,
-                          lr=cfg.pretrain_lr, seed=cfg.seed, ckpt_every=max(1, min(100, cfg.pretrain_steps)),
+                          lr=cfg.pretrain_lr, seed=cfg.seed, save_every=max(1, min(100, cfg.pretrain_steps)),
                           sample_steps=cfg.sample_steps, sample_cfg_scale=cfg.cfg_scale)
 
 
@@ -210,13 +212,16 @@ def _evaluate_demo(evaluate, progress, data: Path, base: Path, rl: Path, into: P
 
         return evaluate(data, [base, rl], names=["CellFlux", "CellFluxRL"], n=cfg.eval_pairs, best_of=cfg.best_of,
                         seed=cfg.seed, batch_size=16, split="both", device=device, out=into, tts_n=cfg.tts_n,
-                        on_progress=on_progress)
+                        baselines=DEMO_BASELINES, on_progress=on_progress)
 
 
 def demo_columns(report: dict) -> list[str]:
-    """The printed columns: base, RL, RL + best-of-N (largest N), real."""
+    """The printed columns: base, RL, RL + best-of-N (largest N), the baselines the headline has, real."""
+    from cellfluxrl.evaluation.report import headline
+
     k = report["settings"].get("tts_n", max(report["settings"]["best_of"]))
-    return ["CellFlux", f"CellFlux+best-of-{k}", "CellFluxRL", f"CellFluxRL+best-of-{k}", "real"]
+    baselines = [c for c in DEMO_BASELINES if c in headline(report)["columns"]]
+    return ["CellFlux", f"CellFlux+best-of-{k}", "CellFluxRL", f"CellFluxRL+best-of-{k}", *baselines, "real"]
 
 
 @click.command("demo", **renamed(renames={"--pretrain-steps": "--train-steps", "--posttrain-steps": "--iterations"},

@@ -9,6 +9,7 @@ import click
 
 from cellfluxrl.commands import SEED
 from cellfluxrl.commands.params import DEVICE, File, Folder, as_usage_error
+from cellfluxrl.commands.wording import count
 from cellfluxrl.rewards.weights import weights_option
 
 
@@ -64,14 +65,21 @@ def resolve_device(device: str) -> str:
               help="Source-noise std for every run. [default: the first run's recorded setting, for every run]")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Pairs, source noise and KID subsets.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per batch.")
-@click.option("--kid-subset-size", type=click.IntRange(min=2), default=100, show_default=True)
-@click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--kid-subset-size", type=click.IntRange(min=2), default=100, show_default=True, metavar="M",
+              help="Images per KID subset: the kernel distance (KID, or KD-judge without --inception) is averaged "
+                   "over random subsets of M generated and M real images (fewer when there are fewer).")
+@click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True, metavar="S",
+              help="Number of random KID subsets averaged (their spread gives KID's standard deviation).")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
+@click.option("--baselines", default="copy-control,train-real", show_default=True, metavar="NAME,...|none",
+              help="Baseline columns on the same pairs: copy-control (the control x_0 itself: a run that does not "
+                   "beat it on MoA and the judge learned no perturbation), train-real (a real training image of the "
+                   "compound; none for held-out compounds); none for no baseline.")
 @click.option("--allow-changed-reference", is_flag=True,
               help="Evaluate a posttrain run although its evaluators or its base run (evaluated beside it) changed "
                    "since it was trained (refused by default; recorded in report.json).")
 def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, steps, cfg_scale, sigma, seed,
-             batch_size, kid_subset_size, kid_subsets, device, allow_changed_reference):
+             batch_size, kid_subset_size, kid_subsets, device, baselines, allow_changed_reference):
     """Score RUNs on the same test pairs and seeds: rewards, MoA accuracy, FID/KID, best-of-N.
 
     In-distribution and held-out (OOD) compounds are reported in separate sections; all runs are
@@ -95,18 +103,20 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
     from cellfluxrl.rewards import parse_weights
 
     parse_weights(weights)  # a bad weight is refused before anything is loaded
+    baselines = _parse_baselines(baselines)
     folder.check_writable_folder(Path(out))
     with hold(out, "evaluate"), StopSignals(graceful=False) as stop:
         folder.check_report_folder(Path(out))
         staged = None
         try:
-            staged = _prepare(Path(out), list(runs), dataset, allow_changed_reference, n=n, split=split, best_of=best,
-                              steps=steps, cfg_scale=cfg_scale, sigma=sigma, seed=seed, device=resolve_device(device))
-            report = _evaluate_into(staged, list(runs), dataset, allow_changed_reference, n=n, split=split,
+            staged, n_sections = _prepare(Path(out), list(runs), dataset, allow_changed_reference, n=n, split=split,
+                                          best_of=best, steps=steps, cfg_scale=cfg_scale, sigma=sigma, seed=seed,
+                                          device=resolve_device(device))
+            report = _evaluate_into(staged, list(runs), dataset, allow_changed_reference, n_sections, n=n, split=split,
                                     best_of=best, weights=weights, seed=seed, batch_size=batch_size, steps=steps,
                                     cfg_scale=cfg_scale, sigma=sigma, inception=inception,
                                     device=resolve_device(device), kid_subset_size=kid_subset_size,
-                                    kid_subsets=kid_subsets, tts_n=tts_n)
+                                    kid_subsets=kid_subsets, tts_n=tts_n, baselines=baselines)
             folder.replace_folder(staged, Path(out))
         except KeyboardInterrupt:
             stop.exit(f"evaluate stopped by {stop.name} before it finished: nothing of it was kept and {out} is as it "
@@ -118,20 +128,36 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
     click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures")
 
 
-def _prepare(out: Path, runs: list[Path], dataset: Path, allow_changed_reference: bool, **options) -> Path:
+def _parse_baselines(text: str) -> tuple[str, ...]:
+    """``--baselines`` as names (a usage error, exit 2, for an unknown one)."""
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.evaluation.baselines import parse_baselines
+
+    try:
+        return parse_baselines(text)
+    except CellfluxError as exc:
+        raise click.BadParameter(str(exc), param_hint="--baselines") from None
+
+
+def _prepare(out: Path, runs: list[Path], dataset: Path, allow_changed_reference: bool,
+             **options) -> tuple[Path, int]:
     """Everything checked before the slow part: the runs against --data (:func:`preflight`, printed),
-    their references (a changed one refused unless allowed); then the staged output folder."""
+    their references (a changed one refused unless allowed); then the staged output folder.
+
+    Returns:
+        ``(staged folder, number of sections to evaluate)`` (1 when ``--split both`` finds no held-out compounds).
+    """
     from cellfluxrl.checkpoint import read_run_config
     from cellfluxrl.commands.report_folder import reference_changes_of, staged_folder
     from cellfluxrl.provenance import check_reference
 
-    lines = preflight(runs, dataset, **options)
+    lines, counts = _preflight(runs, dataset, **options)
     changes = reference_changes_of(runs, [read_run_config(run) for run in runs], dataset)
     for change in check_reference(changes, "evaluate", "--allow-changed-reference", allow_changed_reference):
         lines.insert(0, f"warning: evaluating against a changed reference (recorded in report.json): {change}")
     for line in lines:
         click.echo(line, err=True)
-    return staged_folder(out)
+    return staged_folder(out), len(counts)
 
 
 def first_batch_line(stage: str, done: int, total: int, seconds: float, n_splits: int = 1) -> str:
@@ -140,14 +166,17 @@ def first_batch_line(stage: str, done: int, total: int, seconds: float, n_splits
     from cellfluxrl.progress import format_duration
 
     pairs = total * n_splits
-    return (f"evaluate: the first {done} of {total} {stage} pairs took {format_duration(seconds)} (start-up included); "
-            f"{'both sections' if n_splits > 1 else 'the evaluation'} ({pairs} pairs) need at most about "
+    return (f"evaluate: the first {done} of {count(total, f'{stage} pair')} took {format_duration(seconds)} (start-up included); "
+            f"{'both sections' if n_splits > 1 else 'the evaluation'} ({count(pairs, 'pair')}) "
+            f"{'need' if n_splits > 1 else 'needs'} at most about "
             f"{format_duration(seconds * pairs / max(done, 1))} at this speed")
 
 
-def _evaluate_into(staged: Path, runs: list[Path], dataset: Path, allow_changed_reference: bool, **options) -> dict:
+def _evaluate_into(staged: Path, runs: list[Path], dataset: Path, allow_changed_reference: bool, n_splits: int,
+                   **options) -> dict:
     """Run the evaluation into ``staged`` (progress bars on stderr) and add the fingerprints of the
-    runs and evaluators, and the accepted reference changes, to its report.json."""
+    runs and evaluators, and the accepted reference changes, to its report.json. ``n_splits``: the
+    sections that will be evaluated (:func:`_prepare`), for the first time estimate."""
     from cellfluxrl.checkpoint import read_run_config
     from cellfluxrl.commands.report_folder import reference_changes_of, report_fingerprints
     from cellfluxrl.evaluation.pipeline import evaluate as run_evaluation
@@ -157,7 +186,6 @@ def _evaluate_into(staged: Path, runs: list[Path], dataset: Path, allow_changed_
 
     bars: dict = {}
     began = time.perf_counter()
-    n_splits = 2 if options.get("split") == "both" else 1
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if not bars:  # the first batch: how long the whole evaluation will take at this speed
@@ -194,6 +222,14 @@ def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: t
     Raises:
         CellfluxError: a missing run, or a run that cannot work on --data.
     """
+    return _preflight(runs, dataset, n=n, split=split, best_of=best_of, steps=steps, cfg_scale=cfg_scale,
+                      sigma=sigma, seed=seed, device=device)[0]
+
+
+def _preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: tuple[int, ...], steps: int | None,
+               cfg_scale: float | None, sigma: float | None, seed: int, device: str) -> tuple[list[str], dict[str, int]]:
+    """:func:`preflight`'s lines, and the test pairs of each section to be evaluated (``{"id": n, ...}``;
+    no ``"ood"`` when ``--split both`` finds no held-out compounds)."""
     from cellfluxrl.checkpoint import read_run_config, recorded_sampling, trained_on_problem
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.errors import CellfluxError
@@ -230,8 +266,9 @@ def preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: t
     evals = 2 * sampling.steps * (2 if sampling.cfg_scale > 0 else 1)
     images = sum(counts.values()) * k
     for name, config in zip(names, configs):
-        lines.append(f"  {name} ({config.get('kind', '?')}): {images} images, about {images * evals} network evaluations")
-    return lines
+        lines.append(f"  {name} ({config.get('kind', '?')}): {count(images, 'image')}, about "
+                     f"{count(images * evals, 'network evaluation')}")
+    return lines, counts
 
 
 def print_report(report: dict, columns=None) -> str:
@@ -242,6 +279,10 @@ def print_report(report: dict, columns=None) -> str:
     for section in report["sections"].values():
         shown = None if columns is None else [c for c in columns if c in section["columns"]]
         lines += [f"## {section_title(section)}", "", markdown_table(section, shown), ""]
+        baselines = section.get("baselines") or {}
+        lines += [f"{note}." for note in baselines.get("notes", [])]
+        lines += [f"{run} does not beat copy-control on {' and '.join(section['labels'].get(r, r) for r in rows)}: it "
+                  f"has learned no perturbation there." for run, rows in (baselines.get("learned_nothing") or {}).items()]
     first = next(iter(report["sections"].values()))
     lines.append(first["distance"]["note"])
     for part, section in report["sections"].items():

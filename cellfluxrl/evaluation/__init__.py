@@ -5,7 +5,11 @@ the candidates every run is sampled into on shared pairs and noise (``candidates
 scoring of the candidates and the real targets (``scoring``), the distances and best-of-N
 estimators (``metrics``), the FID InceptionV3 (``inception``), the report (``report``: the
 tables; ``report_text``: report.md and report.json; ``report_figures``: what the figures show)
-and the drawing (``figures``). docs/evaluate.md explains the protocol.
+the drawing (``figures``), the baseline columns (``baselines``: copy-control, train-real), the
+texture statistic (``texture``), and measuring any images: reading them (``image_sources``: a
+sample npz or folder, a CSV of paths, a dataset split), CellProfiler's AreaShape maths
+(``measurements``) and its tables (``measurement_tables``). docs/evaluate.md explains the protocol,
+docs/measure.md the measurements.
 
 May import: rewards, model, data and the shared plumbing (runs are read through
 ``cellfluxrl.checkpoint``); never rl (a post-trained run is just a run) or the commands. This

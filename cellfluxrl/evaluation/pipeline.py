@@ -134,7 +134,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
              sigma: float | None = None, split: str = "both", inception: str | os.PathLike | None = None,
              device: str = "cpu", out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
              kid_subset_size: int = 100, kid_subsets: int = 100, tts_n: int | None = None,
-             on_progress: Callable[[str, int, int], None] | None = None, images: str = "test") -> dict:
+             on_progress: Callable[[str, int, int], None] | None = None, images: str = "test",
+             baselines: Sequence[str] = ()) -> dict:
     """Evaluate runs on a dataset's test pairs (see the module docstring for the protocol).
 
     Args:
@@ -159,6 +160,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
         on_progress: progress callback ``(split, pairs done, pairs total)``.
         images: the image split the pairs come from: ``"test"`` (the final evaluation, what the
             ``evaluate`` command uses) or ``"val"`` (validation pairs, for choosing settings).
+        baselines: baseline columns on the same pairs, from
+            :data:`~cellfluxrl.evaluation.baselines.BASELINES` (``copy-control``, ``train-real``).
 
     Returns:
         The report dict (as written to report.json; see :mod:`cellfluxrl.evaluation.report`).
@@ -172,6 +175,9 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
 
     if not run_dirs:
         raise CellfluxError("evaluate: give at least one RUN folder")
+    from cellfluxrl.evaluation.baselines import baseline_sources, parse_baselines
+
+    baselines = parse_baselines(",".join(baselines)) if not isinstance(baselines, str) else parse_baselines(baselines)
     if split not in EVAL_SPLITS:
         raise CellfluxError(f"evaluate: unknown split {split!r}; choose one of {', '.join(EVAL_SPLITS)}")
     dataset = load_dataset(dataset_dir)
@@ -194,7 +200,7 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
                 "pairs_from": images,
                 "sampling": {"setting": shared["sampling"], "text": shared["sampling_text"],
                              "reason": shared["sampling_source"]},
-                "best_of": sorted({1, *(int(b) for b in best_of)}),
+                "best_of": sorted({1, *(int(b) for b in best_of)}), "baselines": list(baselines),
                 "tts_n": int(tts_n or max(best_of)), "weights": weights, "seed": int(seed),
                 "batch_size": int(batch_size), "device": str(device),
                 "inception": None if inception is None else str(inception),
@@ -213,12 +219,15 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
             pairs = Pairs.from_dataset(dataset, n, seed, part, images=images)
             sources = {r["name"]: run_candidates(r["run"].net, dataset, pairs, seed=seed, device=device,
                                                  **_sampling_kwargs(r["sampling"])) for r in runs}
+            references, notes = baseline_sources(baselines, dataset, pairs, seed)
             progress = None if on_progress is None else (lambda stage, done, total, part=part: on_progress(part, done, total))
             with torch.inference_mode(False), torch.no_grad():
                 results = evaluate_sources(dataset, pairs, sources, suite=suite, weights=weights, features=features,
                                            classifier=classifier, judge=judge, best_of=best_of,
                                            batch_size=batch_size, kid_subset_size=kid_subset_size,
-                                           kid_subsets=kid_subsets, seed=seed, tts_n=tts_n, on_progress=progress)
+                                           kid_subsets=kid_subsets, seed=seed, tts_n=tts_n, references=references,
+                                           on_progress=progress)
+            results["baseline_notes"] = notes
             sections[part] = build_report(results, split=part, split_description=SPLITS[part])
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)

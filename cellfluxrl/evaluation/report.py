@@ -15,7 +15,9 @@ Rows: every reward (per pair its expectation over the K candidates, plain or bes
 compounds: pairs share compounds),
 ``overall`` (the weighted sum), ``moa_accuracy`` (the **judge**'s top-1 accuracy: an MoA classifier
 fitted independently of the reward's), ``moa_accuracy_reward`` (the reward classifier's accuracy, so
-reward hacking shows as the gap between the two), then the distances ``<FD>_o``, ``<FD>_c``,
+reward hacking shows as the gap between the two), ``texture_hf`` (the share of image power above
+half the Nyquist frequency, :mod:`cellfluxrl.evaluation.texture`: speckle shows as a gap to
+``real``), then the distances ``<FD>_o``, ``<FD>_c``,
 ``<KD>_o``, ``<KD>_c`` on the judge's features (or FID/KID with the Inception weights). ``paired``:
 per N (1 and the table's best-of) every run minus the first on the same pairs
 (:func:`paired_differences`).
@@ -42,6 +44,8 @@ CONTROL_COLUMN = "control"
 REWARD_LABELS = {"moa": "MoA", "nuc_in_cyto": "Nuc-in-Cyto", "roundness": "Roundness", "nuc_size": "NucSize",
                  "cyto_size": "CytoSize", "nuc_count": "NucCount", "cyto_count": "CytoCount"}
 ACCURACY_LABELS = {"moa_accuracy": "MoA accuracy (judge)", "moa_accuracy_reward": "MoA accuracy (reward classifier)"}
+TEXTURE = "texture_hf"  # evaluation.texture.high_frequency_share: compare each column with `real`
+TEXTURE_LABEL = "Texture (power above Nyquist/2)"
 SPLIT_TITLES = {"id": "In-distribution compounds (headline)", "ood": "Held-out (OOD) compounds",
                 "all": "All compounds (in-distribution and held-out mixed)"}
 
@@ -77,6 +81,7 @@ def _selected(sc, names: Sequence[str], weights: np.ndarray) -> tuple[dict[str, 
 
     values = {name: expect(sc.components[name]) for name in names}
     values["overall"] = expect(sc.total)
+    values[TEXTURE] = expect(sc.texture)
     return values, expect(sc.correct), expect(sc.correct_reward)
 
 
@@ -85,19 +90,42 @@ def paired_differences(results: dict, n: int, base: str | None = None) -> dict[s
 
     For every generated source other than ``base`` (default: the first source), the per-pair
     best-of-``n`` expectations (:func:`~cellfluxrl.evaluation.metrics.best_of_n_weights`) of every reward, the
-    overall reward and the judge's accuracy minus the base's, as ``{source: {row: {"mean", "sem",
+    overall reward, the texture statistic, the judge's and the reward classifier's accuracies and
+    their gap (``moa_accuracy_gap``: judge minus reward classifier) minus the base's, as ``{source: {row: {"mean", "sem",
     "sem_compound"}}}`` (mean, standard error over pairs, and standard error clustered by compound). Sources are paired because every run draws candidate
     ``k`` of pair ``i`` from the same control, condition and noise seed.
     """
     names, sources = results["names"], results["sources"]
     base = sources[0] if base is None else base
     per = {}
-    for s in sources:
+    for s in dict.fromkeys([*sources, base]):
         sc = results["scores"][s]
-        values, correct, _ = _selected(sc, names, best_of_n_weights(sc.total, n))
-        per[s] = {**values, "moa_accuracy": correct}
+        values, correct, correct_reward = _selected(sc, names, best_of_n_weights(sc.total, n))
+        per[s] = {**values, "moa_accuracy": correct, "moa_accuracy_reward": correct_reward,
+                  "moa_accuracy_gap": correct - correct_reward}
     compounds = results["pairs"].compound
     return {s: {row: _cell(per[s][row] - per[base][row], compounds) for row in per[s]} for s in sources if s != base}
+
+
+def baseline_comparison(results: dict) -> dict:
+    """Every run (plain, N = 1) minus ``copy-control`` on the same pairs, and the runs that do not beat it.
+
+    Returns:
+        ``{"columns": [baseline columns], "notes": [why one is missing], "versus_copy_control":
+        {run: {row: cell}}, "learned_nothing": {run: [rows <= 0]}}`` (the last two empty without a
+        ``copy-control`` column): a run that does not raise the MoA reward and the judge's accuracy
+        above copying the control has learned no perturbation.
+    """
+    from cellfluxrl.evaluation.baselines import learned_nothing
+
+    references = list(results.get("references", []))
+    out = {"columns": references, "notes": list(results.get("baseline_notes", [])), "versus_copy_control": {},
+           "learned_nothing": {}}
+    if "copy-control" in references and results["sources"]:
+        versus = paired_differences(results, 1, base="copy-control")
+        out["versus_copy_control"] = {s: versus[s] for s in results["sources"]}
+        out["learned_nothing"] = learned_nothing(out["versus_copy_control"])
+    return out
 
 
 def build_report(results: dict, split: str = "all", split_description: str = "") -> dict:
@@ -112,13 +140,13 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
     tts_n = results.get("tts_n", k_max)
     fd_name, kid_name = results["feature_name"], results["kid_name"]
     pairs = results["pairs"]
-    rows = [*names, "overall", *ACCURACY_LABELS, f"{fd_name}_o", f"{fd_name}_c", f"{kid_name}_o", f"{kid_name}_c"]
+    rows = [*names, "overall", *ACCURACY_LABELS, TEXTURE, f"{fd_name}_o", f"{fd_name}_c", f"{kid_name}_o", f"{kid_name}_c"]
     table, per_condition, curves = {}, {}, {}
     compounds = np.unique(pairs.compound)
 
     def column_cells(values: dict[str, np.ndarray], correct: np.ndarray, correct_reward: np.ndarray,
                      column: str) -> dict:
-        cells = {name: _cell(values[name], pairs.compound) for name in [*names, "overall"]}
+        cells = {name: _cell(values[name], pairs.compound) for name in [*names, "overall", TEXTURE]}
         cells["moa_accuracy"] = _cell(correct.astype(np.float64), pairs.compound)
         cells["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64), pairs.compound)
         if column == REAL:
@@ -155,21 +183,24 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
             if n == tts_n and tts_n > 1:
                 column = f"{s}+best-of-{tts_n}"
                 table[column] = column_cells(values, correct, correct_reward, column)
-    real = results["scores"][REAL]
-    values, correct, correct_reward = _selected(real, names, np.ones((len(pairs), 1)))
-    table[REAL] = column_cells(values, correct, correct_reward, REAL)
+    references = list(results.get("references", []))
+    for column in [*references, REAL]:
+        values, correct, correct_reward = _selected(results["scores"][column], names, np.ones((len(pairs), 1)))
+        table[column] = column_cells(values, correct, correct_reward, column)
 
     throughput = {}
-    for s in [*results["sources"], REAL]:
+    for s in [*results["sources"], *references, REAL]:
         seconds = results["scores"][s].seconds
-        n_images = len(pairs) * (k_max if s != REAL else 1)
+        n_images = len(pairs) * (k_max if s in results["sources"] else 1)
         throughput[s] = {"images": n_images, "seconds": seconds, "images_per_s": n_images / seconds if seconds else None}
-    labels = {row: REWARD_LABELS.get(row, row) for row in rows} | {"overall": "Overall"} | ACCURACY_LABELS
+    labels = ({row: REWARD_LABELS.get(row, row) for row in rows} | {"overall": "Overall"} | ACCURACY_LABELS
+              | {TEXTURE: TEXTURE_LABEL, "moa_accuracy_gap": "MoA accuracy gap (judge - reward classifier)"})
     return {
         "split": split, "split_description": split_description,
         "columns": list(table), "rows": rows, "table": table, "labels": labels,
         "best_of_n": curves, "per_condition": per_condition,
         "paired": {str(n): paired_differences(results, n) for n in sorted({1, tts_n})} if len(results["sources"]) > 1 else {},
+        "baselines": baseline_comparison(results),
         "distance": {"features": fd_name, "kid": kid_name, "source": results["feature_source"],
                      "note": distance_note(fd_name), **results["kid"],
                      "per_compound": results.get("per_compound", {"shown": True, "note": ""})},

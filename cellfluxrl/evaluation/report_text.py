@@ -47,7 +47,9 @@ def markdown_table(section: dict, columns: Sequence[str] | None = None) -> str:
 def section_title(section: dict) -> str:
     """E.g. ``"In-distribution compounds (headline): 64 test pairs, 20 conditions"``."""
     title = SPLIT_TITLES.get(section["split"], section["split"])
-    return f"{title}: {section['n_pairs']} test pairs, {section['n_conditions']} compounds"
+    pairs, compounds = section["n_pairs"], section["n_conditions"]
+    return (f"{title}: {pairs} test pair{'' if pairs == 1 else 's'}, "
+            f"{compounds} compound{'' if compounds == 1 else 's'}")
 
 
 def sampling_lines(settings: dict) -> list[str]:
@@ -60,7 +62,8 @@ def sampling_lines(settings: dict) -> list[str]:
 
 def _section_markdown(section: dict) -> list[str]:
     out = [f"## {section_title(section)}", "", section["split_description"] + ".", "",
-           markdown_table(section), "", *_paired_markdown(section), "### Best-of-N (selected by the overall reward)", ""]
+           markdown_table(section), "", *_baseline_markdown(section), *_paired_markdown(section),
+           "### Best-of-N (selected by the overall reward)", ""]
     names = [r for r in section["rows"] if not r[-2:] in ("_o", "_c")]
     out.append("| Run | N | " + " | ".join(section["labels"].get(r, r) for r in names) + " |")
     out.append("|---|---|" + "---|" * len(names))
@@ -85,6 +88,25 @@ def _section_markdown(section: dict) -> list[str]:
     return out + [""]
 
 
+def _baseline_markdown(section: dict) -> list[str]:
+    """What the baseline columns say: why one is missing, each run minus copy-control, who learned nothing."""
+    baselines = section.get("baselines") or {}
+    out = [f"- {note}." for note in baselines.get("notes", [])]
+    versus = baselines.get("versus_copy_control") or {}
+    if versus:
+        labels = section["labels"]
+        out += ["", f"### Against copy-control (each run minus the control image itself, same pairs; {SE_LEGEND})", "",
+                "| Run | " + " | ".join(labels.get(r, r) for r in ("moa", "moa_accuracy", "overall")) + " |",
+                "|---|---|---|---|"]
+        for run, cells in versus.items():
+            out.append(f"| {run} | " + " | ".join(_fmt(cells.get(r), r, signed=True)
+                                                   for r in ("moa", "moa_accuracy", "overall")) + " |")
+    for run, rows in (baselines.get("learned_nothing") or {}).items():
+        out.append(f"\n**{run} does not beat copy-control on {' and '.join(section['labels'].get(r, r) for r in rows)}: "
+                   f"it has learned no perturbation there.**")
+    return out + [""] if out else []
+
+
 def _paired_markdown(section: dict) -> list[str]:
     """The paired-differences table (every run minus the first, at N = 1 and the table's best-of)."""
     paired = section.get("paired") or {}
@@ -93,7 +115,8 @@ def _paired_markdown(section: dict) -> list[str]:
         return []
     base = section["columns"][0]
     head = [f"{s} - {base}" + ("" if n == "1" else f" (both best-of-{n})") for n, s in columns]
-    rows = [r for r in section["rows"] if r in paired[columns[0][0]][columns[0][1]]]
+    first = paired[columns[0][0]][columns[0][1]]
+    rows = [r for r in section["rows"] if r in first] + [r for r in first if r not in section["rows"]]
     out = [f"### Paired differences against {base} (same pairs, controls and noise seeds; {SE_LEGEND})", "",
            "| Metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for r in rows:

@@ -22,6 +22,7 @@ from cellfluxrl.errors import CellfluxError
 from cellfluxrl.evaluation.candidates import CandidateFn, Pairs, quantize, real_images
 from cellfluxrl.evaluation.metrics import FeatureSet, best_of_n, compare_many
 from cellfluxrl.evaluation.report import CONTROL_COLUMN, REAL
+from cellfluxrl.evaluation.texture import high_frequency_share
 from cellfluxrl.evaluation.uncertainty import bootstrap_fd_sem, per_compound_rule
 from cellfluxrl.images import to_model, to_uint8
 from cellfluxrl.rewards.refstats import empty_columns_warning
@@ -36,7 +37,8 @@ class _Scores:
     """Per-pair (and per-candidate) scores of one source: arrays ``(P, K)`` (K = 1 for real).
 
     ``correct``: the judge's top-1 MoA equals the target's; ``correct_reward``: the same for the
-    reward classifier; ``nuc_count``: the nuclei the segmenter found.
+    reward classifier; ``nuc_count``: the nuclei the segmenter found; ``texture``: the share of
+    image power above half the Nyquist frequency (:func:`~cellfluxrl.evaluation.texture.high_frequency_share`).
     """
 
     total: np.ndarray
@@ -44,13 +46,14 @@ class _Scores:
     correct: np.ndarray
     correct_reward: np.ndarray
     nuc_count: np.ndarray
+    texture: np.ndarray
     seconds: float = 0.0
 
     @classmethod
     def empty(cls, n_pairs: int, k: int, names: Sequence[str]) -> "_Scores":
         nan = np.full((n_pairs, k), np.nan)
         return cls(nan.copy(), {name: nan.copy() for name in names}, np.zeros((n_pairs, k), dtype=bool),
-                   np.zeros((n_pairs, k), dtype=bool), nan.copy())
+                   np.zeros((n_pairs, k), dtype=bool), nan.copy(), nan.copy())
 
 
 @dataclass
@@ -86,8 +89,8 @@ def _hits(classifier, images: torch.Tensor, moa: np.ndarray) -> np.ndarray:
 
 def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor, moa: np.ndarray, suite,
                 weights: Mapping[str, float], classifier, judge) -> None:
-    """Rewards, overall reward and MoA correctness (judge and reward classifier) of one batch,
-    written into ``scores[rows, k]``."""
+    """Rewards, overall reward, MoA correctness (judge and reward classifier) and the texture
+    statistic of one batch, written into ``scores[rows, k]``."""
     result = suite.score(images, list(moa))
     total = np.zeros(len(rows), dtype=np.float64)
     for name in scores.components:
@@ -98,6 +101,7 @@ def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor,
     scores.correct[rows, k] = _hits(judge, images, moa)
     scores.correct_reward[rows, k] = _hits(classifier, images, moa)
     scores.nuc_count[rows, k] = result.stats["nuc_count"]
+    scores.texture[rows, k] = high_frequency_share(images)
 
 
 def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Sequence[str], names: np.ndarray,
@@ -140,6 +144,7 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
                      features, classifier, judge, best_of: Sequence[int] = (1,), batch_size: int = 32,
                      kid_subset_size: int = 100, kid_subsets: int = 100, reservoir_size: int = 1000,
                      seed: int = 0, grid_conditions: int = 6, tts_n: int | None = None,
+                     references: Mapping[str, CandidateFn] | None = None,
                      on_progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Score candidate sources and the real targets on the same pairs; the core of :func:`evaluate`.
 
@@ -163,6 +168,8 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         reservoir_size: feature rows kept per column (per condition) for KID.
         seed: seeds the reservoirs and the KID subsets (the pairs and noise are fixed by the caller).
         grid_conditions: conditions shown in Figure 4.
+        references: baseline columns (:mod:`cellfluxrl.evaluation.baselines`): name -> image source,
+            scored like ``real`` with one candidate per pair (no best-of-N), with distances.
         on_progress: ``(stage, pairs done, pairs total)`` after every batch.
 
     Returns:
@@ -179,9 +186,14 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     missing = [w for w in weights if w not in names]
     if missing:
         raise CellfluxError(f"evaluate: weighted reward(s) {', '.join(missing)} are not in the reward suite")
-    fd_columns = [c for s in sources for c in ([s, f"{s}+best-of-{tts_n}"] if tts_n > 1 else [s])]
+    references = dict(references or {})
+    clash = [r for r in references if r in sources or r == REAL]
+    if clash:
+        raise CellfluxError(f"evaluate: column name(s) {', '.join(clash)} used twice (a run and a baseline)")
+    fd_columns = [c for s in sources for c in ([s, f"{s}+best-of-{tts_n}"] if tts_n > 1 else [s])] + list(references)
     streams = _Streams(features.dim, reservoir_size, seed)
     scores = {s: _Scores.empty(n_pairs, k_max, names) for s in sources}
+    scores.update({r: _Scores.empty(n_pairs, 1, names) for r in references})
     scores[REAL] = _Scores.empty(n_pairs, 1, names)
     per_condition_fd: dict[str, dict] = {}
     condition_names = np.asarray(dataset.conditions["compound"]).astype(str)
@@ -201,6 +213,12 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         scores[REAL].seconds += time.perf_counter() - t0
         _remember(grid, pos, REAL, x_real)
         _remember(grid, pos, CONTROL_COLUMN, to_model(np.asarray(dataset.images[pairs.control[pos]]), dequantize=False))
+        for r, candidates in references.items():
+            t0 = time.perf_counter()
+            x = quantize(candidates(pos, 0))
+            _score_into(scores[r], pos, 0, x, moa, suite, weights, classifier, judge)
+            streams.update(r, cond, features(x))
+            scores[r].seconds += time.perf_counter() - t0
         for s, candidates in sources.items():
             t0 = time.perf_counter()
             _source_batch(s, candidates, pos, k_max, tts_n, scores[s], streams, grid, moa, cond, suite, weights, classifier,
@@ -221,7 +239,7 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     warning = empty_columns_warning({c: s.nuc_count for c, s in scores.items()}, suite.segmenter.settings)
     if warning:  # more than 5 % of a column's images (all K candidates of a run) without a nucleus
         logger.warning("evaluate: %s", warning)
-    return {"pairs": pairs, "sources": list(sources), "best_of": best_of, "k_max": k_max, "tts_n": tts_n,
+    return {"pairs": pairs, "sources": list(sources), "references": list(references), "best_of": best_of, "k_max": k_max, "tts_n": tts_n,
             "names": names,
             "weights": dict(weights), "scores": scores, "fd_columns": fd_columns, "overall_fd": overall,
             "overall_fd_sem": overall_fd_sem, "per_compound": {"shown": per_compound, "note": per_compound_note},
