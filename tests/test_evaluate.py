@@ -458,14 +458,15 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     first = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
     assert first.exit_code == 0, first.output
     header = next(line for line in first.stdout.splitlines() if line.startswith("| Metric |"))
-    assert header == "| Metric | CellFlux | CellFlux+best-of-2 | CellFluxRL | CellFluxRL+best-of-2 | real |"
+    assert header == ("| Metric | CellFlux | CellFlux+best-of-2 | CellFluxRL | CellFluxRL+best-of-2 | copy-control | "
+                      "train-real | real |")  # the baselines are on in the demo
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["settings"]["runs"][1]["kind"] == "posttrain"
     assert report["splits"] == ["id", "ood"]
     second = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(out), "--device", "cpu"])
     assert second.exit_code == 0, second.output
     table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 2 * 15 and table == [line for line in second.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 * 16 and table == [line for line in second.stdout.splitlines() if line.startswith("| ")]
 
 
 def test_paired_table_signs_gains_and_losses():
