@@ -87,6 +87,20 @@ def test_prepare_images_is_refused_while_another_prepare_holds_the_folder(tmp_pa
     assert not out.exists()
 
 
+def test_prepare_cellpose_model_is_refused_while_another_prepare_holds_the_folder(tmp_path, capsys):
+    """Every prepare subcommand takes the output folder's lock: cellpose-model too (issue 29 item 4)."""
+    out = tmp_path / "models"
+    holder = _holder(out)
+    try:
+        code, _, err = run_main(capsys, "prepare", "cellpose-model", str(tmp_path), "--out", str(out),
+                                "--target", "nuclei", "--device", "cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(code, err, str(out), f"PID {holder.pid}", "in use by prepare")
+    assert not out.exists()
+
+
 def test_prepare_images_sigterm_while_fitting_says_what_was_kept(tmp_path, capsys, monkeypatch):
     import cellfluxrl.rewards.evaluators_fit as evaluators_fit
 

@@ -30,11 +30,21 @@ def cellpose_model(dataset, out, target, n_images, epochs, seed, batch_size, dev
     On a 2-core CPU, 256 crops x 100 epochs take roughly 5-8 hours per model (96 crops x 15 epochs:
     27 min, nucleus AP@0.5 0.92 on synthetic crops); a GPU takes minutes.
     """
+    from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.rewards.segmentation.cellpose_backend import train_cellpose
+    from cellfluxrl.rundir import hold
 
     gpu = None if device == "auto" else device.startswith("cuda")  # Cellpose takes a CUDA switch
     targets = ("nuclei", "cyto") if target == "both" else (target,)
-    for t in targets:
-        path = train_cellpose(dataset, out, target=t, n_images=n_images, n_epochs=epochs, seed=seed,
-                              batch_size=batch_size, gpu=gpu)
-        click.echo(f"{t}: {path}")
+    written = []
+    with hold(out, "prepare cellpose-model"), StopSignals(graceful=False) as stop:  # one writer, as every prepare
+        try:
+            for t in targets:
+                path = train_cellpose(dataset, out, target=t, n_images=n_images, n_epochs=epochs, seed=seed,
+                                      batch_size=batch_size, gpu=gpu)
+                written.append(str(path))
+                click.echo(f"{t}: {path}")
+        except KeyboardInterrupt:
+            stop.exit(f"prepare cellpose-model stopped by {stop.name}: "
+                      f"{'kept ' + ', '.join(written) if written else 'no model was finished'}; the model being "
+                      f"trained is lost (run the same command to train it again)")
