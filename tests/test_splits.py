@@ -155,3 +155,46 @@ def test_synthetic_has_plates_and_wells_and_splits_whole_wells(tmp_path):
     for key, split in zip(zip(ds.table["batch"].tolist(), ds.table["well"].tolist()), ds.table["split"].tolist()):
         assert split_of.setdefault(key, split) == split  # every well lies in one split
     assert ds.meta["generator"]["split_by"] == "plate+well"
+
+
+def test_validation_subsets_rule():
+    """Target groups dealt alternately to val-tune and val-select (the alternation running on across
+    MoAs), disjoint by (plate, well); a plate's single control well is shared; nothing outside val."""
+    from cellfluxrl.data.splits import VAL_SUBSETS, validation_subsets
+
+    split = np.array(["val"] * 10 + ["train", "test"] + ["val"] * 3)
+    state = np.array(["treated"] * 12 + ["control"] * 3)
+    moa = np.array(["A"] * 6 + ["B"] * 2 + ["C"] * 4 + ["DMSO"] * 3)
+    batch = np.array(["P1"] * 4 + ["P2"] * 8 + ["P1", "P2", "P2"])
+    well = np.array(["a", "a", "b", "b", "c", "c", "d", "d", "e", "e", "f", "g", "x", "y", "z"])
+    groups = group_ids(batch, well)
+    subsets = validation_subsets(split, state, moa, batch, groups)
+    select, tune = subsets["val-select"], subsets["val-tune"]
+    treated = state == "treated"
+    assert not (select & tune & treated).any() and ((select | tune) & treated).sum() == 10
+    assert not (select | tune)[10:12].any()  # train and test images are in neither
+    for g in np.unique(groups[treated & (split == "val")]):  # whole groups
+        assert select[groups == g].all() or tune[groups == g].all()
+    counts = [np.unique(groups[subsets[name] & treated]).size for name in VAL_SUBSETS]
+    assert sorted(counts) == [2, 3]  # 5 validation target groups (A: 3, B: 1, C: 1), dealt alternately
+    assert select[12] and tune[12]  # P1's only validation control well: shared
+    assert select[13] != select[14] and tune[13] != tune[14] and select[13] == tune[14]  # P2's two: one each
+    again = validation_subsets(split, state, moa, batch, groups)
+    assert all(np.array_equal(again[name], subsets[name]) for name in VAL_SUBSETS)
+
+
+def test_validation_subsets_of_a_synthetic_dataset_pair_within_themselves(tmp_path):
+    """On a synthetic dataset both halves have pairs, their targets share no (plate, well), every
+    control comes from the same half and plate, and together they are the validation targets."""
+    from cellfluxrl.data.synthetic import prepare_synthetic
+    from cellfluxrl.model.generate import test_pairs
+
+    ds = load_dataset(prepare_synthetic(tmp_path / "ds", n_images=600, seed=1, size=32, n_plates=3, progress=False))
+    pairs = {name: test_pairs(ds, 10_000, 0, images=name) for name in ("val-select", "val-tune", "val")}
+    assert _pairs_of(ds, pairs["val-select"][0]).isdisjoint(_pairs_of(ds, pairs["val-tune"][0]))
+    assert sorted([*pairs["val-select"][0], *pairs["val-tune"][0]]) == sorted(pairs["val"][0])
+    for name in ("val-select", "val-tune"):
+        target, control = pairs[name]
+        assert target.size > 0 and ds.val_subsets[name][control].all()
+        assert (ds.table["batch"][control] == ds.table["batch"][target]).all()
+        assert (ds.table["state"][control] == "control").all()

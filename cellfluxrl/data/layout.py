@@ -40,7 +40,8 @@ from cellfluxrl import __version__
 from cellfluxrl.data.duplicates import CropDigests
 from cellfluxrl.data.npy_stream import NpyAppender, follow_umask
 from cellfluxrl.data.partials import partial_prefix, remove_stale_partials
-from cellfluxrl.data.splits import VAL_FRACTION, VAL_RULE, group_ids, validation_split
+from cellfluxrl.data.splits import (VAL_FRACTION, VAL_RULE, VAL_SUBSETS, group_ids, validation_split,
+                                    validation_subsets)
 from cellfluxrl.errors import CellfluxError
 
 FORMAT_VERSION = 1
@@ -241,9 +242,15 @@ class Dataset:
 
     def select(self, split: str | None = None, state: str | None = None,
                include_ood: bool = True) -> np.ndarray:
-        """Image indices (int64, ascending = CSV order) matching a split and/or state."""
+        """Image indices (int64, ascending = CSV order) matching a split and/or state.
+
+        ``split`` is a stored split (``train``, ``val``, ``test``) or one of the validation subsets
+        :data:`~cellfluxrl.data.splits.VAL_SUBSETS` (``val-select``, ``val-tune``).
+        """
         keep = np.ones(len(self), dtype=bool)
-        if split is not None:
+        if split in VAL_SUBSETS:
+            keep &= self.val_subsets[split]
+        elif split is not None:
             keep &= self.table["split"] == split
         if state is not None:
             keep &= self.table["state"] == state
@@ -251,6 +258,14 @@ class Dataset:
             ood = np.append(self.conditions["ood"], False)  # index -1 (controls) -> False
             keep &= ~ood[self.condition]
         return np.flatnonzero(keep)
+
+    @property
+    def val_subsets(self) -> dict[str, np.ndarray]:
+        """bool ``(N,)`` per validation subset (:func:`cellfluxrl.data.splits.validation_subsets`)."""
+        if "val_subsets" not in self._cache:
+            t = self.table
+            self._cache["val_subsets"] = validation_subsets(t["split"], t["state"], t["moa"], t["batch"], self.groups)
+        return self._cache["val_subsets"]
 
     @property
     def groups(self) -> np.ndarray:

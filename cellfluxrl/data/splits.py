@@ -169,3 +169,49 @@ def _all(groups: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per image: whether ``mask`` holds for every image of its group."""
     bad = np.unique(groups[~mask])
     return ~np.isin(groups, bad)
+
+
+VAL_SUBSETS = ("val-select", "val-tune")  # checkpoint selection reads one, the tuning of settings the other
+VAL_SUBSET_RULE = ("validation subsets: the validation (plate, well) groups of treated images, per MoA (MoAs in "
+                   "sorted order, groups in a fixed shuffle), dealt alternately to val-tune and val-select, the "
+                   "alternation running on across MoAs; each plate's validation control wells dealt the same way, a "
+                   "plate with a single one sharing it between both (controls are sources, never targets)")
+
+
+def validation_subsets(split: np.ndarray, state: np.ndarray, moa: np.ndarray, batch: np.ndarray,
+                       groups: np.ndarray) -> dict[str, np.ndarray]:
+    """The two disjoint halves of the validation split (the rule in :data:`VAL_SUBSET_RULE`).
+
+    Settings (sampler, guidance, learning rates) are tuned on ``val-tune``; the checkpoint of a run
+    is selected on ``val-select``, so neither choice is made on the pairs the other was fitted to.
+    Their target groups are disjoint by (plate, well); the deal depends only on the dataset.
+
+    Args:
+        split, state, moa, batch: str ``(N,)`` per image (as in :func:`validation_split`).
+        groups: int ``(N,)`` (:func:`group_ids`).
+
+    Returns:
+        ``{"val-select": bool (N,), "val-tune": bool (N,)}``, both ``False`` outside ``val``.
+    """
+    split, state, groups = np.asarray(split).astype(str), np.asarray(state).astype(str), np.asarray(groups)
+    moa, batch = np.asarray(moa).astype(str), np.asarray(batch).astype(str)
+    val = split == "val"
+    out = {name: np.zeros(split.size, dtype=bool) for name in VAL_SUBSETS}
+    rng = np.random.default_rng(0x5E7EC7)
+    turn = 0
+    treated = val & (state == "treated")
+    for stratum in sorted(set(moa[treated].tolist())):
+        dealt = np.unique(groups[treated & (moa == stratum)])
+        for g in dealt[rng.permutation(dealt.size)]:
+            out[VAL_SUBSETS[1 - turn % 2]][groups == g] = True  # the first group of all goes to val-tune
+            turn += 1
+    controls = val & (state == "control")
+    for plate in sorted(set(batch[controls].tolist())):
+        dealt = np.unique(groups[controls & (batch == plate)])
+        if dealt.size == 1:
+            for name in VAL_SUBSETS:
+                out[name][groups == dealt[0]] = True
+            continue
+        for i, g in enumerate(dealt[rng.permutation(dealt.size)]):
+            out[VAL_SUBSETS[1 - i % 2]][groups == g] = True
+    return out

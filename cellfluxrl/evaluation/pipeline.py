@@ -159,7 +159,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
         kid_subset_size, kid_subsets: KID subsets (CellFlux: 100 and 100).
         on_progress: progress callback ``(split, pairs done, pairs total)``.
         images: the image split the pairs come from: ``"test"`` (the final evaluation, what the
-            ``evaluate`` command uses) or ``"val"`` (validation pairs, for choosing settings).
+            ``evaluate`` command uses), ``"val"`` (validation pairs), or its halves ``"val-tune"``
+            (for choosing settings) and ``"val-select"`` (for choosing checkpoints).
         baselines: baseline columns on the same pairs, from
             :data:`~cellfluxrl.evaluation.baselines.BASELINES` (``copy-control``, ``train-real``).
 
@@ -210,7 +211,7 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
     sections = {}
     try:
         for part in EVAL_SPLITS[split]:
-            if split == "both" and part == "ood" and images == "val":
+            if split == "both" and part == "ood" and images.startswith("val"):
                 logger.info("validation pairs hold in-distribution compounds only; no held-out section")
                 continue
             if split == "both" and part == "ood" and dataset.conditions["ood"].sum() == 0:

@@ -111,7 +111,7 @@ SPLITS = {"id": "in-distribution compounds (seen in training; CellFlux's headlin
 
 
 # Image splits pairs are read from: the final evaluation reads test; tuning reads validation.
-PAIR_SPLITS = ("test", "val")
+PAIR_SPLITS = ("test", "val", "val-select", "val-tune")  # data.splits.VAL_SUBSETS: val's two disjoint halves
 
 
 def split_targets(dataset, split: str = "id", images: str = "test") -> np.ndarray:
@@ -149,7 +149,8 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
         seed: seed of the control draw (:func:`cellfluxrl.data.pairing.draw_controls`).
         conditions: compound names, or ``None`` for all.
         split: ``"id"`` (default), ``"ood"`` or ``"all"`` (:data:`SPLITS`).
-        images: ``"test"`` (default) or ``"val"`` (:data:`PAIR_SPLITS`).
+        images: ``"test"`` (default), ``"val"``, or one of its disjoint halves ``"val-tune"`` (tuning
+            settings) and ``"val-select"`` (selecting checkpoints) (:data:`PAIR_SPLITS`).
 
     Returns:
         ``(target_idx, control_idx)``, int64 ``(m,)`` each with ``m = min(n, available)``.
@@ -173,7 +174,7 @@ def test_pairs(dataset, n: int, seed: int, conditions: Sequence[str] | None = No
         targets = targets[np.isin(dataset.table["compound"][targets], list(conditions))]
     if targets.size == 0:
         what = f" for {', '.join(conditions)}" if conditions else ""
-        hint = "; datasets prepared before the validation split have none: prepare it again" if images == "val" else ""
+        hint = "; datasets prepared before the validation split have none: prepare it again" if images.startswith("val") else ""
         raise CellfluxError(f"{dataset.root}: no treated {images} images of the {split!r} split{what}{hint}")
     targets = targets[: int(n)]
     return targets.astype(np.int64), draw_controls(dataset, images, targets, seed)
