@@ -97,6 +97,10 @@ class PretrainConfig:
         batch_size: images per process per micro-batch (CellFlux: 32 per GPU x 4 GPUs).
         grad_accum: micro-batches per optimizer step (CellFlux: 1).
         lr, beta1, beta2, weight_decay: AdamW (CellFlux: 1e-4, 0.9, 0.95, torch default 0.01).
+        lr_schedule: ``constant`` (CellFlux) or ``cosine``: after the warm-up, ``lr`` decays along a
+            half cosine to ``lr * lr_final`` at the last step (:func:`cellfluxrl.model.pretrain.lr_at`).
+        warmup_steps: steps of linear warm-up from ``lr / warmup_steps`` to ``lr`` (0: none).
+        lr_final: the cosine schedule's last learning rate, as a fraction of ``lr``.
         grad_clip: max global grad norm, 0 = no clipping (CellFlux: none).
         ema_decay: EMA decay, with warm-up ``min(ema_decay, (1 + n) / (10 + n))``.
         noise_sigma, noise_prob: source noise std and per-batch probability (1.0, 0.5).
@@ -127,6 +131,9 @@ class PretrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lr_final: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.01
@@ -161,6 +168,11 @@ class PretrainConfig:
                 raise CellfluxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise CellfluxError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise CellfluxError(f"config: lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or not 0.0 <= self.lr_final <= 1.0:
+            raise CellfluxError(f"config: warmup_steps must be >= 0 and lr_final in [0, 1], got "
+                                f"{self.warmup_steps} and {self.lr_final}")
         if self.time_sampling not in ("skewed", "uniform"):
             raise CellfluxError(f"config: time_sampling must be skewed or uniform, got {self.time_sampling!r}")
 

@@ -303,3 +303,32 @@ def test_learned_model_moves_nucleus_size_towards_the_moa(tmp_path):
         # At least half of the DMSO -> MoA gap is closed, without overshooting by more than the gap.
         assert sign * (gen - dmso) > 0.5 * sign * (real - dmso), (compound, dmso, real, gen)
         assert abs(gen - real) < abs(real - dmso), (compound, dmso, real, gen)
+
+
+def test_lr_schedule_warm_up_then_cosine_to_the_final_rate():
+    """lr_at: linear warm-up to lr, then a half cosine from lr to lr * lr_final at the last step;
+    'constant' keeps lr after the warm-up; a run stored before the schedule existed still resumes."""
+    import math
+    from pathlib import Path
+
+    from cellfluxrl.config import PretrainConfig
+    from cellfluxrl.model.pretrain import check_resume_compatible, lr_at
+
+    cfg = PretrainConfig(steps=101, lr=1e-3, lr_schedule="cosine", warmup_steps=10, lr_final=0.1)
+    assert [lr_at(i, cfg) for i in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert lr_at(10, cfg) == pytest.approx(1e-3) and lr_at(100, cfg) == pytest.approx(1e-4)
+    middle = 10 + 45  # halfway through the 90 decaying steps
+    assert lr_at(middle, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    lrs = [lr_at(i, cfg) for i in range(10, 101)]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+    flat = PretrainConfig(steps=50, lr=2e-4, warmup_steps=5)
+    assert lr_at(2, flat) == pytest.approx(1.2e-4) and {lr_at(i, flat) for i in range(5, 50)} == {2e-4}
+    assert lr_at(7, PretrainConfig(steps=50, lr=2e-4)) == 2e-4  # CellFlux: constant, no warm-up
+    with pytest.raises(CellfluxError, match="lr_schedule must be constant or cosine"):
+        PretrainConfig(lr_schedule="step")
+    old = {"dataset": "d", "unet": {}, "condition_dim": 3, "train": {"steps": 5, "lr": 1e-3}}
+    new = {"dataset": "d", "unet": {}, "condition_dim": 3,
+           "train": {"steps": 5, "lr": 1e-3, "lr_schedule": "constant", "warmup_steps": 0, "lr_final": 0.0}}
+    check_resume_compatible(old, new, Path("run"))  # stored without the keys: the old behaviour, accepted
+    with pytest.raises(CellfluxError, match="lr_schedule"):
+        check_resume_compatible(old, {**new, "train": {**new["train"], "lr_schedule": "cosine"}}, Path("run"))

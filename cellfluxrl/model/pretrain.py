@@ -112,6 +112,10 @@ def run_config(dataset_dir: Path, cfg: PretrainConfig, unet: UNetConfig, conditi
             "sampling": Sampling(steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, sigma=cfg.noise_sigma).to_dict()}
 
 
+# Settings added since runs were first stored, with the value that reproduces a run stored without them.
+ADDED_KEYS = {"lr_schedule": "constant", "warmup_steps": 0, "lr_final": 0.0}
+
+
 def check_resume_compatible(stored: dict, new: dict, path: Path) -> None:
     """Refuse to resume a run with settings that would change its trajectory (one line naming the key).
 
@@ -120,7 +124,7 @@ def check_resume_compatible(stored: dict, new: dict, path: Path) -> None:
         if stored.get(key) != new.get(key):
             raise CellfluxError(f"{path}: run was started with {key}={stored.get(key)!r}, now {new.get(key)!r}; "
                                 f"use a new RUN folder")
-    old_train = upgrade_keys(stored.get("train") or {}, PretrainConfig, str(path))
+    old_train = {**ADDED_KEYS, **upgrade_keys(stored.get("train") or {}, PretrainConfig, str(path))}
     new_train = new["train"]
     for key in sorted(set(old_train) | set(new_train)):
         if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
@@ -151,6 +155,22 @@ def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
     coin flips / t / noise, 1: dropout). Re-seeding every step makes resume exact without saving
     RNG states."""
     return int(np.random.SeedSequence([int(seed), int(rank), int(step), int(stream)]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) under ``cfg``'s schedule.
+
+    Linear warm-up over ``warmup_steps`` (step ``i`` gets ``lr (i + 1) / warmup_steps``), then
+    ``constant``: ``lr``; ``cosine``: ``lr_final lr + (1 - lr_final) lr (1 + cos(pi p)) / 2`` with
+    ``p`` going from 0 after the warm-up to 1 at the last step.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def train(dataset_dir: str | Path, run_dir: str | Path, cfg: PretrainConfig, *,
@@ -291,6 +311,8 @@ def _train(dataset_dir: Path, run_dir: Path, cfg: PretrainConfig, unet: UNetConf
                          else "nowhere (no checkpoint written yet)")
                 raise CellfluxError(f"non-finite loss at step {step + 1}; last good checkpoint kept at {where}")
             grad_norm = nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            for group in optimizer.param_groups:  # a function of the step alone: a resume continues it exactly
+                group["lr"] = lr_at(step, cfg)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ema_update(ema, net, ema_decay_at(step, cfg.ema_decay))
