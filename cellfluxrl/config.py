@@ -97,10 +97,9 @@ class PretrainConfig:
         batch_size: images per process per micro-batch (CellFlux: 32 per GPU x 4 GPUs).
         grad_accum: micro-batches per optimizer step (CellFlux: 1).
         lr, beta1, beta2, weight_decay: AdamW (CellFlux: 1e-4, 0.9, 0.95, torch default 0.01).
-        lr_schedule: ``constant`` (CellFlux) or ``cosine``: after the warm-up, ``lr`` decays along a
-            half cosine to ``lr * lr_final`` at the last step (:func:`cellfluxrl.model.pretrain.lr_at`).
-        warmup_steps: steps of linear warm-up from ``lr / warmup_steps`` to ``lr`` (0: none).
-        lr_final: the cosine schedule's last learning rate, as a fraction of ``lr``.
+        lr_schedule, warmup_steps, lr_final: ``constant`` (CellFlux) or ``cosine`` (a half cosine to
+            ``lr * lr_final`` at the last step) after a linear warm-up of ``warmup_steps`` (0: none)
+            (:func:`cellfluxrl.model.pretrain.lr_at`).
         grad_clip: max global grad norm, 0 = no clipping (CellFlux: none).
         ema_decay: EMA decay, with warm-up ``min(ema_decay, (1 + n) / (10 + n))``.
         noise_sigma, noise_prob: source noise std and per-batch probability (1.0, 0.5).

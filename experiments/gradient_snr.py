@@ -51,10 +51,12 @@ def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights:
     """Per setting ``{"real": (iters, P), "shuffled": (iters, P), "seconds": s}`` flattened policy gradients.
 
     The advantages are the run's own (``cellfluxrl.rl.step.advantages``: ``reward_norm`` honoured);
-    the null shuffles the reward rows (every reward of a rollout together) inside each group with a
-    fresh permutation per group, so it keeps each group's reward set and loses which rollout earned
-    it. ``P`` counts only the weights the setting trains (``trainable``): the gradient of a subset is
-    the same whichever other weights train, so settings that differ only there share one backward
+    the null is the project's one shuffled-reward null
+    (:func:`cellfluxrl.rl.null.within_group_permutation` of ``(seed, iteration, group)``, the same as
+    ``rl_experiment.py --null``): the reward rows (every reward of a rollout together) are permuted
+    inside each group, so it keeps each group's reward set and loses which rollout earned it. ``P``
+    counts only the weights the setting trains (``trainable``): the gradient of a subset is the
+    same whichever other weights train, so settings that differ only there share one backward
     pass, and settings with equal :data:`ROLLOUT_KEYS` share their rollouts (the same pairs, noise
     and rewards: a paired comparison).
     """
@@ -66,6 +68,7 @@ def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights:
     from cellfluxrl.data.pairing import PairedDataset
     from cellfluxrl.rewards import RewardSuite
     from cellfluxrl.rl import nft
+    from cellfluxrl.rl.null import within_group_permutation
     from cellfluxrl.rl.reward_worker import RewardWorker, wait_rewards
     from cellfluxrl.rl.rollouts import collect_rollouts, iteration_rng
     from cellfluxrl.rl.step import advantages, build_policies, nft_backward, trainable_parameters
@@ -104,8 +107,7 @@ def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights:
                     total, comps, reward_names, _ = wait_rewards(ro.futures)
                     rows = torch.as_tensor(np.concatenate([total[:, None], comps], axis=1), dtype=torch.float64)
                     w = [float(suite.weights.get(name, 0.0)) for name in reward_names]
-                    perm = np.random.default_rng([seed, k]).permuted(
-                        np.arange(rows.shape[0]).reshape(-1, cfg.group_size), axis=1).reshape(-1)
+                    perm = within_group_permutation(rows.shape[0], cfg.group_size, cfg.seed, 1000 + k)
                     rollouts[rkey] = (ro, rows, w, perm, {})
                 ro, rows, w, perm, grads = rollouts[rkey]
                 lkey = tuple(sorted((key, v) for key, v in asdict(replace(cfg, trainable="all")).items()))

@@ -11,9 +11,13 @@ the overall (paper-weighted) reward and the judge's MoA accuracy: base, RL, pair
 RL - base (per pair the mean over the k candidates; mean ± s.e. over pairs) and the real targets.
 Re-running resumes the RL run; the base's scores are cached in ``BASE/evalcache_*.npz``.
 
-``--null`` is the control for drift: the iteration's reward vectors are shuffled across its
-rollouts before the advantages are computed (a fixed permutation per iteration), so the updates
-have the same size and distribution of advantages but carry no reward signal.
+``--null`` is the control for drift, the within-group shuffled-reward null
+(:func:`cellfluxrl.rl.null.within_group_permutation`, docs/posttrain.md): each group's reward rows
+are permuted among its rollouts before the advantages are computed, by a permutation of
+``(seed, iteration, group)`` that a resume reproduces, so the updates have exactly the real run's
+advantages per group but carry no reward signal. (Before issue 31 it permuted across every rollout
+of an iteration, with a generator that restarted at each resume: experiments/RESULTS.md says which
+tables used that across-group null.)
 """
 
 from __future__ import annotations
@@ -122,21 +126,36 @@ def mean_se(v: np.ndarray, clusters: np.ndarray | None = None) -> str:
 
 
 def shuffle_rewards() -> None:
-    """Make every iteration's advantages signal-free: permute the reward rows across rollouts."""
-    import cellfluxrl.rl.nft as nft
+    """Install the shuffled-reward null in the loop (one process; ``--null``).
 
-    per_reward, group = nft.per_reward_advantages, nft.group_advantages
-    rng = np.random.default_rng(12345)
+    Every iteration's gathered reward rows (the weighted total and every reward of a rollout, moved
+    together) are reordered by :func:`cellfluxrl.rl.null.within_group_permutation` of
+    ``(cfg.seed, step, group)`` before ``cellfluxrl.rl.step.advantages`` sees them; the iteration
+    index comes from the loop's own call of ``run_iteration``, so a resumed run draws the same
+    permutations as an unbroken one. The rewards logged in ``stats.jsonl`` stay the rollouts' own.
+    Installing it twice changes nothing.
+    """
+    import inspect
 
-    def shuffled(components, weights, group_size, adv_clip=5.0):
-        c = torch.as_tensor(components)
-        return per_reward(c[torch.as_tensor(rng.permutation(len(c)))], weights, group_size, adv_clip)
+    import cellfluxrl.rl.loop as loop
+    import cellfluxrl.rl.step as rl_step
+    from cellfluxrl.rl.null import within_group_permutation
 
-    def shuffled_sum(rewards, adv_clip=5.0, std=None):
-        flat = torch.as_tensor(rewards).reshape(-1)
-        return group(flat[torch.as_tensor(rng.permutation(flat.numel()))].reshape(rewards.shape), adv_clip, std=std)
+    if getattr(loop.run_iteration, "shuffled_reward_null", False):
+        return
+    run_iteration, advantages = loop.run_iteration, rl_step.advantages
+    signature, current = inspect.signature(run_iteration), {}
 
-    nft.per_reward_advantages, nft.group_advantages = shuffled, shuffled_sum
+    def null_iteration(*args, **kwargs):
+        current["step"] = int(signature.bind(*args, **kwargs).arguments["step"])
+        return run_iteration(*args, **kwargs)
+
+    def null_advantages(cfg, everything, *args, **kwargs):
+        perm = within_group_permutation(everything.shape[0], cfg.group_size, cfg.seed, current["step"])
+        return advantages(cfg, everything[torch.as_tensor(perm)], *args, **kwargs)
+
+    null_iteration.shuffled_reward_null = True
+    loop.run_iteration, rl_step.advantages = null_iteration, null_advantages
 
 
 def main(argv=None) -> None:
@@ -149,7 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=64, help="in-distribution test pairs")
     p.add_argument("--weights", default=None, help="reward weights NAME=W,... for training (default: the paper's)")
     p.add_argument("--k", type=int, default=4, help="candidates per pair (their mean is paired)")
-    p.add_argument("--null", action="store_true", help="shuffle the rewards across rollouts (drift control)")
+    p.add_argument("--null", action="store_true", help="shuffle the rewards within each group (the drift control)")
     p.add_argument("--pairs", choices=("val", "test"), default="val",
                    help="scored pairs: validation (tuning, the default) or test (final tables only)")
     p.add_argument("--seed", type=int, default=0)
