@@ -3,7 +3,7 @@ judge's accuracy, the texture statistic against real, the share of failing pairs
 
     python experiments/base_realism.py --root experiments/runs/realism --seeds 0,1,2 --tag baseline \\
         [--steps 1000] [--lr 1e-3] [--lr-schedule cosine --warmup 50 --lr-final 0.1] [--batch 16] \\
-        [--ema 0.999] [--cfg 2.0] [--sample-steps 5] [--k 4] [--threads 2]
+        [--ema 0.999] [--cfg 2.0] [--sample-steps 5] [--weights ema|model] [--k 4] [--threads 2]
 
 Per seed ``S``: the demo's synthetic dataset of seed S (``ROOT/sS/data``, prepared once and shared
 by every tag), a base run pretrained with the demo's settings and the given changes
@@ -18,7 +18,8 @@ candidates per pair (each pair's value the mean over its candidates):
 Printed and written to ``ROOT/TAG.json``: judge accuracy, the texture statistic of base and real
 and their paired gap, the share of pairs whose base overall reward (the paper's weights) is below
 -15, the overall reward, and per compound the base and real overall with the number of pairs.
-Sampling-only changes (``--cfg``, ``--sample-steps``) reuse a tag's base run: give ``--base-tag``.
+Sampling-only changes (``--cfg``, ``--sample-steps``, ``--weights``) reuse a tag's base runs: give
+``--base-tag``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def score(data: Path, run: Path, images: str, split: str, n: int, seed: int, arg
 
     dataset = load_dataset(data)
     pairs = Pairs.from_dataset(dataset, n, seed, split, images=images)
-    loaded = load_run(run, device="cpu")
+    loaded = load_run(run, device="cpu", weights=args.weights)
     steps = args.sample_steps or loaded.recorded.steps
     cfg_scale = loaded.recorded.cfg_scale if args.cfg is None else args.cfg
     suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
@@ -146,6 +147,7 @@ def main(argv=None) -> None:
     p.add_argument("--cfg", type=float, default=None, help="CFG scale [default: the run's recorded]")
     p.add_argument("--sample-steps", type=int, default=None, help="Heun steps [default: the run's recorded]")
     p.add_argument("--k", type=int, default=4, help="candidates per pair")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="the run's EMA or raw weights")
     p.add_argument("--ood-pairs", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

@@ -59,7 +59,7 @@ def curve(data: Path, run: Path, steps: list[int], cfgs: list[float], n: int, sp
             rows.append({"steps": s, "cfg_scale": w, "seconds": time.perf_counter() - t0,
                          **{k: cells[name][k] for k in ("moa_accuracy", "moa_accuracy_reward", "overall") + REWARDS},
                          "real": {k: cells["real"][k] for k in ("moa_accuracy", "overall") + REWARDS},
-                         "fd_judge": cells[name]["FD-judge_o"]["mean"],
+                         "fd_judge": cells[name]["FD-judge-jk_o"]["mean"],  # jackknife-corrected: n < D here
                          "real_moa_accuracy": cells["real"]["moa_accuracy"]["mean"]})
             print(f"{name}: judge accuracy {rows[-1]['moa_accuracy']['mean']:.3f}", flush=True)
     suite.close()

@@ -102,7 +102,9 @@ def test_report_has_baseline_columns_and_flags_a_run_that_copies_the_control(dat
                                                                       abs=1e-12)
         assert report["table"]["targets"][row]["mean"] == pytest.approx(report["table"]["real"][row]["mean"],
                                                                        abs=1e-12)
-    assert report["table"]["copy-control"]["FD-judge_o"]["mean"] > 0
+    # 16 pairs < 128 features: no plain pooled FD, the jackknife-corrected one instead
+    assert report["table"]["copy-control"]["FD-judge_o"]["mean"] is None
+    assert report["table"]["copy-control"]["FD-judge-jk_o"]["mean"] > 0
     versus = report["baselines"]["versus_copy_control"]
     assert versus["copier"]["moa"]["mean"] == 0 and versus["copier"]["moa_accuracy"]["mean"] == 0
     for row in ("moa", "moa_accuracy", "overall"):  # the paired difference is the difference of the columns

@@ -91,7 +91,9 @@ def test_real_column_beats_noised_and_shuffled_on_every_morphology_reward(image_
             assert real > table[column][name]["mean"], (name, column, real, table[column][name]["mean"])
     assert table["real"]["overall"]["mean"] > table["noised"]["overall"]["mean"]
     # Degraded images are far from the real ones in the substitute feature space; real has no distance.
-    assert table["shuffled"]["FD-judge_o"]["mean"] > 0 and table["real"]["FD-judge_o"]["mean"] is None
+    # 24 pairs in 128 dimensions: the pooled FD is shown only with its bias removed (jackknife).
+    assert table["shuffled"]["FD-judge-jk_o"]["mean"] > 0 and table["real"]["FD-judge-jk_o"]["mean"] is None
+    assert table["shuffled"]["FD-judge_o"]["mean"] is None and table["shuffled"]["KD-judge_o"]["mean"] is not None
 
 
 def test_accuracy_rows_are_graded_by_the_judge_and_by_the_reward_classifier_apart(dataset_dir, image_results):
@@ -325,7 +327,8 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
     rows = section["rows"]
     assert rows[:11] == ["moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count",
                          "overall", "moa_accuracy", "moa_accuracy_reward", "texture_hf"]
-    assert rows[11:] == ["FD-judge_o", "FD-judge_c", "KD-judge_o", "KD-judge_c"]  # never called FID without Inception
+    # never called FID without Inception; the jackknife pooled FD has its own named row
+    assert rows[11:] == ["FD-judge_o", "FD-judge-jk_o", "FD-judge_c", "KD-judge_o", "KD-judge_c"]
     for column in section["columns"]:  # the texture statistic too, `real` included
         assert set(rows) <= set(section["table"][column])
         for row in rows[:11]:
@@ -335,8 +338,9 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
         if column == "real":
             assert all(section["table"][column][row]["mean"] is None for row in rows[11:])
         else:  # KID is an unbiased estimate and may be slightly negative
-            assert fd_o > 0 and np.isfinite(kd_o)
-            assert section["table"][column]["FD-judge_o"]["sem"] > 0  # bootstrap s.e. over pairs
+            # 6 pairs, 128 features: no plain pooled FD; the jackknife one (6 groups) with its s.e.
+            jk = section["table"][column]["FD-judge-jk_o"]
+            assert fd_o is None and np.isfinite(jk["mean"]) and jk["sem"] > 0 and np.isfinite(kd_o)
             # 6 pairs over several compounds, 128-d features: no per-compound distance (n_c > D fails)
             assert section["table"][column]["FD-judge_c"]["mean"] is None
             assert section["table"][column]["KD-judge_c"]["mean"] is None
@@ -345,6 +349,9 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
             assert cell["sem"] >= 0 and cell["sem_compound"] is not None and cell["sem_compound"] >= 0
     per_compound = section["distance"]["per_compound"]
     assert not per_compound["shown"] and "n_c > D = 128" in per_compound["note"]
+    pooled, jackknife = section["distance"]["pooled"], section["distance"]["jackknife"]
+    assert not pooled["shown"] and "(n > D = 128), and a sample has 6" in pooled["note"]
+    assert jackknife["row"] == "FD-judge-jk_o" and jackknife["shown"] and jackknife["groups"] == 6
     assert f"id: {per_compound['note']}" in output and "s.e. clustered by compound" in output
     assert "per-compound distances omitted" in (out / "report.md").read_text()
     assert report["settings"]["seed"] == 0 and report["settings"]["best_of"] == [1, 2]
@@ -408,9 +415,9 @@ def test_all_runs_are_sampled_at_one_setting(dataset_dir, tmp_path):
     ba = evaluate(dataset_dir, [b, a], **kw)  # b first: both at b's 2 steps with CFG 1.5
     assert ba["settings"]["sampling"]["setting"]["steps"] == 2
     assert ba["sections"]["id"]["table"]["a"] == ba["sections"]["id"]["table"]["b"]
-    assert ba["sections"]["id"]["table"]["a"]["FD-judge_o"] != table["a"]["FD-judge_o"]
+    assert ba["sections"]["id"]["table"]["a"]["KD-judge_o"] != table["a"]["KD-judge_o"]
     forced = evaluate(dataset_dir, [b, a], steps=1, cfg_scale=0.0, **kw)
-    assert forced["sections"]["id"]["table"]["b"]["FD-judge_o"] == table["a"]["FD-judge_o"]
+    assert forced["sections"]["id"]["table"]["b"]["KD-judge_o"] == table["a"]["KD-judge_o"]
     assert forced["settings"]["sampling"]["reason"].startswith("given on the command line")
     text = print_report(ab)
     assert "every run: 1 Heun steps" in text and "b recorded 2 Heun steps" in text
@@ -481,3 +488,80 @@ def test_paired_table_signs_gains_and_losses():
     assert _fmt({"mean": 0.5, "sem": 0.1}, "moa") == "0.500 ± 0.100"
     assert _fmt({"mean": 0.5, "sem": 0.1, "sem_compound": 0.15}, "moa") == "0.500 ± 0.100 [0.150]"
     assert _fmt({"mean": 12.5, "sem": 1.25}, "FD-judge_o") == "12.50 ± 1.2 (bootstrap)"
+
+
+def test_pooled_distance_rows_follow_the_n_over_d_rule_and_the_paired_table_has_the_fd_difference(image_results):
+    """Issue 31 item 5: with 24 pairs in the judge's 128 dimensions the plain pooled FD is "-" and the
+    jackknife one (named in the row) is shown; it is exactly jackknife_fd of the real and the column's
+    per-pair features; the paired table carries FD(run) - FD(base) on it with a paired bootstrap s.e.,
+    exactly the difference of the table's two cells."""
+    from cellfluxrl.evaluation.debiased import jackknife_fd
+    from cellfluxrl.evaluation.report import build_report
+    from cellfluxrl.evaluation.report_text import _section_markdown
+
+    section = build_report(image_results, split="id")
+    table, distance = section["table"], section["distance"]
+    assert distance["pooled"]["shown"] is False and "(n > D = 128), and a sample has 24" in distance["pooled"]["note"]
+    assert distance["jackknife"]["row"] == "FD-judge-jk_o" and distance["jackknife"]["groups"] == 16
+    assert "unbiased" in distance["kd_note"]
+    rows = image_results["distances"]["rows"]
+    assert rows["real"].shape == (24, 128)
+    for column in ("noised", "shuffled", "noised+best-of-3"):
+        value, sem = jackknife_fd(rows["real"], rows[column], 16)
+        assert table[column]["FD-judge-jk_o"] == {"mean": value, "sem": sem, "sem_kind": "jackknife over pairs"}
+        assert sem > 0
+    for n, (base, run) in {"1": ("noised", "shuffled"), "3": ("noised+best-of-3", "shuffled+best-of-3")}.items():
+        cell = section["paired"][n]["shuffled"]["FD-judge-jk_o"]
+        gap = table[run]["FD-judge-jk_o"]["mean"] - table[base]["FD-judge-jk_o"]["mean"]
+        assert cell["mean"] == pytest.approx(gap, rel=1e-9, abs=1e-12)
+        assert cell["sem"] > 0 and cell["sem_kind"] == "paired bootstrap over pairs"
+        assert "FD-judge_o" not in section["paired"][n]["shuffled"]  # n <= D: no plain difference
+    assert "FD-judge-jk_o" not in section["baselines"]["versus_copy_control"].get("noised", {})
+    text = "\n".join(_section_markdown(section))
+    assert "| FD-judge-jk_o | " in text and "(paired bootstrap) |" in text and "(jackknife) |" in text
+    assert "- FD-judge-jk_o: the pooled Frechet distance on all D = 128 features with its 1/n bias removed" in text
+    assert "- Kernel distances (unbiased MMD^2, polynomial kernel) stay on all features" in text
+
+
+def test_with_more_pairs_than_features_the_plain_pooled_fd_is_shown_with_its_paired_difference(dataset_dir):
+    """8-d features (the judge's first 8) on 24 pairs: n > D, so ``_o`` is shown on all features beside
+    the jackknife row, and the paired table carries both differences (paired bootstrap)."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluation.candidates import MoAFeatures, Pairs, real_images
+    from cellfluxrl.evaluation.report import build_report
+    from cellfluxrl.evaluation.scoring import evaluate_sources
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+
+    class First8(MoAFeatures):
+        def __init__(self, judge):
+            super().__init__(judge, name="FD-8", kid_name="KD-8")
+            self.dim = 8
+
+        def __call__(self, images):
+            return super().__call__(images)[:, :8]
+
+    dataset = load_dataset(dataset_dir)
+    pairs = Pairs.from_dataset(dataset, 24, seed=0)
+    suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
+    judge = suite.evaluators.judge("cpu")
+
+    def noised(scale):
+        def candidates(pos, k):
+            x = real_images(dataset, pairs, pos)
+            return (x + scale * torch.randn(x.shape, generator=torch.Generator().manual_seed(k))).clamp(-1, 1)
+
+        return candidates
+
+    results = evaluate_sources(dataset, pairs, {"a": noised(0.2), "b": noised(0.4)}, suite=suite,
+                               weights=dict(DEFAULT_WEIGHTS), features=First8(judge),
+                               classifier=suite.evaluators.moa_classifier("cpu"), judge=judge, best_of=(1,),
+                               batch_size=24, kid_subset_size=10, kid_subsets=2)
+    suite.close()
+    section = build_report(results, split="id")
+    assert section["rows"][11:] == ["FD-8_o", "FD-8-jk_o", "FD-8_c", "KD-8_o", "KD-8_c"]
+    assert section["distance"]["pooled"]["shown"] and "(n = 24)" in section["distance"]["pooled"]["note"]
+    table = section["table"]
+    for row in ("FD-8_o", "FD-8-jk_o"):
+        cell = section["paired"]["1"]["b"][row]
+        assert cell["mean"] == pytest.approx(table["b"][row]["mean"] - table["a"][row]["mean"], rel=1e-9)
+        assert cell["sem"] > 0 and table["a"][row]["sem"] > 0

@@ -17,10 +17,11 @@ compounds: pairs share compounds),
 fitted independently of the reward's), ``moa_accuracy_reward`` (the reward classifier's accuracy, so
 reward hacking shows as the gap between the two), ``texture_hf`` (the share of image power above
 half the Nyquist frequency, :mod:`cellfluxrl.evaluation.texture`: speckle shows as a gap to
-``real``), then the distances ``<FD>_o``, ``<FD>_c``,
-``<KD>_o``, ``<KD>_c`` on the judge's features (or FID/KID with the Inception weights). ``paired``:
-per N (1 and the table's best-of) every run minus the first on the same pairs
-(:func:`paired_differences`).
+``real``), then the distances ``<FD>_o`` (only where the pairs outnumber the features), ``<FD>-jk_o``
+(the same with its 1/n bias removed by a jackknife over pairs, :mod:`cellfluxrl.evaluation.debiased`),
+``<FD>_c``, ``<KD>_o``, ``<KD>_c`` on the judge's features (or FID/KID with the Inception weights).
+``paired``: per N (1 and the table's best-of) every run minus the first on the same pairs, the
+pooled Frechet rows with a paired bootstrap s.e. (:func:`paired_differences`).
 
 This module builds the report dict; :mod:`cellfluxrl.evaluation.report_text` renders and writes
 ``report.md`` / ``report.json``, :mod:`cellfluxrl.evaluation.report_figures` its figures.
@@ -63,14 +64,61 @@ def _cell(values: np.ndarray | None, compounds: np.ndarray | None = None) -> dic
     return {"mean": mean, "sem": sem, "sem_compound": None if not np.isfinite(clustered) else clustered}
 
 
-def _distance_cells(result, name: str, kid_name: str, fd_c=None, kid_c=None, fd_sem=None) -> dict:
-    """The distance rows of a column; ``sem`` of ``<FD>_o`` is its bootstrap standard error."""
+def _distance_cells(result, name: str, kid_name: str, fd_c=None, kid_c=None, fd_sem=None,
+                    debiased: tuple[str, float | None, float | None] | None = None) -> dict:
+    """The distance rows of a column; ``sem`` of ``<FD>_o`` is its bootstrap standard error over pairs.
+
+    ``debiased``: ``(row, FD, jackknife s.e.)`` of the jackknife pooled distance (:func:`debiased_row`), if any.
+    """
     fd = None if result is None else result.fd
     kd = None if result is None else result.kid_mean
     kd_std = None if result is None else result.kid_std
-    return {f"{name}_o": {"mean": fd, "sem": fd_sem, "sem_kind": "bootstrap over pairs"},
-            f"{name}_c": {"mean": fd_c, "sem": None},
+    cells = {f"{name}_o": {"mean": fd, "sem": fd_sem, "sem_kind": "bootstrap over pairs"}}
+    if debiased is not None:
+        cells[debiased[0]] = {"mean": debiased[1], "sem": debiased[2], "sem_kind": "jackknife over pairs"}
+    return {**cells, f"{name}_c": {"mean": fd_c, "sem": None},
             f"{kid_name}_o": {"mean": kd, "sem": None, "std": kd_std}, f"{kid_name}_c": {"mean": kid_c, "sem": None}}
+
+
+def debiased_row(results: dict) -> str | None:
+    """The row of the jackknife pooled Frechet distance, e.g. ``"FD-judge-jk_o"`` (None: older results)."""
+    suffix = (results.get("distances") or {}).get("jackknife", {}).get("suffix")
+    return None if suffix is None else f"{results['feature_name']}-{suffix}_o"
+
+
+def paired_distances(results: dict, n: int, base: str, draws: int = 100) -> dict[str, dict[str, dict]]:
+    """Per run other than ``base``: ``FD(run) - FD(base)`` on the pooled Frechet rows shown (the jackknife
+    one, and the plain one where ``n > D``) when every pair's features were kept, with the paired
+    bootstrap s.e. (:func:`~cellfluxrl.evaluation.uncertainty.paired_fd_difference`: the same pairs
+    resampled for both runs and the real targets, the distance recomputed, jackknife included, per draw).
+
+    ``n``: the best-of-N of both columns (1: the plain ones). Returns ``{run: {row: cell}}``.
+    """
+    from cellfluxrl.evaluation.uncertainty import paired_fd_difference
+
+    distances = results.get("distances") or {}
+    rows = distances.get("rows")
+    if not rows or not distances["jackknife"]["shown"]:
+        return {}
+    groups_by_row = {debiased_row(results): distances["jackknife"]["groups"]}
+    if distances["full"]["shown"]:
+        groups_by_row[f"{results['feature_name']}_o"] = None  # the plain distance
+
+    def column(s: str) -> str:
+        return s if n == 1 else f"{s}+best-of-{n}"
+
+    out = {}
+    for s in results["sources"]:
+        if s == base:
+            continue
+        out[s] = {}
+        for row, groups in groups_by_row.items():
+            if column(s) not in rows or column(base) not in rows:
+                continue
+            diff, sem = paired_fd_difference(rows[REAL], rows[column(base)], rows[column(s)], draws=draws,
+                                             seed=int(results.get("seed", 0)), groups=groups)
+            out[s][row] = {"mean": diff, "sem": sem, "sem_compound": None, "sem_kind": "paired bootstrap over pairs"}
+    return out
 
 
 def _selected(sc, names: Sequence[str], weights: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -85,7 +133,8 @@ def _selected(sc, names: Sequence[str], weights: np.ndarray) -> tuple[dict[str, 
     return values, expect(sc.correct), expect(sc.correct_reward)
 
 
-def paired_differences(results: dict, n: int, base: str | None = None) -> dict[str, dict[str, dict]]:
+def paired_differences(results: dict, n: int, base: str | None = None,
+                       distances: bool = True) -> dict[str, dict[str, dict]]:
     """Paired differences ``column - base`` over the same pairs, source noise and seeds.
 
     For every generated source other than ``base`` (default: the first source), the per-pair
@@ -93,7 +142,8 @@ def paired_differences(results: dict, n: int, base: str | None = None) -> dict[s
     overall reward, the texture statistic, the judge's and the reward classifier's accuracies and
     their gap (``moa_accuracy_gap``: judge minus reward classifier) minus the base's, as ``{source: {row: {"mean", "sem",
     "sem_compound"}}}`` (mean, standard error over pairs, and standard error clustered by compound). Sources are paired because every run draws candidate
-    ``k`` of pair ``i`` from the same control, condition and noise seed.
+    ``k`` of pair ``i`` from the same control, condition and noise seed. With ``distances``, also the
+    pooled Frechet rows' differences with their paired bootstrap s.e. (:func:`paired_distances`).
     """
     names, sources = results["names"], results["sources"]
     base = sources[0] if base is None else base
@@ -104,7 +154,9 @@ def paired_differences(results: dict, n: int, base: str | None = None) -> dict[s
         per[s] = {**values, "moa_accuracy": correct, "moa_accuracy_reward": correct_reward,
                   "moa_accuracy_gap": correct - correct_reward}
     compounds = results["pairs"].compound
-    return {s: {row: _cell(per[s][row] - per[base][row], compounds) for row in per[s]} for s in sources if s != base}
+    fd = paired_distances(results, n, base) if distances else {}
+    return {s: {**{row: _cell(per[s][row] - per[base][row], compounds) for row in per[s]}, **fd.get(s, {})}
+            for s in sources if s != base}
 
 
 def baseline_comparison(results: dict) -> dict:
@@ -122,7 +174,7 @@ def baseline_comparison(results: dict) -> dict:
     out = {"columns": references, "notes": list(results.get("baseline_notes", [])), "versus_copy_control": {},
            "learned_nothing": {}}
     if "copy-control" in references and results["sources"]:
-        versus = paired_differences(results, 1, base="copy-control")
+        versus = paired_differences(results, 1, base="copy-control", distances=False)
         out["versus_copy_control"] = {s: versus[s] for s in results["sources"]}
         out["learned_nothing"] = learned_nothing(out["versus_copy_control"])
     return out
@@ -140,7 +192,10 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
     tts_n = results.get("tts_n", k_max)
     fd_name, kid_name = results["feature_name"], results["kid_name"]
     pairs = results["pairs"]
-    rows = [*names, "overall", *ACCURACY_LABELS, TEXTURE, f"{fd_name}_o", f"{fd_name}_c", f"{kid_name}_o", f"{kid_name}_c"]
+    debiased = debiased_row(results)
+    distances = results.get("distances") or {}
+    rows = [*names, "overall", *ACCURACY_LABELS, TEXTURE, f"{fd_name}_o", *([debiased] if debiased else []),
+            f"{fd_name}_c", f"{kid_name}_o", f"{kid_name}_c"]
     table, per_condition, curves = {}, {}, {}
     compounds = np.unique(pairs.compound)
 
@@ -150,14 +205,17 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
         cells["moa_accuracy"] = _cell(correct.astype(np.float64), pairs.compound)
         cells["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64), pairs.compound)
         if column == REAL:
-            cells.update(_distance_cells(None, fd_name, kid_name))
+            cells.update(_distance_cells(None, fd_name, kid_name, debiased=None if debiased is None else
+                                         (debiased, None, None)))
         else:
             per = results["per_condition_fd"].get(column, {})
             fds = [r.fd for r in per.values() if r.fd is not None]
             kds = [r.kid_mean for r in per.values() if r.kid_mean is not None]
             cells.update(_distance_cells(results["overall_fd"][column], fd_name, kid_name,
                                          float(np.mean(fds)) if fds else None, float(np.mean(kds)) if kds else None,
-                                         results.get("overall_fd_sem", {}).get(column)))
+                                         results.get("overall_fd_sem", {}).get(column),
+                                         None if debiased is None else (debiased, distances["fd"].get(column),
+                                                                        distances["fd_sem"].get(column))))
         per_condition[column] = {}
         for compound in compounds:
             mask = pairs.compound == compound
@@ -203,9 +261,16 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
         "baselines": baseline_comparison(results),
         "distance": {"features": fd_name, "kid": kid_name, "source": results["feature_source"],
                      "note": distance_note(fd_name), **results["kid"],
-                     "per_compound": results.get("per_compound", {"shown": True, "note": ""})},
+                     "per_compound": results.get("per_compound", {"shown": True, "note": ""}),
+                     "pooled": distances.get("full", {"shown": True, "note": ""}),
+                     "jackknife": {**distances.get("jackknife", {"suffix": None}), "row": debiased},
+                     "kd_note": KD_NOTE},
         "n_pairs": len(pairs), "n_conditions": int(compounds.size), "throughput": throughput,
     }
+
+
+KD_NOTE = ("kernel distances (unbiased MMD^2, polynomial kernel) stay on all features: their expectation is 0 for two "
+           "samples of one distribution at any n, so they may be slightly negative")
 
 
 def distance_note(fd_name: str) -> str:

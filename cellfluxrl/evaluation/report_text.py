@@ -26,7 +26,10 @@ def _fmt(cell: dict | None, row: str, signed: bool = False) -> str:
     mean, sem, clustered = cell["mean"], cell.get("sem"), cell.get("sem_compound")
     if row.endswith("_o") or row.endswith("_c"):
         value = f"{mean:.4g}" if abs(mean) < 10 else f"{mean:.2f}"
-        return f"{value} ± {sem:.2g} (bootstrap)" if sem is not None else value
+        value = f"+{value}" if signed and mean >= 0 else value
+        kind = {"paired": "paired bootstrap", "jackknife": "jackknife"}.get(cell.get("sem_kind", "").split(" ")[0],
+                                                                           "bootstrap")
+        return f"{value} ± {sem:.2g} ({kind})" if sem is not None else value
     value = f"{mean:+.3f}" if signed else f"{mean:.3f}"
     if sem is None:
         return value
@@ -60,9 +63,27 @@ def sampling_lines(settings: dict) -> list[str]:
     return [f"- {r['name']}: {r['sampling_text']} ({r['sampling_source']})" for r in settings.get("runs", [])]
 
 
+def distance_lines(section: dict) -> list[str]:
+    """What the pooled distance rows of a section are: the jackknife, the n > D rule, KD (one line each)."""
+    d = section.get("distance", {})
+    jackknife, pooled = d.get("jackknife") or {}, d.get("pooled") or {}
+    out = []
+    if jackknife.get("row") and jackknife.get("note", "").startswith("-"):
+        out.append(f"{jackknife['row']}: {jackknife['note'].split(': ', 1)[-1]}")
+    elif jackknife.get("note"):
+        out.append(jackknife["note"])
+    if pooled.get("note"):
+        out.append(pooled["note"])
+    if d.get("kd_note"):
+        out.append(d["kd_note"][:1].upper() + d["kd_note"][1:])
+    return [f"- {line}." for line in out]
+
+
 def _section_markdown(section: dict) -> list[str]:
+    lines = distance_lines(section)
     out = [f"## {section_title(section)}", "", section["split_description"] + ".", "",
-           markdown_table(section), "", *_baseline_markdown(section), *_paired_markdown(section),
+           markdown_table(section), "", *(lines + [""] if lines else []), *_baseline_markdown(section),
+           *_paired_markdown(section),
            "### Best-of-N (selected by the overall reward)", ""]
     names = [r for r in section["rows"] if not r[-2:] in ("_o", "_c")]
     out.append("| Run | N | " + " | ".join(section["labels"].get(r, r) for r in names) + " |")
@@ -139,7 +160,11 @@ def markdown_report(report: dict) -> str:
            "from them), then mean ± standard error over pairs [standard error clustered by compound: pairs "
            "share compounds, so a claim about compounds needs the bracketed one]. Distances (lower is "
            "better; none for the real column) and Figure 4 use one image per pair: candidate 0, and the best "
-           "of the first N; the overall Frechet distance carries a bootstrap standard error over pairs.", ""]
+           "of the first N. The plain pooled Frechet distance (`_o`, ± bootstrap s.e. over pairs) is shown only "
+           "where the pairs outnumber the features (n > D); `-jk_o` is the same distance with its 1/n bias "
+           "removed by a jackknife over pairs (± jackknife s.e.), shown at any n; in the paired table their "
+           "differences carry a paired bootstrap s.e. (the same pairs resampled for both runs and the real "
+           "targets).", ""]
     for section in report["sections"].values():
         out += _section_markdown(section)
     return "\n".join(out)

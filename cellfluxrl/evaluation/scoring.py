@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.evaluation.candidates import CandidateFn, Pairs, quantize, real_images
+from cellfluxrl.evaluation.debiased import JK_GROUPS, JK_MAX_DIM, JK_MIN_PAIRS, JK_SUFFIX, jackknife_fd, overall_rule
 from cellfluxrl.evaluation.metrics import FeatureSet, best_of_n, compare_many
 from cellfluxrl.evaluation.report import CONTROL_COLUMN, REAL
 from cellfluxrl.evaluation.texture import high_frequency_share
@@ -58,13 +59,16 @@ class _Scores:
 
 @dataclass
 class _Streams:
-    """Streaming feature state: overall and open per-condition feature sets per distance column."""
+    """Streaming feature state: overall and open per-condition feature sets per distance column, and
+    (``keep_rows``) every pair's feature row per column, in processing order (for the jackknife)."""
 
     dim: int
     reservoir: int
     seed: int
+    keep_rows: bool = False
     overall: dict[str, FeatureSet] = field(default_factory=dict)
     per_condition: dict[int, dict[str, FeatureSet]] = field(default_factory=dict)
+    rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def _new(self, column: str, condition: int) -> FeatureSet:
         salt = [int(self.seed), zlib.crc32(column.encode()), int(condition) + 1]
@@ -74,6 +78,8 @@ class _Streams:
         if column not in self.overall:
             self.overall[column] = self._new(column, -1)
         self.overall[column].update(features)
+        if self.keep_rows:
+            self.rows.setdefault(column, []).append(np.asarray(features, dtype=np.float64))
         for c in np.unique(conditions):
             sets = self.per_condition.setdefault(int(c), {})
             if column not in sets:
@@ -191,7 +197,8 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     if clash:
         raise CellfluxError(f"evaluate: column name(s) {', '.join(clash)} used twice (a run and a baseline)")
     fd_columns = [c for s in sources for c in ([s, f"{s}+best-of-{tts_n}"] if tts_n > 1 else [s])] + list(references)
-    streams = _Streams(features.dim, reservoir_size, seed)
+    keep_rows = features.dim <= JK_MAX_DIM and n_pairs * features.dim <= ROWS_KEPT
+    streams = _Streams(features.dim, reservoir_size, seed, keep_rows)
     scores = {s: _Scores.empty(n_pairs, k_max, names) for s in sources}
     scores.update({r: _Scores.empty(n_pairs, 1, names) for r in references})
     scores[REAL] = _Scores.empty(n_pairs, 1, names)
@@ -232,20 +239,59 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
 
     overall = compare_many(streams.overall[REAL], {c: streams.overall[c] for c in fd_columns}, kid_subset_size,
                            kid_subsets, seed)
+    full_shown, full_note = overall_rule(n_pairs, n_pairs, features.dim)
     real = streams.overall[REAL].reservoir.sample
     draws = 100 if features.dim <= 512 else 20  # 2048-d Inception features: two eighs per draw
     overall_fd_sem = {c: bootstrap_fd_sem(real, streams.overall[c].reservoir.sample, n_pairs, draws, seed)
-                      for c in fd_columns}
+                      if full_shown else None for c in fd_columns}
+    if not full_shown:  # n <= D: the plain pooled FD is mostly bias; KD is unbiased and kept
+        overall = {c: replace(r, fd=None) for c, r in overall.items()}
+    distances = _jackknife_distances(streams, fd_columns, n_pairs, features.dim)
+    distances["full"] = {"shown": full_shown, "note": full_note, "dim": int(features.dim)}
     warning = empty_columns_warning({c: s.nuc_count for c, s in scores.items()}, suite.segmenter.settings)
     if warning:  # more than 5 % of a column's images (all K candidates of a run) without a nucleus
         logger.warning("evaluate: %s", warning)
     return {"pairs": pairs, "sources": list(sources), "references": list(references), "best_of": best_of, "k_max": k_max, "tts_n": tts_n,
             "names": names,
-            "weights": dict(weights), "scores": scores, "fd_columns": fd_columns, "overall_fd": overall,
-            "overall_fd_sem": overall_fd_sem, "per_compound": {"shown": per_compound, "note": per_compound_note},
+            "weights": dict(weights), "seed": int(seed), "scores": scores, "fd_columns": fd_columns,
+            "overall_fd": overall, "overall_fd_sem": overall_fd_sem, "distances": distances, "per_compound": {"shown": per_compound, "note": per_compound_note},
             "per_condition_fd": per_condition_fd, "feature_name": features.name, "kid_name": features.kid_name,
             "feature_source": getattr(features, "source", ""), "grid": [(int(p), grid[int(p)]) for p in grid_pairs],
             "kid": {"subset_size": kid_subset_size, "n_subsets": kid_subsets, "reservoir_size": reservoir_size}}
+
+
+ROWS_KEPT = 1 << 22  # at most this many floats of per-pair features per column (32 MiB) for the jackknife
+
+
+def _jackknife_distances(streams: _Streams, fd_columns: Sequence[str], n_pairs: int, dim: int) -> dict:
+    """The jackknife bias-corrected pooled Frechet distance of every column to ``real``
+    (:func:`~cellfluxrl.evaluation.debiased.jackknife_fd`), its jackknife s.e., and every pair's rows
+    (for the paired bootstrap of the report).
+
+    Returns:
+        ``{"jackknife": {"suffix", "groups", "shown", "note"}, "fd": {column: float | None}, "fd_sem":
+        {column: float | None}, "rows": {column: float64 (P, D)} or None}``.
+    """
+    groups = min(JK_GROUPS, n_pairs)
+    info = {"suffix": JK_SUFFIX, "groups": groups, "shown": False,
+            "note": (f"-{JK_SUFFIX}: the pooled Frechet distance on all D = {dim} features with its 1/n bias removed by "
+                     f"a delete-a-group jackknife over pairs (G = {groups} groups, each left out of the real and "
+                     f"generated samples together); ± its jackknife s.e.")}
+    out = {"jackknife": info, "fd": {c: None for c in fd_columns}, "fd_sem": {c: None for c in fd_columns},
+           "rows": None}
+    if not streams.keep_rows:
+        info["note"] = (f"no jackknife distance: it needs every pair's features (at most {JK_MAX_DIM} dimensions and "
+                        f"{ROWS_KEPT} floats per column; here {dim} x {n_pairs})")
+        return out
+    if n_pairs < JK_MIN_PAIRS:
+        info["note"] += f"; omitted here: it needs at least {JK_MIN_PAIRS} pairs, and there are {n_pairs}"
+        return out
+    rows = {c: np.concatenate(streams.rows[c]) for c in [REAL, *fd_columns]}
+    for c in fd_columns:
+        out["fd"][c], out["fd_sem"][c] = jackknife_fd(rows[REAL], rows[c], groups)
+    info["shown"] = True
+    out["rows"] = rows
+    return out
 
 
 def _grid_pairs(pairs: Pairs, order: np.ndarray, n_conditions: int) -> list[int]:

@@ -5,7 +5,9 @@ The evaluation's pairs are not independent draws of compounds: several pairs sha
 standard error answers "how sure are we about these pairs"; a claim about *compounds* needs the
 standard error clustered by compound (:func:`mean_sem_clustered`), which the report prints beside
 it. Distances computed on one image per pair get a bootstrap standard error over pairs
-(:func:`bootstrap_sem`).
+(:func:`bootstrap_sem`, :func:`bootstrap_fd_sem`), and the difference of two columns' Frechet
+distances a paired one (:func:`paired_fd_difference`: the same pairs resampled for both columns
+and the real targets).
 """
 
 from __future__ import annotations
@@ -89,16 +91,12 @@ def bootstrap_fd_sem(real: np.ndarray, generated: np.ndarray, n: int, draws: int
     Returns:
         The standard error, or None when a sample has fewer than 2 rows.
     """
-    from cellfluxrl.evaluation.metrics import frechet_distance
+    from cellfluxrl.evaluation.metrics import frechet_of_rows as fd
 
     real, generated = np.asarray(real, dtype=np.float64), np.asarray(generated, dtype=np.float64)
     if min(real.shape[0], generated.shape[0]) < 2:
         return None
     paired = real.shape[0] == generated.shape[0] == n
-
-    def fd(a: np.ndarray, b: np.ndarray) -> float:
-        return frechet_distance(a.mean(0), np.atleast_2d(np.cov(a, rowvar=False)), b.mean(0),
-                                np.atleast_2d(np.cov(b, rowvar=False)))
 
     rng = np.random.default_rng([int(seed), 0xFD5E])
     values = []
@@ -110,6 +108,47 @@ def bootstrap_fd_sem(real: np.ndarray, generated: np.ndarray, n: int, draws: int
     if not paired:
         se *= float(np.sqrt(min(real.shape[0], generated.shape[0]) / max(int(n), 1)))
     return se
+
+
+def paired_fd_difference(real: np.ndarray, base: np.ndarray, other: np.ndarray, draws: int = 100, seed: int = 0,
+                         indices: np.ndarray | None = None, groups: int | None = None) -> tuple[float, float | None]:
+    """``FD(other, real) - FD(base, real)`` on the same pairs, with its paired bootstrap standard error.
+
+    Row ``i`` of the three samples belongs to pair ``i`` (the real target, the base's image and the
+    other column's image of one pair). Each draw resamples pairs with replacement and uses the same
+    indices for all three, so the pairs' shared targets, controls and noise cancel in the
+    difference; the s.e. is the std (ddof=1) of the difference over the draws.
+
+    Args:
+        real, base, other: float ``(n, D)`` feature rows in pair order, the same ``n`` (>= 2; >= 4 with
+            ``groups``).
+        draws: bootstrap resamples.
+        seed: seed of the resampling (ignored with ``indices``).
+        indices: int ``(draws, n)`` explicit resamples (tests); default: drawn from the seed.
+        groups: None: the plain Frechet distance; else the jackknife bias-corrected one with that many
+            groups (:func:`~cellfluxrl.evaluation.debiased.jackknife_fd`, recomputed in every draw).
+
+    Returns:
+        ``(difference on all pairs, s.e.)``; the s.e. is None when fewer than two draws are finite.
+    """
+    from cellfluxrl.evaluation.debiased import jackknife_fd
+    from cellfluxrl.evaluation.metrics import frechet_of_rows
+
+    def fd(a: np.ndarray, b: np.ndarray) -> float:
+        return frechet_of_rows(a, b) if groups is None else jackknife_fd(b, a, groups)[0]
+
+    real, base, other = (np.asarray(x, dtype=np.float64) for x in (real, base, other))
+    n = real.shape[0]
+    if not base.shape[0] == other.shape[0] == n or n < 2:
+        raise ValueError(f"paired_fd_difference needs three samples of one size n >= 2, got "
+                         f"{real.shape[0]}, {base.shape[0]}, {other.shape[0]}")
+    if indices is None:
+        rng = np.random.default_rng([int(seed), 0xFDD1])
+        indices = rng.integers(0, n, size=(int(draws), n))
+    values = np.array([fd(other[i], real[i]) - fd(base[i], real[i]) for i in np.asarray(indices)], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    sem = float(values.std(ddof=1)) if values.size >= 2 else None
+    return fd(other, real) - fd(base, real), sem
 
 
 def per_compound_rule(counts: np.ndarray, dim: int) -> tuple[bool, str]:
