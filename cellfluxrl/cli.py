@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "posttrain": ("cellfluxrl.commands.posttrain", "posttrain", "Post-train a base run with DiffusionNFT on the rewards."),
     "sample": ("cellfluxrl.commands.sample", "sample", "Generate perturbed cells from a run (optionally best-of-N)."),
     "evaluate": ("cellfluxrl.commands.evaluate", "evaluate", "Score runs: rewards, MoA accuracy, FID/KID, best-of-N curves."),
+    "score": ("cellfluxrl.commands.score", "score", "Score images from any generator: rewards, judge, distances, baselines, paired or not."),
     "measure": ("cellfluxrl.commands.measure", "measure", "Segment images and write CellProfiler-named measurements (per image and per object)."),
     "info": ("cellfluxrl.commands.info", "info", "Describe any file or folder cellfluxrl wrote (dataset, run, samples, report, evaluators)."),
     "rewards": ("cellfluxrl.commands.rewards", "rewards", "List the installed reward plugins and where they come from."),

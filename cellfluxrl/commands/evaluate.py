@@ -75,11 +75,21 @@ def resolve_device(device: str) -> str:
               help="Baseline columns on the same pairs: copy-control (the control x_0 itself: a run that does not "
                    "beat it on MoA and the judge learned no perturbation), train-real (a real training image of the "
                    "compound; none for held-out compounds); none for no baseline.")
+@click.option("--images", "images", multiple=True, default=None, metavar="NAME=PATH",
+              help="One more column: images from anywhere (FILE.npz, a folder with samples.csv, a CSV of paths; "
+                   "uint8 in the dataset's convention, see `score`). Images naming this evaluation's pairs with K "
+                   "candidates each are a column like a run; others like a baseline (one image per pair). Repeatable.")
+@click.option("--save-images", "save_images", type=Folder("images"), default=None, metavar="DIR",
+              help="Write the K candidates of every run as scored (NAME.npz and NAME/ of OME-TIFFs with samples.csv: "
+                   "pair, candidate, seed), for `cellfluxrl score` to re-grade. DIR: new, empty, or an earlier one.")
+@click.option("--save-images-format", "save_format", type=click.Choice(["both", "npz", "tiff"]), default="both",
+              show_default=True, help="What --save-images writes: NAME.npz, the NAME/ OME-TIFF folder, or both.")
 @click.option("--allow-changed-reference", is_flag=True,
               help="Evaluate a posttrain run although its evaluators or its base run (evaluated beside it) changed "
                    "since it was trained (refused by default; recorded in report.json).")
 def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, steps, cfg_scale, sigma, seed,
-             batch_size, kid_subset_size, kid_subsets, device, baselines, allow_changed_reference):
+             batch_size, kid_subset_size, kid_subsets, device, baselines, images, save_images, save_format,
+             allow_changed_reference):
     """Score RUNs on the same test pairs and seeds: rewards, MoA accuracy, FID/KID, best-of-N.
 
     In-distribution and held-out (OOD) compounds are reported in separate sections; all runs are
@@ -105,9 +115,11 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
     parse_weights(weights)  # a bad weight is refused before anything is loaded
     baselines = _parse_baselines(baselines)
     folder.check_writable_folder(Path(out))
+    externals = _read_images(list(images), dataset, list(runs), baselines, seed)
+    _check_save_images(save_images, Path(out))
     with hold(out, "evaluate"), StopSignals(graceful=False) as stop:
         folder.check_report_folder(Path(out))
-        staged = None
+        staged = staged_images = None
         try:
             staged, n_sections = _prepare(Path(out), list(runs), dataset, allow_changed_reference, n=n, split=split,
                                           best_of=best, steps=steps, cfg_scale=cfg_scale, sigma=sigma, seed=seed,
@@ -116,16 +128,75 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
                                     best_of=best, weights=weights, seed=seed, batch_size=batch_size, steps=steps,
                                     cfg_scale=cfg_scale, sigma=sigma, inception=inception,
                                     device=resolve_device(device), kid_subset_size=kid_subset_size,
-                                    kid_subsets=kid_subsets, tts_n=tts_n, baselines=baselines)
+                                    kid_subsets=kid_subsets, tts_n=tts_n, baselines=baselines,
+                                    images_sources=externals, **_save_options(save_images, save_format))
+            if save_images is not None:
+                staged_images = report["settings"].pop("_save_images_staged")
             folder.replace_folder(staged, Path(out))
+            if staged_images is not None:
+                folder.replace_folder(staged_images, Path(save_images))
         except KeyboardInterrupt:
             stop.exit(f"evaluate stopped by {stop.name} before it finished: nothing of it was kept and {out} is as it "
                       f"was; run the same command to evaluate again")
         finally:
-            if staged is not None and staged.exists():
-                folder.discard(staged)
+            for path in (staged, staged_images):
+                if path is not None and path.exists():
+                    folder.discard(path)
     click.echo(print_report(report))
     click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures")
+
+
+def _read_images(specs: list[str], dataset: Path, runs: list[Path], baselines, seed: int) -> dict:
+    """``--images NAME=PATH`` read and checked before anything is written (a usage error naming the bad one)."""
+    from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.evaluation.image_mapping import ImageMapping
+    from cellfluxrl.evaluation.pipeline import read_externals, run_names
+
+    named = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{spec!r}: give NAME=PATH", param_hint="--images")
+        if name in named:
+            raise click.BadParameter(f"{name!r} given twice", param_hint="--images")
+        named[name] = path
+    if not named:
+        return {}
+    try:
+        return read_externals(named, load_dataset(dataset), seed, [*run_names(runs), *baselines], ImageMapping())
+    except CellfluxError as exc:
+        raise click.BadParameter(str(exc), param_hint="--images") from None
+
+
+def _check_save_images(save_images: Path | None, out: Path) -> None:
+    """Refuse a ``--save-images`` folder that holds what evaluate did not write, or is --out or in it."""
+    from cellfluxrl.commands.report_folder import check_writable_folder
+    from cellfluxrl.commands.sample_outputs import dataset_above, real_path
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.evaluation.saved_candidates import folder_problem
+
+    if save_images is None:
+        return
+    real, report = real_path(save_images), real_path(out)
+    try:
+        if real == report or report in real.parents or real in report.parents:
+            raise CellfluxError(f"{save_images} and --out {out} overlap; give two separate folders")
+        if dataset_above(real) is not None:
+            raise CellfluxError(f"{save_images} is in the dataset folder {dataset_above(real)}; choose a path outside it")
+        check_writable_folder(save_images, "--save-images")
+        problem = folder_problem(save_images)
+        if problem:
+            raise CellfluxError(problem)
+    except CellfluxError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--save-images "), param_hint="--save-images") from None
+
+
+def _save_options(save_images: Path | None, save_format: str) -> dict:
+    """``_evaluate_into``'s options for ``--save-images`` (the staged folder is made there)."""
+    if save_images is None:
+        return {}
+    return {"save_images_to": Path(save_images), "save_formats": ("npz", "tiff") if save_format == "both" else (save_format,)}
 
 
 def _parse_baselines(text: str) -> tuple[str, ...]:
@@ -196,15 +267,30 @@ def _evaluate_into(staged: Path, runs: list[Path], dataset: Path, allow_changed_
             bars[stage] = progress(total=total, desc=f"evaluate ({stage})", unit="pair")
         bars[stage].update(done - bars[stage].n)
 
+    save_to = options.pop("save_images_to", None)
+    if save_to is not None:
+        from cellfluxrl.commands.report_folder import staged_folder
+
+        options["save_images"] = staged_folder(save_to)
     try:
         report = run_evaluation(dataset, runs, out=staged, on_progress=on_progress, **options)
+    except BaseException:
+        if save_to is not None:
+            from cellfluxrl.commands.report_folder import discard
+
+            discard(options["save_images"])
+        raise
     finally:
         for bar in bars.values():
             bar.close()
     configs = [read_run_config(run) for run in runs]
     accepted = reference_changes_of(runs, configs, dataset) if allow_changed_reference else []
     report["settings"]["fingerprints"] = report_fingerprints(runs, run_names(runs), configs, dataset, accepted)
+    if save_to is not None:
+        report["settings"]["saved_images"] = str(save_to)
     write_report(report, staged)
+    if save_to is not None:
+        report["settings"]["_save_images_staged"] = options["save_images"]
     return report
 
 

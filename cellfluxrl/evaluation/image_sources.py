@@ -14,8 +14,16 @@ compound, concentration, MoA, kind (``generated`` / ``real``) and source. The fo
   ``file`` column (one multi-channel image) or one column per dataset channel (``actin``,
   ``tubulin``, ``dna`` for BBBC021), each a grayscale 8- or 16-bit TIFF/PNG plane; ``compound``
   (``DMSO`` for controls) and optional ``dose``, ``plate``, ``well``, ``moa``. 16-bit planes are
-  mapped to uint8 per image and channel, their 0.1 and 99.9 percentiles to 0 and 255.
+  mapped to uint8 per image and channel, their 0.1 and 99.9 percentiles to 0 and 255 (``measure``'s
+  documented rule; ``score`` and ``evaluate --images`` pass an explicit
+  :class:`~cellfluxrl.evaluation.image_mapping.ImageMapping` instead and refuse what it does not state).
 * ``real:SPLIT`` (``train``, ``val``, ``test`` or ``all``): the dataset's own real images.
+
+Where every image names its pair (``target_index``, and optionally ``control_index``, ``seed``
+and ``candidate``: npz keys ``target_index``, ``control_index``, ``seeds``, ``candidate``, or CSV
+columns of those names), :attr:`ImageSet.pairing` holds them, so that ``score`` grades the images on
+the pairs they were made for. An npz carrying a marker (``cellfluxrl_samples``, ``cellfluxrl_candidates``) of a layout version
+not in :data:`NPZ_VERSIONS` is refused.
 
 Every problem is a one-line :class:`~cellfluxrl.errors.CellfluxError` raised before anything is
 computed: a missing or empty input, an unreadable image, images of different sizes, a channel count
@@ -24,7 +32,7 @@ that is not the dataset's, a compound the dataset does not have, an npz sampled 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +44,10 @@ from cellfluxrl.errors import CellfluxError, did_you_mean, finite_float
 SPLITS = ("train", "val", "test", "all")
 SAMPLES_CSV = "samples.csv"
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+# npz markers -> the layout versions this version reads: `sample` (commands.sample_outputs) and
+# `evaluate --save-images` (evaluation.saved_candidates)
+NPZ_VERSIONS = {"cellfluxrl_samples": (2,), "cellfluxrl_candidates": (1,)}
+PAIRING = {"target_index": "target_index", "control_index": "control_index", "seeds": "seed", "candidate": "candidate"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class ImageSet:
             ``generated`` or ``real``.
         dose: float64 ``(N,)`` concentration (NaN where unknown).
         origin: what the user named (for messages).
+        pairing: int64 ``(N,)`` arrays ``target_index``, ``control_index``, ``seed``, ``candidate``, each
+            present only when every image has it.
     """
 
     images: np.ndarray
@@ -61,6 +75,7 @@ class ImageSet:
     source: np.ndarray
     dose: np.ndarray
     origin: str
+    pairing: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,12 +91,14 @@ class ImageSet:
             yield start, np.asarray(self.images[self.rows[start:start + size]])
 
 
-def _set(images: np.ndarray, origin: str, rows: np.ndarray | None = None, **columns) -> ImageSet:
+def _set(images: np.ndarray, origin: str, rows: np.ndarray | None = None, pairing: dict | None = None,
+         **columns) -> ImageSet:
     n = len(images) if rows is None else len(rows)
     text = {k: np.asarray(columns.get(k, [""] * n), dtype=str) for k in ("plate", "well", "compound", "moa", "kind", "source")}
     dose = np.asarray(columns.get("dose", np.full(n, np.nan)), dtype=np.float64)
     rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
-    return ImageSet(images, rows, dose=dose, origin=origin, **text)
+    pairing = {k: np.asarray(v, dtype=np.int64) for k, v in (pairing or {}).items()}
+    return ImageSet(images, rows, dose=dose, origin=origin, pairing=pairing, **text)
 
 
 def _dataset_moa(dataset, compound: str) -> str:
@@ -135,24 +152,35 @@ def _targets(dataset, target_index, compound, origin: str) -> dict[str, np.ndarr
     return {"plate": t["batch"][target], "well": t["well"][target], "dose": t["dose"][target]}
 
 
-def _from_npz(path: Path, dataset) -> ImageSet:
+def _from_npz(path: Path, dataset, mapping=None) -> ImageSet:
     try:
         with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files if k in ("generated", "compound", "moa", "target_index")}
+            data = {k: f[k] for k in f.files if k in ("generated", "compound", "moa", *NPZ_VERSIONS, *PAIRING)}
     except (OSError, ValueError, EOFError) as exc:
         raise CellfluxError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
+    for marker, versions in NPZ_VERSIONS.items():
+        found = data.get(marker)
+        if found is not None and (found.shape != () or found.dtype.kind not in "iu" or int(found) not in versions):
+            raise CellfluxError(f"{path}: written by another version of cellfluxrl ({marker} layout {found}, this "
+                                f"version reads {', '.join(map(str, versions))}); write it again with this version")
     images = data.get("generated")
     if images is None or "compound" not in data:
         raise CellfluxError(f"{path}: no 'generated' and 'compound' arrays; give a FILE.npz written by `cellfluxrl sample`")
-    if images.dtype != np.uint8 or images.ndim != 4 or len(data["compound"]) != len(images):
-        raise CellfluxError(f"{path}: 'generated' must be uint8 (N, H, W, C) with one compound each, got "
-                            f"{images.dtype} {images.shape} and {len(data['compound'])} compounds")
+    numeric = images.dtype.kind in "uif" if mapping is not None else images.dtype == np.uint8
+    if not numeric or images.ndim != 4 or len(data["compound"]) != len(images):
+        raise CellfluxError(f"{path}: 'generated' must be {'numeric' if mapping is not None else 'uint8'} (N, H, W, C) "
+                            f"with one compound each, got {images.dtype} {images.shape} and {len(data['compound'])} compounds")
     if len(images) == 0:
         raise CellfluxError(f"{path}: holds no images")
-    return generated_set(images, data["compound"], dataset, str(path), data.get("moa"), data.get("target_index"))
+    if mapping is not None:
+        images = mapping.apply(images, dataset, str(path))
+    pairing = {name: data[key] for key, name in PAIRING.items() if key in data and len(data[key]) == len(images)}
+    return generated_set(images, data["compound"], dataset, str(path), data.get("moa"), data.get("target_index"),
+                         pairing=pairing)
 
 
-def generated_set(images: np.ndarray, compound, dataset, origin: str, moa=None, target_index=None) -> ImageSet:
+def generated_set(images: np.ndarray, compound, dataset, origin: str, moa=None, target_index=None,
+                  pairing: dict | None = None) -> ImageSet:
     """An :class:`ImageSet` of generated images held in memory (what ``sample`` has before writing).
 
     Args:
@@ -163,12 +191,13 @@ def generated_set(images: np.ndarray, compound, dataset, origin: str, moa=None, 
         moa: ``(N,)`` MoA names (``None``: the dataset's MoA of each compound).
         target_index: ``(N,)`` dataset row of each pair's real target (gives plate, well and dose;
             checked to hold the same compound), or ``None``.
+        pairing: the :attr:`ImageSet.pairing` arrays (``None``: none).
     """
     compound = np.asarray(compound).astype(str)
     extra = _targets(dataset, target_index, compound, origin) if target_index is not None else {}
     moa = np.asarray(moa).astype(str) if moa is not None else [_dataset_moa(dataset, c) for c in compound]
     name = Path(origin).name
-    return _set(images, origin, compound=compound, moa=moa, kind=["generated"] * len(images),
+    return _set(images, origin, pairing=pairing, compound=compound, moa=moa, kind=["generated"] * len(images),
                 source=[f"{name}#{i}" for i in range(len(images))], **extra)
 
 
@@ -194,8 +223,12 @@ def _to_uint8(plane: np.ndarray, where: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def read_image_file(path: Path, where: str) -> np.ndarray:
+def read_image_file(path: Path, where: str, raw: bool = False) -> np.ndarray:
     """One image file as ``(H, W, C)`` uint8: a TIFF (``CYX``, ``YXS`` or ``YX``) or a PNG.
+
+    ``raw``: the pixels as stored (any dtype), for an explicit
+    :class:`~cellfluxrl.evaluation.image_mapping.ImageMapping`; else 16-bit planes are mapped per
+    image (see the module docstring).
 
     Raises:
         CellfluxError: missing, not TIFF/PNG, unreadable, or not 2-D with channels.
@@ -229,6 +262,8 @@ def read_image_file(path: Path, where: str) -> np.ndarray:
         raise
     except Exception as exc:  # tifffile and Pillow raise many types for a damaged file
         raise CellfluxError(f"{where}: {path} is not a readable image ({type(exc).__name__})") from None
+    if raw:
+        return image
     return np.stack([_to_uint8(image[..., c], f"{where}: {path}") for c in range(image.shape[-1])], axis=-1)
 
 
@@ -246,20 +281,30 @@ def _dose(text: str, where: str) -> float:
     return np.nan if text.strip().lower() in ("", "nan", "none", "null") else finite_float(text, f"{where}: dose")
 
 
-def _from_table(path: Path, dataset, kind: str) -> ImageSet:
+def _pairing(header: list[str], values: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """The pairing columns of a CSV that every row fills with an integer."""
+    out = {}
+    for name in PAIRING.values():
+        column = values.get(name, [])
+        if name in header and all(v.strip().lstrip("-").isdigit() for v in column):
+            out[name] = np.asarray([int(v) for v in column], dtype=np.int64)
+    return out
+
+
+def _from_table(path: Path, dataset, kind: str, mapping=None) -> ImageSet:
     """A ``samples.csv`` (kind ``generated``) or a CSV of paths (kind ``real``)."""
-    channels = tuple(dataset.channels)
+    channels = tuple(dataset.channels) if mapping is None or mapping.channels is None else mapping.channels
     header, rows = _read_rows(path, ("compound",))
     per_channel = "file" not in header
     if per_channel and any(c not in header for c in channels):
         raise CellfluxError(f"{path}: needs a 'file' column or one column per channel ({', '.join(channels)})")
     images, wheres, meta = [], [], {k: [] for k in ("plate", "well", "compound", "moa", "source", "dose")}
-    targets = []
+    targets, pair_values = [], {name: [] for name in PAIRING.values()}
     for line, row in rows:
         where = f"{path} line {line}"
         files = [row[c] for c in channels] if per_channel else [row["file"]]
         paths = [Path(f) if Path(f).is_absolute() else path.parent / f for f in files]
-        planes = [read_image_file(p, where) for p in paths]
+        planes = [read_image_file(p, where, raw=mapping is not None) for p in paths]
         if per_channel:
             for plane, channel, p in zip(planes, channels, paths):
                 if plane.shape[2] != 1:
@@ -276,31 +321,39 @@ def _from_table(path: Path, dataset, kind: str) -> ImageSet:
         meta["dose"].append(_dose(row.get("dose", ""), where))
         meta["source"].append(files[-1] if per_channel else files[0])
         targets.append(row.get("target_index", ""))
+        for name in pair_values:
+            pair_values[name].append(row.get(name, ""))
     stacked = _stack(images, wheres)
-    if kind == "generated" and "target_index" in header and all(t.strip().lstrip("-").isdigit() for t in targets):
+    if mapping is not None:
+        stacked = mapping.apply(stacked, dataset, str(path))
+    pairing = _pairing(header, pair_values)
+    if "target_index" in pairing and (kind == "generated" or mapping is not None):
         found = _targets(dataset, [int(t) for t in targets], np.asarray(meta["compound"]), str(path))
         for key in ("plate", "well"):  # fill what samples.csv left out
             meta[key] = [m or str(f) for m, f in zip(meta[key], found[key])]
         meta["dose"] = [f if np.isnan(m) else m for m, f in zip(meta["dose"], found["dose"])]
-    return _set(stacked, str(path), kind=[kind] * len(stacked), **meta)
+    return _set(stacked, str(path), pairing=pairing, kind=[kind] * len(stacked), **meta)
 
 
-def _from_folder(folder: Path, dataset) -> ImageSet:
+def _from_folder(folder: Path, dataset, mapping=None) -> ImageSet:
     table = folder / SAMPLES_CSV
     if not table.is_file():
         has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
         what = "has images but no" if has_images else "is empty: no images and no"
         raise CellfluxError(f"{folder} {what} {SAMPLES_CSV} (written by `cellfluxrl sample --format tiff|png`); "
                             f"for your own images give a CSV of paths")
-    return _from_table(table, dataset, "generated")
+    return _from_table(table, dataset, "generated", mapping)
 
 
-def read_image_set(spec: str, dataset) -> ImageSet:
+def read_image_set(spec: str, dataset, mapping=None) -> ImageSet:
     """Read ``IMAGES`` (see the module docstring) and check it against ``dataset``.
 
     Args:
         spec: ``FILE.npz``, a folder with ``samples.csv``, ``LIST.csv`` or ``real:SPLIT``.
         dataset: the loaded :class:`~cellfluxrl.data.layout.Dataset` (channels, compounds, metadata).
+        mapping: an :class:`~cellfluxrl.evaluation.image_mapping.ImageMapping` (channel order, size,
+            intensity scale) applied to files and npz arrays; ``None``: uint8 as stored (16-bit
+            planes of a CSV of paths mapped per image, as ``measure`` documents).
 
     Returns:
         The :class:`ImageSet`, every image of the same ``(H, W, C)``.
@@ -316,13 +369,13 @@ def read_image_set(spec: str, dataset) -> ImageSet:
     else:
         path = Path(spec)
         if path.is_dir():
-            found = _from_folder(path, dataset)
+            found = _from_folder(path, dataset, mapping)
         elif not path.exists():
             raise CellfluxError(f"{path} does not exist")
         elif path.suffix.lower() == ".npz":
-            found = _from_npz(path, dataset)
+            found = _from_npz(path, dataset, mapping)
         elif path.suffix.lower() == ".csv":
-            found = _from_table(path, dataset, "real")
+            found = _from_table(path, dataset, "real", mapping)
         else:
             raise CellfluxError(f"{path}: give a FILE.npz from `cellfluxrl sample`, a folder with {SAMPLES_CSV}, "
                                 f"a CSV of image paths, or real:SPLIT")

@@ -37,6 +37,14 @@ Protocol (CellFlux's, plus CellFluxRL's best-of-N, graded so that it cannot flat
   soon as its last pair is done. Peak memory does not grow with ``n`` (only per-pair scalars are
   kept).
 
+* Images from elsewhere (``images_sources``, :mod:`cellfluxrl.evaluation.external`): a source whose
+  images name this evaluation's pairs with at least K candidates each is a column like a run (best-of-N
+  and paired differences included); one with fewer candidates, or that names only compounds (the
+  ``j``-th pair of a compound takes the ``j``-th image of it), is a column like the baselines (one
+  image per pair). A section none of whose pairs the images cover goes without that column, with a note.
+* ``save_images``: the K candidates of every run, as scored (8 bits), with their pair, candidate and
+  seed (:mod:`cellfluxrl.evaluation.saved_candidates`), so ``score`` re-grades exactly what the table graded.
+
 Outputs: ``report.json``, ``report.md`` and per split ``fig5_best_of_n[_ood].png`` and
 ``fig4_grid[_ood].png`` (:mod:`cellfluxrl.evaluation.report`,
 :mod:`cellfluxrl.evaluation.report_text`, :mod:`cellfluxrl.evaluation.report_figures`).
@@ -52,6 +60,7 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from cellfluxrl.errors import CellfluxError
@@ -128,6 +137,47 @@ def _load_runs(run_dirs, names, device, steps, cfg_scale, sigma) -> list[dict]:
     return runs
 
 
+def graders(dataset, weights: Mapping[str, float], inception, device: str):
+    """The suite (every default reward a row, whatever its weight), the reward classifier, the judge and
+    the distance features (Inception with ``inception``, else the judge's): what every table is graded by."""
+    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite
+
+    suite = RewardSuite.from_dataset(dataset, {name: 1.0 for name in [*DEFAULT_WEIGHTS, *weights]}, device=device)
+    classifier, judge = suite.evaluators.moa_classifier(device), suite.evaluators.judge(device)
+    if inception is not None:
+        from cellfluxrl.evaluation.inception import load_inception
+
+        features = load_inception(inception, device=device)
+    else:
+        features = MoAFeatures(judge, source=str(suite.evaluators.judge_path))
+    return suite, classifier, judge, features
+
+
+def _external_columns(externals: Mapping, pairs: Pairs, k_max: int) -> tuple[dict, dict, list[str]]:
+    """``images_sources`` on a section's pairs: ``(run-like sources, baseline-like references, notes)``."""
+    from cellfluxrl.evaluation.external import image_candidates, map_onto
+
+    sources, references, notes = {}, {}, []
+    for name, ext in externals.items():
+        if ext.paired:
+            covered = set(zip(pairs.target.tolist(), pairs.control.tolist()))
+            shared = sum((t, c) in covered for t, c, _ in ext.keys())
+        else:
+            shared = int(np.isin(np.asarray(ext.images.compound), pairs.compound).sum())
+        if shared == 0:
+            notes.append(f"no {name} column: its images cover none of these pairs")
+            continue
+        mapped = map_onto(ext, pairs)
+        (sources if ext.paired and mapped.k >= k_max else references)[name] = image_candidates(mapped)
+        if not ext.paired:
+            notes.append(f"{name}: its images name only their compounds, so they are matched to these pairs by "
+                         f"compound (the j-th pair of a compound takes its j-th image): unpaired, one image per pair")
+        elif mapped.k < k_max:
+            notes.append(f"{name}: {mapped.k} candidate(s) per pair, fewer than the {k_max} of the runs: one image per "
+                         f"pair, scored like a baseline")
+    return sources, references, notes
+
+
 def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLike], *, n: int = 5120,
              best_of: Sequence[int] = (1,), weights: str | Mapping[str, float] | None = None, seed: int = 0,
              batch_size: int = 32, steps: int | None = None, cfg_scale: float | None = None,
@@ -135,7 +185,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
              device: str = "cpu", out: str | os.PathLike | None = None, names: Sequence[str] | None = None,
              kid_subset_size: int = 100, kid_subsets: int = 100, tts_n: int | None = None,
              on_progress: Callable[[str, int, int], None] | None = None, images: str = "test",
-             baselines: Sequence[str] = ()) -> dict:
+             baselines: Sequence[str] = (), images_sources: Mapping | None = None,
+             save_images: str | os.PathLike | None = None, save_formats: Sequence[str] = ("npz", "tiff")) -> dict:
     """Evaluate runs on a dataset's test pairs (see the module docstring for the protocol).
 
     Args:
@@ -163,6 +214,10 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
             (for choosing settings) and ``"val-select"`` (for choosing checkpoints).
         baselines: baseline columns on the same pairs, from
             :data:`~cellfluxrl.evaluation.baselines.BASELINES` (``copy-control``, ``train-real``).
+        images_sources: more columns, name -> images (a path :func:`~cellfluxrl.evaluation.image_sources.read_image_set`
+            reads, or :class:`~cellfluxrl.evaluation.external.PairedImages` already read and checked).
+        save_images: a folder (existing, the caller's) for every run's scored candidates
+            (:func:`~cellfluxrl.evaluation.saved_candidates.write_candidates`, as ``save_formats``).
 
     Returns:
         The report dict (as written to report.json; see :mod:`cellfluxrl.evaluation.report`).
@@ -171,8 +226,9 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
         CellfluxError: missing dataset/evaluators/run/weights, an empty split, or bad options.
     """
     from cellfluxrl.data.layout import load_dataset
+    from cellfluxrl.evaluation.saved_candidates import CandidateRecorder, write_candidates, write_marker
     from cellfluxrl.model.generate import SPLITS
-    from cellfluxrl.rewards import DEFAULT_WEIGHTS, RewardSuite, parse_weights
+    from cellfluxrl.rewards import parse_weights
 
     if not run_dirs:
         raise CellfluxError("evaluate: give at least one RUN folder")
@@ -186,22 +242,17 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
     names = list(names) if names is not None else run_names(run_dirs)
     if len(names) != len(run_dirs):
         raise CellfluxError(f"evaluate: {len(names)} names for {len(run_dirs)} runs")
+    externals = read_externals(images_sources or {}, dataset, seed, [*names, *baselines])
     runs = _load_runs(run_dirs, names, device, steps, cfg_scale, sigma)
-    # Every default reward is reported as a row, whatever its weight in the overall reward.
-    suite = RewardSuite.from_dataset(dataset, {name: 1.0 for name in [*DEFAULT_WEIGHTS, *weights]}, device=device)
-    classifier, judge = suite.evaluators.moa_classifier(device), suite.evaluators.judge(device)
-    if inception is not None:
-        from cellfluxrl.evaluation.inception import load_inception
-
-        features = load_inception(inception, device=device)
-    else:
-        features = MoAFeatures(judge, source=str(suite.evaluators.judge_path))
+    suite, classifier, judge, features = graders(dataset, weights, inception, device)
+    saved: dict[str, list] = {name: [] for name in names}
     shared = runs[0]["info"]
     settings = {"dataset": str(dataset_dir), "runs": [r["info"] for r in runs], "n": int(n), "split": split,
                 "pairs_from": images,
                 "sampling": {"setting": shared["sampling"], "text": shared["sampling_text"],
                              "reason": shared["sampling_source"]},
                 "best_of": sorted({1, *(int(b) for b in best_of)}), "baselines": list(baselines),
+                "images": {name: {"paired": ext.paired, "origin": ext.images.origin} for name, ext in externals.items()},
                 "tts_n": int(tts_n or max(best_of)), "weights": weights, "seed": int(seed),
                 "batch_size": int(batch_size), "device": str(device),
                 "inception": None if inception is None else str(inception),
@@ -220,7 +271,13 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
             pairs = Pairs.from_dataset(dataset, n, seed, part, images=images)
             sources = {r["name"]: run_candidates(r["run"].net, dataset, pairs, seed=seed, device=device,
                                                  **_sampling_kwargs(r["sampling"])) for r in runs}
+            if save_images is not None:
+                sources = {name: CandidateRecorder(fn, len(pairs)) for name, fn in sources.items()}
             references, notes = baseline_sources(baselines, dataset, pairs, seed)
+            more, more_references, more_notes = _external_columns(externals, pairs, max(best_of))
+            sources.update(more)
+            references.update(more_references)
+            notes += more_notes
             progress = None if on_progress is None else (lambda stage, done, total, part=part: on_progress(part, done, total))
             with torch.inference_mode(False), torch.no_grad():
                 results = evaluate_sources(dataset, pairs, sources, suite=suite, weights=weights, features=features,
@@ -229,16 +286,38 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
                                            kid_subsets=kid_subsets, seed=seed, tts_n=tts_n, references=references,
                                            on_progress=progress)
             results["baseline_notes"] = notes
+            for name in saved if save_images is not None else ():
+                saved[name].append((part, pairs, sources[name].stacked()))
             sections[part] = build_report(results, split=part, split_description=SPLITS[part])
             if out is not None:
                 Path(out).mkdir(parents=True, exist_ok=True)
                 sections[part]["files"] = write_section_figures(sections[part], results, Path(out), dataset=dataset)
     finally:
         suite.close()
+    if save_images is not None:
+        written = [f for name, parts in saved.items()
+                   for f in write_candidates(Path(save_images), name, parts, dataset, seed, save_formats)]
+        write_marker(Path(save_images), written)
     report = combine(sections, settings)
     if out is not None:
         write_report(report, out)
     return report
+
+
+def read_externals(images_sources: Mapping, dataset, seed: int, taken: Sequence[str], mapping=None) -> dict:
+    """``{name: PairedImages}`` of ``images_sources`` (paths are read with ``mapping``); a name that is
+    a run's, a baseline's or ``real``/``control`` is refused."""
+    from cellfluxrl.evaluation.external import PairedImages, pair_images
+    from cellfluxrl.evaluation.image_sources import read_image_set
+    from cellfluxrl.evaluation.report import CONTROL_COLUMN, REAL
+
+    out = {}
+    for name, spec in images_sources.items():
+        if name in taken or name in (REAL, CONTROL_COLUMN) or "+best-of-" in name:
+            raise CellfluxError(f"--images {name}=...: the column name {name!r} is taken; choose another NAME")
+        out[name] = spec if isinstance(spec, PairedImages) else pair_images(read_image_set(str(spec), dataset, mapping),
+                                                                            dataset, seed, name)
+    return out
 
 
 def _sampling_kwargs(sampling) -> dict:
