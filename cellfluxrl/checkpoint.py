@@ -9,10 +9,10 @@ A run directory::
 
 ``checkpoint.pt`` is a dict with at least ``kind`` (``"pretrain"`` or ``"posttrain"``), ``step``
 (int), ``config`` (the run config dict), ``model`` and ``ema`` (:class:`VelocityUNet` state dicts).
-Pretraining adds ``optimizer`` and ``rng`` (generator and dropout RNG states) for an exact resume.
-
-The run config dict holds ``dataset`` (absolute path of the dataset folder), ``image_size`` (its
-H = W; absent in older runs), ``preset`` (name or
+Pretraining adds ``optimizer`` and ``rng`` (generator and dropout RNG states) for an exact resume;
+posttrain adds the checkpoint selected on validation pairs (``selection``, ``best_ema``), which
+:func:`load_run` serves by default. The run config dict holds ``dataset`` (absolute path of the
+dataset folder), ``image_size`` (its H = W; absent in older runs), ``preset`` (name or
 ``"custom"``), ``unet`` (the :class:`UNetConfig` as a dict) and ``condition_dim`` (int), which is
 all :func:`load_run` needs to rebuild the network, plus the training settings of its kind, and
 ``sampling``: how the run is meant to be sampled (:class:`Sampling`: Heun steps, CFG scale, grid,
@@ -96,8 +96,7 @@ LEGACY_SAMPLING = Sampling()
 
 def recorded_sampling(config: dict, where: str = "run config") -> Sampling | None:
     """The ``sampling`` entry of a run config, or ``None`` for a run that predates it."""
-    entry = config.get("sampling")
-    return None if entry is None else Sampling.from_dict(entry, where)
+    return None if config.get("sampling") is None else Sampling.from_dict(config["sampling"], where)
 
 
 def resolve_sampling(run_sampling: Sampling | None, steps: int | None = None, cfg_scale: float | None = None
@@ -117,9 +116,8 @@ def resolve_sampling(run_sampling: Sampling | None, steps: int | None = None, cf
     given = {k: v for k, v in (("steps", steps), ("cfg_scale", cfg_scale)) if v is not None}
     sampling = replace(base, **given)
     if run_sampling is None:
-        source = "CellFlux defaults (the run predates recorded sampling settings)"
-        if given:
-            source = "given on the command line; the rest " + source
+        source = ("given on the command line; the rest " if given else "") + \
+            "CellFlux defaults (the run predates recorded sampling settings)"
     elif given:
         source = "recorded in the run, overridden on the command line" if len(given) < 2 else "given on the command line"
     else:
@@ -241,14 +239,13 @@ class LoadedRun:
     """A run ready for sampling.
 
     Attributes:
-        net: the :class:`VelocityUNet` in eval mode on the requested device.
-        config: the run config dict stored in the checkpoint.
-        dataset_dir: the dataset the run was trained on.
-        step: optimizer steps done.
-        kind: ``"pretrain"`` or ``"posttrain"``.
-        run_dir: the run folder.
+        net, config, dataset_dir, kind, run_dir: the :class:`VelocityUNet` in eval mode on the requested
+            device, the stored run config, the dataset it was trained on, ``"pretrain"``/``"posttrain"``, the folder.
+        step: optimizer steps done by the loaded weights (the selected step for the selected checkpoint).
         weights: ``"ema"`` or ``"model"``.
         recorded: the run's recorded :class:`Sampling` (``None`` for runs that predate it).
+        checkpoint, last_step: ``"best"`` (selected on validation pairs) or ``"last"``; the last checkpoint's step.
+        selection: the checkpoint's ``selection`` entry (``None``: the run predates checkpoint selection).
     """
 
     net: VelocityUNet
@@ -259,6 +256,9 @@ class LoadedRun:
     run_dir: Path
     weights: str = "ema"
     recorded: Sampling | None = field(default=None)
+    checkpoint: str = "last"
+    last_step: int | None = None
+    selection: dict | None = None
 
     @property
     def sampling(self) -> Sampling:
@@ -266,35 +266,50 @@ class LoadedRun:
         return LEGACY_SAMPLING if self.recorded is None else self.recorded
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema") -> LoadedRun:
-    """Load the latest checkpoint of a pretrain or posttrain run.
+CHECKPOINT_CHOICES = ("best", "last")  # load_run's checkpoint argument, sample's and evaluate's --checkpoint
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema",
+             checkpoint: str = "best") -> LoadedRun:
+    """Load a pretrain or posttrain run: its selected checkpoint by default, else its latest.
 
     Args:
-        run_dir: the run folder (holding ``checkpoint.pt``).
-        device: where to put the network.
+        run_dir, device: the run folder (holding ``checkpoint.pt``); where to put the network.
         weights: ``"ema"`` (default, as CellFlux evaluates) or ``"model"`` (raw weights).
+        checkpoint: ``"best"`` (default): the EMA weights a posttrain run selected on its validation
+            pairs (:mod:`cellfluxrl.rl.selection`), else (a pretrain run, selection off, an older
+            run) the latest checkpoint; ``"last"``: the latest checkpoint.
 
     Raises:
-        CellfluxError: missing run/checkpoint, foreign file, incompatible weights.
+        CellfluxError: missing run/checkpoint, foreign file, incompatible weights, a bad ``weights`` or
+            ``checkpoint``, or ``"model"`` weights of the selected checkpoint (it keeps only the EMA's).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CellfluxError(f"run folder {run_dir} does not exist")
     if weights not in ("ema", "model"):
         raise CellfluxError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise CellfluxError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     path = run_dir / CHECKPOINT_NAME
     state = load_checkpoint(path)
     config = state.get("config")
     if not isinstance(config, dict):
         raise CellfluxError(f"{path}: checkpoint has no run config")
     net = build_net(config, path)
-    key = weights if weights in state else "model"
+    selection = state.get("selection") if isinstance(state.get("selection"), dict) else None
+    last_step = int(state.get("step", 0))
+    best = checkpoint == "best" and "best_ema" in state and (selection or {}).get("best_step") is not None
+    if best and weights == "model":
+        raise CellfluxError(f"{path}: the selected checkpoint (step {selection['best_step']}) keeps only its EMA "
+                            f"weights; ask for the last checkpoint (--checkpoint last) to use the raw weights")
+    key = "best_ema" if best else weights if weights in state else "model"
     load_state_strict(net, state[key], path, key)
-    net.eval().to(device)
     dataset = config.get("dataset")
-    return LoadedRun(net=net, config=config, dataset_dir=Path(dataset) if dataset else Path(),
-                     step=int(state.get("step", 0)), kind=str(state["kind"]), run_dir=run_dir, weights=key,
-                     recorded=recorded_sampling(config, str(path)))
+    return LoadedRun(net=net.eval().to(device), config=config, dataset_dir=Path(dataset) if dataset else Path(),
+                     step=int(selection["best_step"]) if best else last_step, kind=str(state["kind"]), run_dir=run_dir,
+                     weights="ema" if best else key, recorded=recorded_sampling(config, str(path)),
+                     checkpoint="best" if best else "last", last_step=last_step, selection=selection)
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:

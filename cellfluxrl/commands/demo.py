@@ -54,6 +54,9 @@ class DemoConfig:
     sample_steps: int = 5  # Heun steps the base records, RL rolls out with, and evaluation uses (one setting)
     cfg_scale: float = 2.0  # CFG the base records; RL trains the guided velocity at it
     train_timesteps: int = 2  # grid times trained per rollout and step
+    validate_every: int = 20  # validate on val-select pairs at 20, 40, 60; sample/evaluate use the selected one
+    validate_pairs: int = 64  # val-select pairs per validation (all in-distribution val-select pairs of the default data)
+    validate_draws: int = 2  # draws per validation pair: paired s.e. 0.34 vs 0.69 at 1 draw; ~12-17 s a pass on 2 cores
     eval_pairs: int = 64  # test pairs evaluated per split (in-distribution and held-out compounds)
     best_of: tuple[int, ...] = (1, 2, 4, 8)  # best-of-N curves (paper Figure 5)
     tts_n: int = 4  # the table's best-of column (paper Table 1: best-of-4)
@@ -66,6 +69,7 @@ DEMO_PRESETS = {
     "default": DemoConfig(),
     "quick": DemoConfig(n_images=300, size=48, plates=2, classifier_epochs=2, pretrain_steps=2, pretrain_batch=4,
                         posttrain_steps=1, group_size=2, groups_per_step=2, sample_steps=2, eval_pairs=6,
+                        validate_pairs=4,
                         best_of=(1, 2), tts_n=2),
 }
 
@@ -126,7 +130,9 @@ def posttrain_config(cfg: DemoConfig, **overrides):
                     rollout_batch=cfg.group_size * cfg.groups_per_step,
                     train_timesteps=min(cfg.train_timesteps, cfg.sample_steps), kl_weight=cfg.kl_weight,
                     train_batch=32, grad_steps=cfg.grad_steps, lr=cfg.posttrain_lr, reward_norm=cfg.reward_norm,
-                    save_every=max(1, min(10, cfg.posttrain_steps)), grid_every=0, seed=cfg.seed)
+                    save_every=max(1, min(10, cfg.posttrain_steps)), grid_every=0, seed=cfg.seed,
+                    validate_every=cfg.validate_every, validate_pairs=cfg.validate_pairs,
+                    validate_draws=cfg.validate_draws)
     return PosttrainConfig(**{**settings, **overrides})
 
 
@@ -162,6 +168,10 @@ def stage_posttrain(base: Path, out: Path, cfg: DemoConfig, device: str, should_
             bar.refresh()
 
         posttrain(base, run, pcfg, device=device, on_step=on_step, should_stop=should_stop)
+    from cellfluxrl.commands.selection_view import read_records, validation_curve, write_validation_plot
+
+    curve = validation_curve(read_records(run / "stats.jsonl"))
+    write_validation_plot(run, curve[-1]["best_step"] if curve else None)  # the curve and the selected step
     return run
 
 

@@ -82,6 +82,11 @@ def _run_facts(config: dict, path: Path, state: dict | None) -> dict:
         info["parameters"] = int(sum(v.numel() for v in state["model"].values()))
         if kind == "posttrain":
             info["reference_changes"] = list(state.get("reference_changes") or [])
+    if kind == "posttrain" and state is not None:
+        from cellfluxrl.commands.selection_view import read_records, selection_facts
+
+        run_dir = path if path.is_dir() else path.parent
+        info["selection"] = selection_facts((state or {}).get("selection"), read_records(run_dir / "stats.jsonl"))
     return info
 
 
@@ -184,7 +189,7 @@ def _belongs(path: Path, container: Path, kind: str) -> bool:
     if kind == "dataset":
         return rel in DATASET_FILES or rel in ("masks/nuclei.npy", "masks/cells.npy")
     if kind == "run":
-        return rel == "config.json" or (rel.startswith("samples/step_") and path.suffix == ".png")
+        return rel in ("config.json", "validation.png") or (rel.startswith("samples/step_") and path.suffix == ".png")
     if kind == "evaluation":
         return rel in REPORT_FILES or (rel.startswith("fig") and path.suffix == ".png")
     if kind == "sample images":
@@ -265,6 +270,10 @@ def _run_lines(info: dict) -> list[str]:
     if info["sampling"]:
         lines.append(f"  recorded sampling: {_settings_line(info['sampling'])}")
     lines.append(f"  settings: {_settings_line(info['settings'])}")
+    if info.get("selection"):
+        from cellfluxrl.commands.selection_view import selection_lines
+
+        lines += selection_lines(info["selection"])
     if info.get("last_stats"):
         lines.append(f"  last logged: {_settings_line(info['last_stats'])}")
     return lines

@@ -57,6 +57,13 @@ def _options(f):
         ("--max-minutes", NONNEG_FLOAT, "Stop (with a checkpoint) once this wall time has passed, 0 = no limit [0]."),
         ("--save-every", POS_INT, "Checkpoint period in steps [10]."),
         ("--grid-every", click.IntRange(min=0), "Sample-grid period in steps, 0 = never [50]."),
+        ("--validate-every", click.IntRange(min=0), "Validate the policy on val-select pairs every N steps and after the "
+                                                  "last, keeping the best checkpoint for sample and evaluate; 0 = never "
+                                                  "(they use the last) [50]."),
+        ("--validate-pairs", POS_INT, "Val-select pairs (in-distribution compounds) of each validation [64]."),
+        ("--validate-draws", POS_INT, "Source-noise draws per validation pair, the same at every validation [1]."),
+        ("--select-margin", NONNEG_FLOAT, "A validated checkpoint replaces the selected one only when its paired gain "
+                                          "exceeds this many compound-clustered s.e. [1.0]."),
         ("--seed", SEED, "Seed of pairs, source noise and t draws [0]."),
     ]
     dest = {"--iterations": "steps"}  # the PosttrainConfig field behind a renamed option
@@ -81,14 +88,34 @@ def first_iteration_line(step: int, total: int, seconds: float) -> str:
             f"{format_duration(left * seconds)} at this speed")
 
 
-RUN_OUTPUTS = ("config.json", "stats.jsonl", "checkpoint.pt", "samples")  # what a posttrain run folder may hold
+RUN_OUTPUTS = ("config.json", "stats.jsonl", "checkpoint.pt", "samples", "validation.png")  # what a posttrain run folder may hold
 
 
 def written_line(out_run: Path) -> str:
     """The last line of ``posttrain``: the run folder and what it holds (``samples/`` only when sample grids
-    were written: ``--grid-every 0`` writes none)."""
+    were written: ``--grid-every 0`` writes none; ``validation.png`` once a validation ran)."""
     held = [f"{name}/" if (out_run / name).is_dir() else name for name in RUN_OUTPUTS if (out_run / name).exists()]
     return f"posttrain run written to {out_run} ({', '.join(held) or 'nothing yet'})"
+
+
+def selection_report(out_run: Path) -> None:
+    """After a run: draw ``RUN/validation.png`` and say which checkpoint ``sample`` and ``evaluate`` will use."""
+    from cellfluxrl.commands.selection_view import read_records, validation_curve, write_validation_plot
+
+    curve = validation_curve(read_records(out_run / "stats.jsonl"))
+    best = curve[-1]["best_step"] if curve else None
+    write_validation_plot(out_run, best)
+    if best is not None:
+        row = next((r for r in curve if r["step"] == best), curve[-1])
+        click.echo(f"posttrain: selected step {best} of {curve[-1]['step']} on validation pairs (overall "
+                   f"{row['val_overall']:.4g} [s.e. {row['val_overall_se'] or 0.0:.2g}]; {out_run / 'validation.png'}); "
+                   f"sample and evaluate use it by default, --checkpoint last the last step", err=True)
+        return
+    from cellfluxrl.checkpoint import load_checkpoint
+
+    selection = load_checkpoint(out_run / "checkpoint.pt").get("selection") or {}
+    if selection.get("status") == "off":
+        click.echo(f"posttrain: checkpoint selection {selection['reason']}", err=True)
 
 
 def resolve_config(config_file: Path | None, weights: str | None, **options):
@@ -156,8 +183,8 @@ def base_notice(base_run: Path) -> str | None:
                                       meaning={"--iterations": "RL iterations"}))
 @click.argument("base_run", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", "out_run", type=Folder("run"), required=True, metavar="RUN",
-              help="Run folder to write (checkpoint.pt, config.json, stats.jsonl; samples/ unless --grid-every 0); "
-                   "re-run to resume.")
+              help="Run folder to write (checkpoint.pt, config.json, stats.jsonl; samples/ unless --grid-every 0; "
+                   "validation.png unless --validate-every 0); re-run to resume.")
 @weights_option(help=TRAIN_WEIGHTS_HELP)
 @_options
 @click.option("--config", "config_file", type=File("TOML settings"), default=None, metavar="FILE.toml",
@@ -207,15 +234,19 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
                 click.echo(first_iteration_line(stats["step"], cfg.steps, time.perf_counter() - started), err=True)
             bars.append(progress(total=cfg.steps, desc="posttrain", unit="step", disable=not is_main()))
         bars[0].n = stats["step"]
+        if "val_overall" in stats:
+            last["val"] = f"{stats['val_overall']:.3f}@{stats['step']} best@{stats['val_best_step']}"
         bars[0].set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2e}",
                             img_s=f"{stats['images_per_s']:.1f}", wait=f"{stats['reward_wait_share']:.0%}",
-                            refresh=False)
+                            **({"val": last["val"]} if "val" in last else {}), refresh=False)
         bars[0].refresh()
 
     try:
         with hold_as_main(out_run, "posttrain"), StopSignals() as stop:
             run(base_run, out_run, cfg, device=device, on_step=on_step, should_stop=stop,
                 allow_changed_reference=allow_changed_reference)
+            if is_main():
+                selection_report(out_run)
     finally:
         for bar in bars:
             bar.close()

@@ -63,6 +63,9 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
               help="CFG weight w. [default: the run's recorded setting]")
 @click.option("--network", "which", type=click.Choice(["ema", "model"]), default="ema", show_default=True,
               help="Network weights to sample with.")
+@click.option("--checkpoint", "checkpoint", type=click.Choice(["best", "last"]), default=None,
+              help="best: the checkpoint a posttrain run selected on its validation pairs (the last when it selected "
+                   "none); last: its latest. [default: best; last with --network model, which the selected one lacks]")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the control draw and source noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per solver batch.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
@@ -77,8 +80,8 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
               help="npz = FILE.npz and FILE.png; tiff = one multi-channel OME-TIFF per generated image with "
                    "channel names and intensity scale (Fiji, napari), png = RGB previews; both in DIR with "
                    "samples.csv.")
-def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, cfg_scale, which, seed, batch_size,
-           device, data_dir, out, fmt):
+def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, cfg_scale, which, checkpoint, seed,
+           batch_size, device, data_dir, out, fmt):
     """Generate perturbed cells from RUN for the first N treated test rows (same-plate controls).
 
     --format npz (default) writes FILE.npz (uint8 generated/control/target images and metadata) and
@@ -104,12 +107,12 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     dev = resolve_device(device)
     loaded, dataset, pairs, sampling, source, suite = _prepare(run, data_dir, conditions, n, split, steps, solver,
                                                              grid, cfg_scale, which, best_of_k, weights, dev,
-                                                             seed)
+                                                             seed, checkpoint)
     with hold(out, "sample"):
         sample_outputs.check_out(out, folder_out)  # again, now that no other sample can write it
         samples = _generate(loaded, dataset, pairs, sampling, seed, batch_size, best_of_k, suite, dev)
         meta = {"run": str(run), "dataset": str(dataset.root), "kind": loaded.kind, "step": loaded.step,
-                "network": loaded.weights, "num_steps": sampling.steps, "solver": sampling.solver,
+                "network": loaded.weights, "checkpoint": loaded.checkpoint, "num_steps": sampling.steps, "solver": sampling.solver,
                 "grid": sampling.grid, "cfg_scale": sampling.cfg_scale, "sigma": sampling.sigma,
                 "sampling_source": source, "split": pairs[2], "seed": seed, "best_of": best_of_k,
                 "reward_weights": _weights_text(suite)}
@@ -156,7 +159,7 @@ def _weights_text(suite) -> str:
 
 
 def _prepare(run, data_dir, conditions, n, split, steps, solver, grid, cfg_scale, which, best_of_k, weights, dev,
-             seed):
+             seed, checkpoint=None):
     """Load the run, its dataset, the test pairs, the sampling setting and the reward suite (when scored).
 
     Returns:
@@ -165,10 +168,11 @@ def _prepare(run, data_dir, conditions, n, split, steps, solver, grid, cfg_scale
     from dataclasses import replace
 
     from cellfluxrl.checkpoint import load_run, resolve_sampling
+    from cellfluxrl.commands.selection_view import checkpoint_line
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.model.generate import test_pairs
 
-    loaded = load_run(run, device=dev, weights=which)
+    loaded = load_run(run, device=dev, weights=which, checkpoint=checkpoint or ("last" if which == "model" else "best"))
     dataset_dir = dataset_for(run, loaded.config, loaded.dataset_dir, data_dir)
     dataset = load_dataset(dataset_dir)
     names = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
@@ -177,6 +181,7 @@ def _prepare(run, data_dir, conditions, n, split, steps, solver, grid, cfg_scale
     sampling, source = resolve_sampling(loaded.recorded, steps, cfg_scale)
     sampling = replace(sampling, **{k: v for k, v in (("solver", solver), ("grid", grid)) if v is not None})
     click.echo(f"sampling {run} with {sampling.describe()} ({source}); {split} test pairs", err=True)
+    click.echo(f"sampling {checkpoint_line(loaded)}", err=True)
     if len(target_idx) < n:
         click.echo(f"note: only {len(target_idx)} treated test rows match; sampling {len(target_idx)}", err=True)
     suite = None

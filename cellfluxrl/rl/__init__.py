@@ -4,7 +4,7 @@ Owns: the pure maths on tensors (``nft``: group advantages, optimality, implicit
 and KL losses, EMA schedules), the settings (``config``: :class:`PosttrainConfig`), the rollouts
 and forward-process draws (``rollouts``), scoring beside the rollouts (``reward_worker``), one
 iteration (``step``), the sample grids (``sample_grid``), the shuffled-reward null's permutation
-(``null``) and the resumable loop (``loop``:
+(``null``), checkpoint selection on the val-select pairs (``selection``) and the resumable loop (``loop``:
 :func:`~cellfluxrl.rl.loop.posttrain`). docs/posttrain.md explains the algorithm and its defaults.
 
 May import: rewards, model, data and the shared plumbing (``checkpoint``, ``config``,

@@ -63,22 +63,28 @@ class PosttrainConfig:
     no_signal_stop: int = 25  # stop (with a checkpoint) after this many steps in a row without signal; 0 = never
     grid_every: int = 50  # sample-grid period (steps); 0 = never
     grid_pairs: int = 8  # held-out test pairs shown in each grid (control | base | RL | real target)
+    validate_every: int = 50  # validate the EMA on val-select pairs every this many steps (and after the last); 0 = never
+    validate_pairs: int = 64  # val-select pairs (in-distribution compounds) scored at each validation
+    validate_draws: int = 1  # source-noise draws per validation pair (the same draws at every validation)
+    select_margin: float = 1.0  # a checkpoint replaces the selected one when better by more than this many s.e.
     seed: int = 0  # seeds the pairs, the source noise and the t draws (a function of (seed, step, rank))
     bf16: bool = True  # bf16 autocast for every forward pass on GPU (ignored on CPU)
 
     def __post_init__(self):
         check_seed(self.seed, "posttrain: seed")
         positive = ("steps", "group_size", "groups_per_step", "rollout_steps", "rollout_batch", "train_batch",
-                    "grad_steps", "nft_beta", "adv_clip", "save_every", "lr")
+                    "grad_steps", "nft_beta", "adv_clip", "save_every", "lr", "validate_pairs", "validate_draws")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise CellfluxError(f"posttrain: {name} must be > 0, got {getattr(self, name)!r}")
         if self.cfg_scale is not None and not 0.0 <= self.cfg_scale < float("inf"):
             raise CellfluxError(f"posttrain: cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}")
         for name in ("sigma", "kl_weight", "max_minutes", "weight_decay", "grad_clip", "old_rate", "grid_every",
-                     "grid_pairs", "no_signal_stop"):
+                     "grid_pairs", "no_signal_stop", "validate_every", "select_margin"):
             if not getattr(self, name) >= 0:
                 raise CellfluxError(f"posttrain: {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.select_margin == float("inf"):
+            raise CellfluxError("posttrain: select_margin must be finite (in standard errors), got inf")
         if self.group_size < 2:
             raise CellfluxError(f"posttrain: group_size must be >= 2 (advantages are group-centred), got {self.group_size}")
         for name in ("old_max", "eval_ema_max"):

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 STATS_FILE = "stats.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 GRID_DIR = "samples"
+PLOT_FILE = "validation.png"  # the validation curve, drawn by the posttrain command (commands/selection_view.py)
 
 
 def _resume_state(out_run: Path, base_run: Path) -> dict | None:
@@ -138,15 +139,29 @@ def _no_signal_error(out_run: Path, count: int, done: int) -> CellfluxError:
 
 
 def _checkpoint(policies: Policies, optimizer, step: int, run_config: dict, cfg: PosttrainConfig,
-                base_run: Path, weights: dict[str, float], accepted: list[dict]) -> dict:
+                base_run: Path, weights: dict[str, float], accepted: list[dict], selection: dict) -> dict:
     """The ``checkpoint.pt`` content (plain state dicts and Python types); ``fingerprints`` is the
-    reference it stands on (:mod:`cellfluxrl.provenance`), ``reference_changes`` those accepted."""
-    return {"kind": "posttrain", "step": step, "config": run_config, "model": policies.theta.state_dict(),
+    reference it stands on (:mod:`cellfluxrl.provenance`), ``reference_changes`` those accepted,
+    ``selection`` the checkpoint selection's entries (:meth:`cellfluxrl.rl.selection.Selector.state`)."""
+    return {**selection, "kind": "posttrain", "step": step, "config": run_config, "model": policies.theta.state_dict(),
             "ema": policies.ema.state_dict(), "old_policy": policies.old.state_dict(),
             "optimizer": optimizer.state_dict(), "rng": {"seed": cfg.seed, "note": "all draws derive from (seed, step, rank)"},
             "posttrain": config_to_dict(cfg), "reference_run": str(base_run.resolve()),
             "reward_weights": dict(weights), "fingerprints": run_config["fingerprints"],
             "reference_changes": accepted}
+
+
+def _selector(dataset, scorer, cfg: PosttrainConfig, dev: torch.device, state: dict | None):
+    """The run's checkpoint selector (continued from ``state`` on resume) and its checkpoint entries;
+    ``(None, off entries)`` when selection is off (:func:`cellfluxrl.rl.selection.build_selector`)."""
+    from cellfluxrl.rl.selection import build_selector, off_state
+
+    selector, reason = build_selector(dataset, cfg, rollout_sampling(cfg), dev, scorer)
+    if selector is None:
+        return None, off_state(reason)
+    if state is not None:
+        selector.restore(state)
+    return selector, selector.state()
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
@@ -159,14 +174,15 @@ def _agree(flag: bool, device: torch.device) -> bool:
 def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: PosttrainConfig, *,
               device: str | torch.device | None = "auto", suite=None,
               on_step: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-              allow_changed_reference: bool = False) -> Path:
+              allow_changed_reference: bool = False, select_suite=None) -> Path:
     """Post-train a base run with DiffusionNFT on the rewards; resume ``out_run`` if it has a checkpoint.
 
     Args:
         base_run: a pretrain (or posttrain) run folder; its EMA weights are the start and the frozen
             reference of the KL term.
         out_run: the new run folder (``config.json``, ``checkpoint.pt`` with ``kind="posttrain"``,
-            ``stats.jsonl``, ``samples/step_XXXXXX.png``). Re-running on it resumes.
+            ``stats.jsonl``, ``samples/step_XXXXXX.png``; ``checkpoint.pt`` also keeps the checkpoint
+            selected on validation pairs). Re-running on it resumes.
         cfg: the settings; on resume the stored ones are kept except ``steps``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``; under torchrun each rank takes its local GPU.
         suite: a reward scorer (default: ``RewardSuite.from_dataset`` with ``cfg.train_weights()``).
@@ -176,6 +192,8 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
             (the command's SIGINT/SIGTERM handler sets it; the library installs none).
         allow_changed_reference: resume even though the base weights or the evaluators differ from
             the fingerprints in the checkpoint (the change is recorded in it).
+        select_suite: what scores the checkpoint-selection validations (default: a reward suite of
+            the dataset with the paper's weights; :mod:`cellfluxrl.rl.selection`).
 
     The main process holds ``out_run``'s lock throughout (:mod:`cellfluxrl.rundir`). After
     ``cfg.no_signal_stop`` steps in a row without signal (0 = never) the run stops with a checkpoint.
@@ -195,13 +213,13 @@ def posttrain(base_run: str | os.PathLike, out_run: str | os.PathLike, cfg: Post
     with ExitStack() as held:
         if is_main():
             held.enter_context(hold(out_run, "posttrain"))
-            check_run_folder(out_run, "posttrain", (CHECKPOINT_FILE, "config.json", STATS_FILE, GRID_DIR))
+            check_run_folder(out_run, "posttrain", (CHECKPOINT_FILE, "config.json", STATS_FILE, GRID_DIR, PLOT_FILE))
         return _posttrain(Path(base_run), Path(out_run), cfg, device, suite, on_step, should_stop,
-                          allow_changed_reference)
+                          allow_changed_reference, select_suite)
 
 
 def _posttrain(base_run: Path, out_run: Path, cfg: PosttrainConfig, device, suite, on_step, should_stop,
-               allow_changed_reference: bool) -> Path:
+               allow_changed_reference: bool, select_suite=None) -> Path:
     """:func:`posttrain` once ``out_run`` is held."""
     from cellfluxrl.checkpoint import load_run, load_state_strict, save_checkpoint
     from cellfluxrl.data.layout import load_dataset
@@ -252,6 +270,7 @@ def _posttrain(base_run: Path, out_run: Path, cfg: PosttrainConfig, device, suit
         dump_json(run_config, out_run / "config.json")
         truncate_stats(out_run / STATS_FILE, start)
     grid = SampleGrid(dataset, policies.ref, cfg, dev) if info.is_main and cfg.grid_every else None
+    selector, selection = _selector(dataset, select_suite, cfg, dev, state) if info.is_main else (None, {})
     embeddings = torch.as_tensor(np.array(dataset.embeddings), device=dev)
     worker = RewardWorker(suite)
     began, silent, warned = time.perf_counter(), 0, False
@@ -269,12 +288,15 @@ def _posttrain(base_run: Path, out_run: Path, cfg: PosttrainConfig, device, suit
             starved = cfg.no_signal_stop > 0 and silent >= cfg.no_signal_stop
             out_of_time = cfg.max_minutes > 0 and _agree(time.perf_counter() - began > 60 * cfg.max_minutes, dev)
             stop = should_stop is not None and _agree(should_stop(), dev)
+            if selector is not None and (selector.due(done, cfg.steps) or out_of_time):  # the run's end counts too
+                stats.update(selector.validate(done, policies.ema))
+                selection = selector.state()
             if info.is_main:
                 with open(out_run / STATS_FILE, "a") as f:
                     f.write(json.dumps(stats) + "\n")
                 if done % cfg.save_every == 0 or done == cfg.steps or out_of_time or stop or starved:
                     save_checkpoint(out_run / CHECKPOINT_FILE, _checkpoint(policies, optimizer, done, run_config, cfg,
-                                                                           base_run, weights, accepted))
+                                                                           base_run, weights, accepted, selection))
                 if grid is not None and (done % cfg.grid_every == 0 or done == cfg.steps or out_of_time):
                     grid.write(out_run / GRID_DIR / f"step_{done:06d}.png", policies.ema, done)
             if on_step is not None:

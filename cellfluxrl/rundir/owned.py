@@ -3,7 +3,7 @@
 A command writes only into an absent or empty folder, or one holding nothing but the files it
 writes itself (:func:`check_owned`); a dataset folder (``meta.json``) is never a run. A file is the
 command's by its name *and*, for the names a user's file could plausibly have (``stats.jsonl``,
-``config.json``, ``checkpoint.pt``, ``samples/``, ``report.md``), by its content (:data:`OWN_FILES`):
+``config.json``, ``checkpoint.pt``, ``samples/``, ``report.md``, ``validation.png``), by its content (:data:`OWN_FILES`):
 a marker or schema every file the project writes carries, checked cheaply (a checkpoint's pickled
 structure is read from its zip without loading a tensor). Figures and ``report.json`` (which
 ``evaluate`` parses and checks itself) pass on their names.
@@ -25,6 +25,7 @@ RUN_KINDS = ("pretrain", "posttrain")
 CHECKPOINT_KEYS = ("kind", "step", "config", "model", "ema")  # every run checkpoint's top-level keys
 STATS_VALUES = ("loss", "reward")  # a stats record holds a number under one of these
 REPORT_MD_START = "# Evaluation on "  # the first line of every report.md (evaluation.report_text)
+VALIDATION_PLOT_MARK = "cellfluxrl posttrain validation curve"  # Software text of RUN/validation.png (commands.selection_view)
 
 
 def stats_problem(path: Path) -> str | None:
@@ -112,11 +113,24 @@ def report_md_problem(path: Path) -> str | None:
     return None if first.startswith(REPORT_MD_START) else "not a cellfluxrl report"
 
 
+def validation_plot_problem(path: Path) -> str | None:
+    """Why ``path`` is not a posttrain run's ``validation.png`` (a PNG whose text chunks, before the
+    image data, carry :data:`VALIDATION_PLOT_MARK`); ``None`` when it is one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        head = b""
+    if not head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "not a PNG image"
+    return None if VALIDATION_PLOT_MARK.encode() in head.split(b"IDAT", 1)[0] else "not a cellfluxrl validation plot"
+
+
 # The files whose name a user's file could plausibly have, recognised by their content. A name
 # missing here (figures, report.json, which its command reads and checks itself) passes on its name.
 OWN_FILES: dict[str, Callable[[Path], str | None]] = {
     "stats.jsonl": stats_problem, "config.json": run_config_problem, "checkpoint.pt": checkpoint_problem,
-    "samples": sample_grids_problem, "report.md": report_md_problem}
+    "samples": sample_grids_problem, "report.md": report_md_problem, "validation.png": validation_plot_problem}
 
 
 def check_contents(folder: str | os.PathLike, names: Iterable[str], command: str, what: str = "folder",
