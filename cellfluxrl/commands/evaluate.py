@@ -71,6 +71,9 @@ def resolve_device(device: str) -> str:
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True, metavar="S",
               help="Number of random KID subsets averaged (their spread gives KID's standard deviation).")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="best: the checkpoint a posttrain run selected on validation pairs (its last when none); "
+                   "last: its latest.")
 @click.option("--baselines", default="copy-control,train-real", show_default=True, metavar="NAME,...|none",
               help="Baseline columns on the same pairs: copy-control (the control x_0 itself: a run that does not "
                    "beat it on MoA and the judge learned no perturbation), train-real (a real training image of the "
@@ -88,7 +91,7 @@ def resolve_device(device: str) -> str:
               help="Evaluate a posttrain run although its evaluators or its base run (evaluated beside it) changed "
                    "since it was trained (refused by default; recorded in report.json).")
 def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, steps, cfg_scale, sigma, seed,
-             batch_size, kid_subset_size, kid_subsets, device, baselines, images, save_images, save_format,
+             batch_size, kid_subset_size, kid_subsets, device, checkpoint, baselines, images, save_images, save_format,
              allow_changed_reference):
     """Score RUNs on the same test pairs and seeds: rewards, MoA accuracy, FID/KID, best-of-N.
 
@@ -129,7 +132,8 @@ def evaluate(runs, dataset, out, n, split, best_of, tts_n, weights, inception, s
                                     cfg_scale=cfg_scale, sigma=sigma, inception=inception,
                                     device=resolve_device(device), kid_subset_size=kid_subset_size,
                                     kid_subsets=kid_subsets, tts_n=tts_n, baselines=baselines,
-                                    images_sources=externals, **_save_options(save_images, save_format))
+                                    images_sources=externals, checkpoint=checkpoint,
+                                    **_save_options(save_images, save_format))
             if save_images is not None:
                 staged_images = report["settings"].pop("_save_images_staged")
             folder.replace_folder(staged, Path(out))
@@ -357,11 +361,23 @@ def _preflight(runs: list[Path], dataset: Path, *, n: int, split: str, best_of: 
     return lines, counts
 
 
+def checkpoint_lines(settings: dict) -> list[str]:
+    """Which checkpoint each post-trained run was evaluated at, one line each (none for a run's only one)."""
+    lines = []
+    for run in settings.get("runs", []):
+        last, step = run.get("last_step"), run.get("step")
+        if run.get("kind") == "posttrain" and last is not None:
+            which = "the checkpoint selected on validation pairs" if run.get("checkpoint") == "best" else "the last checkpoint"
+            lines.append(f"- {run['name']}: {which}, step {step} of {last}")
+    return lines
+
+
 def print_report(report: dict, columns=None) -> str:
     """The text the commands print: how each run was sampled, then one table per split."""
     from cellfluxrl.evaluation.report_text import SE_LEGEND, markdown_table, sampling_lines, section_title
 
-    lines = ["sampling:", *sampling_lines(report["settings"]), "", f"cells: {SE_LEGEND}", ""]
+    lines = ["sampling:", *sampling_lines(report["settings"]), *checkpoint_lines(report["settings"]), "",
+             f"cells: {SE_LEGEND}", ""]
     for section in report["sections"].values():
         shown = None if columns is None else [c for c in columns if c in section["columns"]]
         lines += [f"## {section_title(section)}", "", markdown_table(section, shown), ""]

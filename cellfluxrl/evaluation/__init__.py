@@ -8,7 +8,10 @@ tables; ``report_text``: report.md and report.json; ``report_figures``: what the
 the drawing (``figures``), the baseline columns (``baselines``: copy-control, train-real), the
 texture statistic (``texture``), and measuring any images: reading them (``image_sources``: a
 sample npz or folder, a CSV of paths, a dataset split), CellProfiler's AreaShape maths
-(``measurements``) and its tables (``measurement_tables``). docs/evaluate.md explains the protocol,
+(``measurements``) and its tables (``measurement_tables``); scoring any generator's images
+(``image_mapping``: channels, size, intensity; ``external``: images on pairs; ``score_report``),
+the candidates ``evaluate --save-images`` writes (``saved_candidates``) and the jackknife-corrected
+pooled FD (``debiased``). docs/evaluate.md explains the protocol,
 docs/measure.md the measurements.
 
 May import: rewards, model, data and the shared plumbing (runs are read through

@@ -120,18 +120,20 @@ def shared_sampling(recorded: Sequence[tuple[str, "Sampling | None"]], steps: in
     return sampling, reason + (f" ({'; '.join(differ)})" if differ else "")
 
 
-def _load_runs(run_dirs, names, device, steps, cfg_scale, sigma) -> list[dict]:
-    """Load the runs (EMA weights); all are sampled at one setting (:func:`shared_sampling`)."""
+def _load_runs(run_dirs, names, device, steps, cfg_scale, sigma, checkpoint: str = "best") -> list[dict]:
+    """Load the runs (EMA weights of the ``checkpoint``: ``best``, the one a posttrain run selected on
+    validation pairs, else its last; or ``last``); all are sampled at one setting (:func:`shared_sampling`)."""
     from cellfluxrl.checkpoint import load_run
 
-    loaded = [load_run(run_dir, device=device, weights="ema") for run_dir in run_dirs]
+    loaded = [load_run(run_dir, device=device, weights="ema", checkpoint=checkpoint) for run_dir in run_dirs]
     sampling, reason = shared_sampling([(name, run.recorded) for name, run in zip(names, loaded)], steps, cfg_scale,
                                        sigma)
     runs = []
     for name, run_dir, run in zip(names, run_dirs, loaded):
         recorded = None if run.recorded is None else run.recorded.describe()
         runs.append({"name": name, "run": run, "sampling": sampling, "info": {
-            "name": name, "path": str(run_dir), "kind": run.kind, "step": run.step, "trained_on": str(run.dataset_dir),
+            "name": name, "path": str(run_dir), "kind": run.kind, "step": run.step, "checkpoint": run.checkpoint,
+            "last_step": run.last_step, "trained_on": str(run.dataset_dir),
             "sampling": sampling.to_dict(), "sampling_text": sampling.describe(), "sampling_source": reason,
             "recorded_sampling": recorded}})
     return runs
@@ -186,7 +188,8 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
              kid_subset_size: int = 100, kid_subsets: int = 100, tts_n: int | None = None,
              on_progress: Callable[[str, int, int], None] | None = None, images: str = "test",
              baselines: Sequence[str] = (), images_sources: Mapping | None = None,
-             save_images: str | os.PathLike | None = None, save_formats: Sequence[str] = ("npz", "tiff")) -> dict:
+             save_images: str | os.PathLike | None = None, save_formats: Sequence[str] = ("npz", "tiff"),
+             checkpoint: str = "best") -> dict:
     """Evaluate runs on a dataset's test pairs (see the module docstring for the protocol).
 
     Args:
@@ -243,7 +246,7 @@ def evaluate(dataset_dir: str | os.PathLike, run_dirs: Sequence[str | os.PathLik
     if len(names) != len(run_dirs):
         raise CellfluxError(f"evaluate: {len(names)} names for {len(run_dirs)} runs")
     externals = read_externals(images_sources or {}, dataset, seed, [*names, *baselines])
-    runs = _load_runs(run_dirs, names, device, steps, cfg_scale, sigma)
+    runs = _load_runs(run_dirs, names, device, steps, cfg_scale, sigma, checkpoint)
     suite, classifier, judge, features = graders(dataset, weights, inception, device)
     saved: dict[str, list] = {name: [] for name in names}
     shared = runs[0]["info"]

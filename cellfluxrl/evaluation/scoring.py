@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cellfluxrl.errors import CellfluxError
-from cellfluxrl.evaluation.candidates import CandidateFn, Pairs, quantize, real_images
+from cellfluxrl.evaluation.candidates import CandidateFn, MoAFeatures, Pairs, quantize, real_images
 from cellfluxrl.evaluation.debiased import JK_GROUPS, JK_MAX_DIM, JK_MIN_PAIRS, JK_SUFFIX, jackknife_fd, overall_rule
 from cellfluxrl.evaluation.metrics import FeatureSet, best_of_n, compare_many
 from cellfluxrl.evaluation.report import CONTROL_COLUMN, REAL
@@ -87,16 +87,33 @@ class _Streams:
             sets[column].update(features[conditions == c])
 
 
-def _hits(classifier, images: torch.Tensor, moa: np.ndarray) -> np.ndarray:
-    """bool ``(B,)``: the classifier's top-1 class (named by its ``classes``) equals ``moa``."""
-    predicted = np.argmax(classifier.predict_proba(images), axis=1)
-    return np.asarray(classifier.classes)[predicted] == np.asarray(moa).astype(str)
+def _hits(classifier, images: torch.Tensor, moa: np.ndarray, proba: np.ndarray | None = None) -> np.ndarray:
+    """bool ``(B,)``: the classifier's top-1 class (named by its ``classes``) equals ``moa``
+    (``proba``: its probabilities ``(B, n_classes)`` when already computed for these images)."""
+    if proba is None or proba.shape != (len(images), len(classifier.classes)):
+        proba = classifier.predict_proba(images)
+    return np.asarray(classifier.classes)[np.argmax(proba, axis=1)] == np.asarray(moa).astype(str)
+
+
+def _judge_pass(judge, features, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """The judge's probabilities and, when ``features`` are the judge's own (:class:`MoAFeatures`),
+    the distance features of the same forward pass (else ``None``): one pass instead of two."""
+    if type(features) is MoAFeatures and features.classifier is judge:  # exactly the judge's GAP features
+        embedded = features(images)
+        with torch.no_grad():
+            logits = judge.head(torch.as_tensor(embedded, dtype=torch.float32, device=next(judge.parameters()).device))
+        return torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64), embedded
+    return judge.predict_proba(images), None
 
 
 def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor, moa: np.ndarray, suite,
-                weights: Mapping[str, float], classifier, judge) -> None:
+                weights: Mapping[str, float], classifier, judge, features=None) -> np.ndarray | None:
     """Rewards, overall reward, MoA correctness (judge and reward classifier) and the texture
-    statistic of one batch, written into ``scores[rows, k]``."""
+    statistic of one batch, written into ``scores[rows, k]``; with ``features``, also returns the
+    batch's distance features (float64 ``(B, F)``), from the judge's pass when they are its own.
+
+    The reward classifier's probabilities come from the MoA reward's own pass when the suite has
+    one (``RewardResult.shared["moa_proba"]``), so every image goes through each classifier once."""
     result = suite.score(images, list(moa))
     total = np.zeros(len(rows), dtype=np.float64)
     for name in scores.components:
@@ -104,10 +121,14 @@ def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor,
     for name, w in weights.items():
         total += w * result.components[name]
     scores.total[rows, k] = total
-    scores.correct[rows, k] = _hits(judge, images, moa)
-    scores.correct_reward[rows, k] = _hits(classifier, images, moa)
+    judge_proba, embedded = _judge_pass(judge, features, images) if features is not None else (None, None)
+    scores.correct[rows, k] = _hits(judge, images, moa, judge_proba)
+    scores.correct_reward[rows, k] = _hits(classifier, images, moa, result.shared.get("moa_proba"))
     scores.nuc_count[rows, k] = result.stats["nuc_count"]
     scores.texture[rows, k] = high_frequency_share(images)
+    if features is None:
+        return None
+    return embedded if embedded is not None else features(images)
 
 
 def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Sequence[str], names: np.ndarray,
@@ -215,16 +236,15 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         moa, cond = pairs.moa[pos], pairs.condition[pos]
         t0 = time.perf_counter()
         x_real = real_images(dataset, pairs, pos)
-        _score_into(scores[REAL], pos, 0, x_real, moa, suite, weights, classifier, judge)
-        streams.update(REAL, cond, features(x_real))
+        streams.update(REAL, cond, _score_into(scores[REAL], pos, 0, x_real, moa, suite, weights, classifier, judge,
+                                               features))
         scores[REAL].seconds += time.perf_counter() - t0
         _remember(grid, pos, REAL, x_real)
         _remember(grid, pos, CONTROL_COLUMN, to_model(np.asarray(dataset.images[pairs.control[pos]]), dequantize=False))
         for r, candidates in references.items():
             t0 = time.perf_counter()
             x = quantize(candidates(pos, 0))
-            _score_into(scores[r], pos, 0, x, moa, suite, weights, classifier, judge)
-            streams.update(r, cond, features(x))
+            streams.update(r, cond, _score_into(scores[r], pos, 0, x, moa, suite, weights, classifier, judge, features))
             scores[r].seconds += time.perf_counter() - t0
         for s, candidates in sources.items():
             t0 = time.perf_counter()

@@ -95,12 +95,15 @@ class RewardResult:
         components: name -> float64 ``(B,)`` unweighted reward values, in weight order.
         stats: the morphology statistics of the batch (float64 ``(B,)`` per key).
         weights: the weights used.
+        shared: what the rewards computed once for the batch (:meth:`RewardBatch.shared`, e.g.
+            ``"moa_proba"``: the MoA classifier's probabilities, float64 ``(B, n_classes)``).
     """
 
     total: np.ndarray
     components: dict[str, np.ndarray]
     stats: dict[str, np.ndarray]
     weights: dict[str, float]
+    shared: dict = field(default_factory=dict)
 
 
 def _as_numpy_images(images) -> np.ndarray:
@@ -195,7 +198,7 @@ class RewardSuite:
         total = np.zeros(n, dtype=np.float64)
         for name, w in self._weights.items():
             total += w * components[name]
-        return RewardResult(total, components, batch.stats, self.weights)
+        return RewardResult(total, components, batch.stats, self.weights, dict(batch._shared))
 
     def score(self, images, moa: Sequence[str]) -> RewardResult:
         """Rewards of a batch.
