@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from cellfluxrl.commands.measure import measure
+from cellfluxrl.errors import CellfluxError
 from cellfluxrl.evaluation.measurement_tables import IMAGE_HEADER, METADATA_COLUMNS, object_header
 from cellfluxrl.evaluation.measurements import cytoplasm_labels, measure_image, shape_features
 
@@ -317,3 +318,24 @@ def test_never_overwrites_a_file_it_did_not_write(dataset_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m_Cells.csv", "m_Cytoplasm.csv",
                                                           "m_Nuclei.csv", "one.npz"]
     assert read_csv(out)[1][0]["Image_Count_Nuclei"] == "0"  # a blank image: no objects
+
+
+def test_info_reads_the_tables_measure_wrote(dataset_dir, tmp_path):
+    """`cellfluxrl info` names measure's image and object tables (issue 29 item 15: info reads every
+    file the project writes); a CSV with another header is still refused in one line."""
+    from cellfluxrl.commands.info import describe, format_info
+
+    out = tmp_path / "m" / "real.csv"
+    result = CliRunner().invoke(measure, ["real:test", "--data", str(dataset_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    header, rows = read_csv(out)
+    image = describe(out)
+    assert image["what"] == "measurements" and image["table"] == "Image" and image["rows"] == len(rows)
+    assert image["kinds"] == ["real"] and image["compounds"] == len({r["Metadata_Compound"] for r in rows})
+    assert "`cellfluxrl measure` image table" in format_info(image)
+    nuclei = describe(out.with_name("real_Nuclei.csv"))
+    assert nuclei["table"] == "Nuclei" and nuclei["rows"] == len(read_csv(out.with_name("real_Nuclei.csv"))[1])
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(CellfluxError, match="did not write"):
+        describe(other)

@@ -179,6 +179,9 @@ def _describe_file(path: Path) -> dict:
             return _part_of(path, container, kind)
     if path.suffix == ".png" and path.with_suffix(".npz").is_file():  # sample's FILE.png beside FILE.npz
         return {"what": "file", "path": str(path), "part_of": describe_samples(path.with_suffix(".npz"))}
+    measured = files.describe_measurements(path) if path.suffix == ".csv" else None
+    if measured is not None:
+        return measured
     raise CellfluxError(f"{path} is a file that cellfluxrl did not write (or not one info reads); info reads a "
                         f"dataset, run, evaluate, sample or demo folder and each file in them")
 
@@ -292,7 +295,7 @@ LINES = {"dataset": _dataset_lines, "run": _run_lines, "checkpoint": _run_lines,
          "stats": files.lines_stats, "report": files.lines_report, "evaluation": files.lines_report,
          "sample images": files.lines_export, "reference statistics": files.lines_reference,
          "MoA classifier report": files.lines_classifier_report, "MoA classifier": files.lines_classifier,
-         "demo": files.lines_demo}
+         "demo": files.lines_demo, "measurements": files.lines_measurements}
 
 
 def format_info(info: dict) -> str:

@@ -264,3 +264,46 @@ def lines_demo(info: dict) -> list[str]:
             + (f"; to do: {', '.join(f'{n}/' for n in todo)} (re-run the demo to finish)" if todo else ""),
             f"  settings: {settings_line(info['settings'])}",
             "  each stage folder is described by `cellfluxrl info` too"]
+
+
+# ------------------------------------------------------------------------------------ measure's CSVs
+
+def describe_measurements(path: Path) -> dict | None:
+    """A table ``cellfluxrl measure`` wrote (recognised by its exact header), else ``None``.
+
+    The image table (``FILE.csv``): images, compounds, kinds (generated/real) and the mean counts;
+    an object table (``FILE_Nuclei.csv``, ...): its compartment, objects and images.
+    """
+    import csv
+
+    from cellfluxrl.evaluation.measurement_tables import COMPARTMENTS, IMAGE_HEADER, object_header
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = tuple(next(reader, []))
+            tables = {IMAGE_HEADER: "Image", **{object_header(c): c for c in COMPARTMENTS}}
+            if header not in tables:
+                return None
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    table, column = tables[header], {name: i for i, name in enumerate(header)}
+    info = {"what": "measurements", "path": str(path), "table": table, "rows": len(rows)}
+    if table == "Image":
+        info["compounds"] = len({r[column["Metadata_Compound"]] for r in rows})
+        info["kinds"] = sorted({r[column["Metadata_Kind"]] for r in rows}) if "Metadata_Kind" in column else []
+        info["mean_counts"] = {c: sum(float(r[column[f"Image_Count_{c}"]]) for r in rows) / max(len(rows), 1)
+                               for c in COMPARTMENTS}
+    else:
+        info["images"] = len({r[column["ImageNumber"]] for r in rows})
+    return info
+
+
+def lines_measurements(info: dict) -> list[str]:
+    """The ``info`` lines of :func:`describe_measurements`."""
+    if info["table"] == "Image":
+        counts = ", ".join(f"{c} {v:.2f}" for c, v in info["mean_counts"].items())
+        return [f"  `cellfluxrl measure` image table: {info['rows']} image(s), {info['compounds']} compound(s)"
+                + (f" ({', '.join(info['kinds'])})" if info["kinds"] else ""), f"  mean objects per image: {counts}"]
+    return [f"  `cellfluxrl measure` {info['table']} table: {info['rows']} object(s) in {info['images']} image(s)"]
