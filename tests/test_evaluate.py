@@ -219,10 +219,34 @@ def test_fig4_rows_show_every_grid_column_and_caption_the_picked_candidates_rewa
     for row, (p, images) in zip(rows, image_results["grid"]):
         assert set(images) == set(columns) and all(im.shape == (48, 48, 3) for im in images.values())
         dose = dataset.table["dose"][pairs.target[p]]
-        assert row.label.split("\n") == [pairs.compound[p], pairs.moa[p], f"{dose:g} µM"]
+        assert row.label.split("\n")[:3] == [pairs.compound[p], pairs.moa[p], f"{dose:g} µM"]
         assert row.captions["noised"] == f"overall {scores['noised'].total[p, 0]:.2f}"
         assert row.captions["shuffled+best-of-3"] == f"overall {scores['shuffled'].total[p].max():.2f}"
         assert row.captions["real"] == f"overall {scores['real'].total[p, 0]:.2f}" and "control" not in row.captions
+
+
+def test_fig4_always_shows_the_first_runs_worst_and_best_compounds(image_results):
+    """Issue 30 item 4: whatever the processing order, Figure 4's first two rows are the conditions
+    where the first run's mean overall reward (over each condition's pairs and candidates) is lowest
+    and highest, labelled as such; the other rows follow in processing order."""
+    from cellfluxrl.evaluation.report_figures import grid_note, grid_rows
+    from cellfluxrl.evaluation.scoring import pick_grid_rows
+
+    pairs, total = image_results["pairs"], image_results["scores"]["noised"].total.mean(axis=1)
+    means = {int(c): total[pairs.condition == c].mean() for c in np.unique(pairs.condition)}
+    shown = [p for p, _ in image_results["grid"]]
+    assert int(pairs.condition[shown[0]]) == min(means, key=means.get)
+    assert int(pairs.condition[shown[1]]) == max(means, key=means.get)
+    rows = grid_rows(image_results)
+    assert rows[0].label.endswith(f"(lowest mean overall {min(means.values()):.2f} of noised)")
+    assert rows[1].label.endswith(f"(highest mean overall {max(means.values()):.2f} of noised)")
+    assert all("mean overall" not in row.label for row in rows[2:])
+    assert "lowest and highest mean overall" in grid_note(image_results)
+    # by hand: four conditions, the worst last in processing order and the best first
+    condition = np.array([0, 0, 1, 2, 3])
+    picked, roles = pick_grid_rows([0, 2, 3, 4], condition, np.array([5.0, 7.0, 1.0, 2.0, -9.0]), 3)
+    assert picked == [4, 0, 2] and set(roles) == {4, 0}
+    assert pick_grid_rows([0, 2], condition, None, 6) == ([0, 2], {})
 
 
 def test_per_condition_distances_follow_the_n_c_above_d_rule(dataset_dir, image_results):

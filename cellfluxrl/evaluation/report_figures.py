@@ -56,19 +56,24 @@ def grid_rows(results: dict, dataset=None) -> list:
     pairs = results["pairs"]
     columns = grid_columns(results["sources"], tts_of(results))
     shown = {c: shown_candidates(results, c) for c in columns}
-    rows = []
+    rows, roles = [], results.get("grid_roles", {})
     for p, images in results["grid"]:
         dose = None if dataset is None else float(dataset.table["dose"][pairs.target[p]])
         captions = {c: f"overall {results['scores'][s].total[p, pick[p]]:.2f}"
                     for c, (s, pick) in ((c, v) for c, v in shown.items() if v is not None)}
-        rows.append(GridRow(row_label(pairs.compound[p], pairs.moa[p], dose), images, captions))
+        label = row_label(pairs.compound[p], pairs.moa[p], dose)
+        if p in roles:  # the compounds where the first run does worst and best are always shown
+            label += f"\n({roles[p]} of {results['sources'][0]})"
+        rows.append(GridRow(label, images, captions))
     return rows
 
 
 def grid_note(results: dict) -> str:
     """What the numbers under the crops are (the weights of the overall reward spelled out)."""
     weights = ", ".join(f"{k}={v:g}" for k, v in results["weights"].items())
-    return (f"Under each crop: the overall reward of the image shown (weighted sum: {weights}); "
+    rows = (f"Rows: the compounds where {results['sources'][0]} has its lowest and highest mean overall reward, "
+            f"then the first others. " if results.get("grid_roles") else "")
+    return (f"{rows}Under each crop: the overall reward of the image shown (weighted sum: {weights}); "
             f"best-of-{tts_of(results)}: the highest-overall of {tts_of(results)} candidates.")
 
 

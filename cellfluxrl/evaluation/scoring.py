@@ -194,7 +194,8 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         kid_subset_size, kid_subsets: KID subsets (CellFlux: 100, 100).
         reservoir_size: feature rows kept per column (per condition) for KID.
         seed: seeds the reservoirs and the KID subsets (the pairs and noise are fixed by the caller).
-        grid_conditions: conditions shown in Figure 4.
+        grid_conditions: conditions shown in Figure 4: those where the first source's mean overall is
+            lowest and highest (:func:`pick_grid_rows`), then the first others in processing order.
         references: baseline columns (:mod:`cellfluxrl.evaluation.baselines`): name -> image source,
             scored like ``real`` with one candidate per pair (no best-of-N), with distances.
         on_progress: ``(stage, pairs done, pairs total)`` after every batch.
@@ -227,7 +228,7 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     condition_names = np.asarray(dataset.conditions["compound"]).astype(str)
     order = pairs.order()
     last_position = {int(c): i for i, c in enumerate(pairs.condition[order])}
-    grid_pairs = _grid_pairs(pairs, order, grid_conditions)
+    grid_pairs = _grid_pairs(pairs, order)  # every condition's first pair; the rows are picked at the end
     grid: dict[int, dict[str, np.ndarray]] = {int(p): {} for p in grid_pairs}
     per_compound, per_compound_note = per_compound_rule(np.unique(pairs.condition, return_counts=True)[1], features.dim)
 
@@ -271,12 +272,15 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     warning = empty_columns_warning({c: s.nuc_count for c, s in scores.items()}, suite.segmenter.settings)
     if warning:  # more than 5 % of a column's images (all K candidates of a run) without a nucleus
         logger.warning("evaluate: %s", warning)
+    first = scores[next(iter(sources))].total.mean(axis=1) if sources else None
+    shown, roles = pick_grid_rows(grid_pairs, pairs.condition, first, grid_conditions)
     return {"pairs": pairs, "sources": list(sources), "references": list(references), "best_of": best_of, "k_max": k_max, "tts_n": tts_n,
             "names": names,
             "weights": dict(weights), "seed": int(seed), "scores": scores, "fd_columns": fd_columns,
             "overall_fd": overall, "overall_fd_sem": overall_fd_sem, "distances": distances, "per_compound": {"shown": per_compound, "note": per_compound_note},
             "per_condition_fd": per_condition_fd, "feature_name": features.name, "kid_name": features.kid_name,
-            "feature_source": getattr(features, "source", ""), "grid": [(int(p), grid[int(p)]) for p in grid_pairs],
+            "feature_source": getattr(features, "source", ""), "grid": [(int(p), grid[int(p)]) for p in shown],
+            "grid_roles": roles,
             "kid": {"subset_size": kid_subset_size, "n_subsets": kid_subsets, "reservoir_size": reservoir_size}}
 
 
@@ -314,15 +318,42 @@ def _jackknife_distances(streams: _Streams, fd_columns: Sequence[str], n_pairs: 
     return out
 
 
-def _grid_pairs(pairs: Pairs, order: np.ndarray, n_conditions: int) -> list[int]:
-    """The first pair (in processing order) of the first ``n_conditions`` conditions."""
+def _grid_pairs(pairs: Pairs, order: np.ndarray) -> list[int]:
+    """The first pair (in processing order) of every condition: Figure 4's candidates."""
     chosen, seen = [], set()
     for p in order:
         c = int(pairs.condition[p])
-        if c not in seen and len(chosen) < n_conditions:
+        if c not in seen:
             seen.add(c)
             chosen.append(int(p))
     return chosen
+
+
+def pick_grid_rows(candidates: Sequence[int], condition: np.ndarray, overall: np.ndarray | None,
+                   n_rows: int) -> tuple[list[int], dict[int, str]]:
+    """Figure 4's rows: the pairs of the conditions where the first run scores worst and best, then the first others.
+
+    Args:
+        candidates: one pair per condition (:func:`_grid_pairs`), in processing order.
+        condition: int ``(P,)`` condition of every pair.
+        overall: float ``(P,)`` the first run's overall reward per pair (``None``: no run, keep the order).
+        n_rows: rows to show.
+
+    Returns:
+        ``(pairs, roles)``: the chosen pairs (worst condition first, best second, then in processing
+        order) and ``{pair: "lowest ..." | "highest ..."}`` for the two whose choice the caption names,
+        so a figure cannot hide the failing compound.
+    """
+    candidates = [int(p) for p in candidates]
+    if overall is None or len(candidates) < 2 or n_rows < 2:
+        return candidates[:n_rows], {}
+    mean = {int(condition[p]): float(np.nanmean(overall[condition == condition[p]])) for p in candidates}
+    by_score = sorted(candidates, key=lambda p: mean[int(condition[p])])
+    worst, best = by_score[0], by_score[-1]
+    rest = [p for p in candidates if p not in (worst, best)]
+    roles = {worst: f"lowest mean overall {mean[int(condition[worst])]:.2f}",
+             best: f"highest mean overall {mean[int(condition[best])]:.2f}"}
+    return [worst, best, *rest][:n_rows], roles
 
 
 def _remember(grid: dict[int, dict[str, np.ndarray]], pos: np.ndarray, column: str, images: torch.Tensor) -> None:
