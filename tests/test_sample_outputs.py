@@ -202,3 +202,30 @@ def test_a_folder_with_someone_elses_config_or_meta_json_is_neither_run_nor_data
     (tmp_path / "images.npy").write_bytes(b"")
     with pytest.raises(sample_outputs.CellfluxError, match="is inside the dataset folder"):
         sample_outputs.check_out(tmp_path / "s.npz", folder_out=False)
+
+
+def test_sample_measurements_writes_cellprofiler_tables_and_refuses_a_users_csv(trained, tmp_path, capsys,
+                                                                                monkeypatch):
+    """`sample --measurements FILE.csv` writes measure's four tables for the generated cells (one
+    image row per pair, their compounds); a user's CSV at that path is refused before any model is
+    loaded (exit 2), and kept."""
+    from cellfluxrl.evaluation.measurement_tables import IMAGE_HEADER
+
+    _, run = trained
+    table = tmp_path / "m" / "gen.csv"
+    code, _, err = run_main(capsys, "sample", str(run), "--n", "3", "--steps", "1", "--device", "cpu",
+                            "--out", str(tmp_path / "s.npz"), "--measurements", str(table))
+    assert code == 0, err
+    rows = list(csv.DictReader(open(table)))
+    assert tuple(next(csv.reader(open(table)))) == IMAGE_HEADER and len(rows) == 3
+    with np.load(tmp_path / "s.npz") as data:
+        assert [r["Metadata_Compound"] for r in rows] == [str(c) for c in data["compound"]]
+    assert {r["Metadata_Kind"] for r in rows} == {"generated"}
+    assert all((tmp_path / "m" / f"gen_{c}.csv").is_file() for c in ("Nuclei", "Cells", "Cytoplasm"))
+    users = tmp_path / "users.csv"
+    users.write_text("my,own\n1,2\n")
+    _no_model(monkeypatch)
+    code, _, err = run_main(capsys, "sample", str(run), "--n", "1", "--device", "cpu", "--out",
+                            str(tmp_path / "t.npz"), "--measurements", str(users))
+    assert code == 2 and "was not written by `cellfluxrl measure`" in err and users.read_text() == "my,own\n1,2\n"
+    assert not (tmp_path / "t.npz").exists()

@@ -80,8 +80,12 @@ def dataset_for(run: Path, config: dict, trained_on: Path, data_dir: Path | None
               help="npz = FILE.npz and FILE.png; tiff = one multi-channel OME-TIFF per generated image with "
                    "channel names and intensity scale (Fiji, napari), png = RGB previews; both in DIR with "
                    "samples.csv.")
+@click.option("--measurements", type=click.Path(path_type=Path), default=None, metavar="FILE.csv",
+              help="Also write CellProfiler-named measurements of the generated cells: FILE.csv (per image) and "
+                   "FILE_Nuclei.csv, FILE_Cells.csv, FILE_Cytoplasm.csv (per object), as `cellfluxrl measure` "
+                   "does (docs/measure.md).")
 def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, cfg_scale, which, checkpoint, seed,
-           batch_size, device, data_dir, out, fmt):
+           batch_size, device, data_dir, out, fmt, measurements):
     """Generate perturbed cells from RUN for the first N treated test rows (same-plate controls).
 
     --format npz (default) writes FILE.npz (uint8 generated/control/target images and metadata) and
@@ -104,6 +108,7 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     out, folder_out = Path(out), fmt != "npz"
     check_out_shape(out, fmt)
     sample_outputs.check_out(out, folder_out)  # before anything is loaded or written
+    _check_measurements(measurements, out)
     dev = resolve_device(device)
     loaded, dataset, pairs, sampling, source, suite = _prepare(run, data_dir, conditions, n, split, steps, solver,
                                                              grid, cfg_scale, which, best_of_k, weights, dev,
@@ -118,6 +123,8 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
                 "reward_weights": _weights_text(suite)}
         extra = f"; mean reward {samples.rewards.mean():.4f}" if samples.rewards is not None else ""
         count = plural(len(samples.generated), "image")
+        if measurements is not None:
+            _write_measurements(measurements, samples, dataset, out)
         if not folder_out:
             npz, png = sample_outputs.write_npz_outputs(out, samples, meta)
             click.echo(f"wrote {count} to {npz} and {png}{extra}")
@@ -126,6 +133,37 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
         kind = "OME-TIFF" if fmt == "tiff" else "PNG"
         click.echo(f"wrote {count} ({kind}), samples.csv, {sample_outputs.FOLDER_NPZ} and "
                    f"{sample_outputs.FOLDER_GRID} to {out}{extra}")
+
+
+def _check_measurements(measurements: Path | None, out: Path) -> None:
+    """Refuse a ``--measurements`` path that would overwrite what measure did not write, lie in a
+    dataset, or collide with ``--out`` (a usage error naming it); writes nothing."""
+    from cellfluxrl.commands.sample_outputs import dataset_above, real_path
+    from cellfluxrl.errors import CellfluxError
+    from cellfluxrl.evaluation.measurement_tables import check_outputs
+
+    if measurements is None:
+        return
+    try:
+        paths = check_outputs(measurements)
+        target = real_path(measurements)
+        if dataset_above(target.parent) is not None:
+            raise CellfluxError(f"{measurements} is in the dataset {dataset_above(target.parent)}; choose a path outside it")
+        if any(real_path(p) == real_path(out) or real_path(out) in real_path(p).parents for p in paths.values()):
+            raise CellfluxError(f"{measurements} collides with --out {out}; write the measurements beside it")
+    except CellfluxError as exc:
+        raise click.BadParameter(str(exc), param_hint="--measurements") from None
+
+
+def _write_measurements(measurements: Path, samples, dataset, out: Path) -> None:
+    """CellProfiler-named tables of the generated images (:func:`~cellfluxrl.evaluation.measurement_tables.write_measurements`)."""
+    from cellfluxrl.evaluation.image_sources import generated_set
+    from cellfluxrl.evaluation.measurement_tables import write_measurements
+
+    images = generated_set(samples.generated, samples.compound, dataset, str(out), samples.moa, samples.target_index)
+    write_measurements(images, dataset, measurements)
+    click.echo(f"wrote the measurements of {plural(len(samples.generated), 'image')} to {measurements} and its "
+               f"object tables", err=True)
 
 
 def plural(n: int, word: str) -> str:
