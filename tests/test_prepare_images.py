@@ -128,7 +128,9 @@ def test_real_field_gives_the_raw_pipelines_crops(tmp_path):
     assert set(ours.table["moa"][ours.table["state"] == "treated"]) == {"Microtubule destabilizers"}
 
 
-def test_ready_cut_crops_are_taken_whole(tmp_path):
+def ready_cut_crops(folder) -> list[dict]:
+    """Eight ready-cut 32 px crops on two plates (DMSO and taxol) and ``folder/crops.csv`` naming
+    them, as `prepare images` takes them; returns the CSV's rows."""
     rng = np.random.default_rng(1)
     rows = []
     for plate in ("P1", "P2"):
@@ -136,10 +138,15 @@ def test_ready_cut_crops_are_taken_whole(tmp_path):
             names = {}
             for ch in ("actin", "tubulin", "dna"):
                 names[ch] = f"{plate}_{i}_{ch}.png"
-                Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / names[ch])
+                Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / names[ch])
             rows.append({**names, "compound": compound, "dose": "1", "plate": plate, "well": f"A0{i}",
                          "control": control, "smiles": "", "moa": ""})
-    write_csv(tmp_path / "crops.csv", rows)
+    write_csv(folder / "crops.csv", rows)
+    return rows
+
+
+def test_ready_cut_crops_are_taken_whole(tmp_path):
+    rows = ready_cut_crops(tmp_path)
     ds = load_dataset(prepare_images(tmp_path / "crops.csv", tmp_path / "out", crop_size=32, progress=False))
     assert len(ds) == 8 and ds.images.shape[1:] == (32, 32, 3)
     assert list(ds.table["source"]) == [f"{r['plate']}/{r['well']}/{r['dna']}" for r in rows]

@@ -4,7 +4,6 @@ ignore timings (issue 29 items 4, 6, 7 and 16)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -13,35 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cellfluxrl.rundir import lock_path
 from test_cli import assert_one_line_error, run_main, visible_lines
+from test_prepare_images import ready_cut_crops
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = ("actin", "tubulin", "dna", "compound", "dose", "plate", "well", "control", "smiles", "moa")
 
 
 def crops_csv(folder: Path) -> Path:
     """Eight ready-cut 32 px crops on two plates (DMSO and taxol), as `prepare images` takes them."""
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    rows = []
-    for plate in ("P1", "P2"):
-        for i, (compound, control) in enumerate((("DMSO", "1"), ("DMSO", "1"), ("taxol", "0"), ("taxol", "0"))):
-            names = {}
-            for ch in ("actin", "tubulin", "dna"):
-                names[ch] = f"{plate}_{i}_{ch}.png"
-                Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / names[ch])
-            rows.append({**names, "compound": compound, "dose": "1", "plate": plate, "well": f"A0{i}",
-                         "control": control, "smiles": "", "moa": ""})
-    with open(folder / "crops.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADER)
-        writer.writerows([[r[c] for c in HEADER] for r in rows])
+    ready_cut_crops(folder)
     return folder / "crops.csv"
 
 
