@@ -4,7 +4,7 @@ Generic helpers (usable for any frozen dataclass config, e.g. the posttrain one)
 :func:`load_toml_overrides` reads a UTF-8 TOML file and checks every key against the dataclass
 fields (an unknown key is a :class:`CellfluxError` naming it and the file, with the key it most
 likely means), :func:`replace_validated` applies overrides (``None`` = not given) with type checks,
-:func:`config_to_dict` / :func:`dump_json` write plain JSON.
+:func:`config_to_dict` / :func:`dump_json` write plain JSON (:mod:`cellfluxrl.config_toml` writes TOML).
 
 A config class may declare two class-level tables (``typing.ClassVar``, not fields):
 
@@ -85,6 +85,11 @@ def accepts_renamed_keys(cls):
     return cls
 
 
+# PretrainConfig's word-valued settings and their allowed values.
+CHOICES = {"lr_schedule": ("constant", "cosine"), "time_sampling": ("skewed", "uniform"),
+           "sample_solver": ("heun", "euler"), "sample_grid": ("edm", "uniform")}
+
+
 @accepts_renamed_keys
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -114,9 +119,10 @@ class PretrainConfig:
         seed: base seed of data order, pairing, noise, times, dropout.
         num_workers: DataLoader worker processes (0 = load in the main process).
         channels_last: use the channels-last memory format (faster convs on recent GPUs).
-        sample_steps, sample_cfg_scale: how the run is meant to be sampled (Heun steps on the EDM
-            grid and the CFG weight; CellFlux: 50 and 0.2), recorded as the run's ``sampling``
-            and used by ``sample``/``evaluate``/``posttrain`` unless told otherwise.
+        sample_steps, sample_cfg_scale, sample_solver, sample_grid: how the run is meant to be
+            sampled (solver steps, the CFG weight, ``heun`` or ``euler``, the ``edm`` or ``uniform``
+            time grid; CellFlux: 50, 0.2, heun, edm), recorded as the run's ``sampling`` and used by
+            ``sample``/``evaluate``/``posttrain`` unless told otherwise.
     """
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"ckpt_every": "save_every"}
@@ -152,6 +158,8 @@ class PretrainConfig:
     channels_last: bool = False
     sample_steps: int = 50
     sample_cfg_scale: float = 0.2
+    sample_solver: str = "heun"
+    sample_grid: str = "edm"
 
     def __post_init__(self):
         check_seed(self.seed, "config: seed")
@@ -167,13 +175,12 @@ class PretrainConfig:
                 raise CellfluxError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise CellfluxError(f"config: ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise CellfluxError(f"config: lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.warmup_steps < 0 or not 0.0 <= self.lr_final <= 1.0:
             raise CellfluxError(f"config: warmup_steps must be >= 0 and lr_final in [0, 1], got "
                                 f"{self.warmup_steps} and {self.lr_final}")
-        if self.time_sampling not in ("skewed", "uniform"):
-            raise CellfluxError(f"config: time_sampling must be skewed or uniform, got {self.time_sampling!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise CellfluxError(f"config: {name} must be {' or '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -349,52 +356,3 @@ def dump_json(obj: dict, path: str | os.PathLike) -> None:
     tmp = temp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
-
-
-def _toml_value(value: Any, where: str) -> str:
-    """One TOML value: bool, int, float (repr round-trips, inf/nan as TOML spells them), str, list."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value:
-            return "nan"
-        if value in (float("inf"), float("-inf")):
-            return "inf" if value > 0 else "-inf"
-        text = repr(value)
-        return text if any(c in text for c in ".en") else f"{text}.0"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v, where) for v in value) + "]"
-    raise CellfluxError(f"{where}: cannot write {type(value).__name__} {value!r} as TOML")
-
-
-def dump_toml(settings: dict, tables: dict[str, dict] | None = None, header: str = "") -> str:
-    """Settings as TOML text that :func:`load_toml_overrides` reads back to the same values.
-
-    Args:
-        settings: top-level ``{key: value}`` (bool, int, float, str, lists of those; ``None`` values
-            are written as a comment, since TOML has no null and an absent key keeps the default
-            ``None`` of such fields).
-        tables: ``{table name: {key: value}}``, written after the top level as ``[name]``.
-        header: comment lines put first (each prefixed with ``# ``).
-
-    Returns:
-        The TOML text (ends with a newline).
-    """
-    lines = [f"# {line}".rstrip() for line in header.splitlines()]
-
-    def block(items: dict, where: str) -> None:
-        for key, value in items.items():
-            if value is None:
-                lines.append(f"# {key} = (not set: the default)")
-            else:
-                lines.append(f"{key} = {_toml_value(value, f'{where}{key}')}")
-
-    block(settings, "")
-    for name, items in (tables or {}).items():
-        lines += ["", f"[{name}]"]
-        block(items, f"[{name}] ")
-    return "\n".join(lines) + "\n"

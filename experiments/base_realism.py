@@ -3,7 +3,7 @@ judge's accuracy, the texture statistic against real, the share of failing pairs
 
     python experiments/base_realism.py --root experiments/runs/realism --seeds 0,1,2 --tag baseline \\
         [--steps 1000] [--lr 1e-3] [--lr-schedule cosine --warmup 50 --lr-final 0.1] [--batch 16] \\
-        [--ema 0.999] [--cfg 2.0] [--sample-steps 5] [--weights ema|model] [--k 4] [--threads 2]
+        [--ema 0.999] [--cfg 2.0] [--sample-steps 5] [--grid edm|uniform] [--solver heun|euler] [--noise-prob 1.0] [--weights ema|model] [--k 4] [--threads 2]
 
 Per seed ``S``: the demo's synthetic dataset of seed S (``ROOT/sS/data``, prepared once and shared
 by every tag), a base run pretrained with the demo's settings and the given changes
@@ -18,7 +18,7 @@ candidates per pair (each pair's value the mean over its candidates):
 Printed and written to ``ROOT/TAG.json``: judge accuracy, the texture statistic of base and real
 and their paired gap, the share of pairs whose base overall reward (the paper's weights) is below
 -15, the overall reward, and per compound the base and real overall with the number of pairs.
-Sampling-only changes (``--cfg``, ``--sample-steps``, ``--weights``) reuse a tag's base runs: give
+Sampling-only changes (``--cfg``, ``--sample-steps``, ``--grid``, ``--solver``, ``--weights``) reuse a tag's base runs: give
 ``--base-tag``.
 """
 
@@ -48,6 +48,8 @@ def pretrain(data: Path, run: Path, seed: int, args) -> Path:
                               pretrain_lr=args.lr or DemoConfig().pretrain_lr)
     pcfg = dataclasses.replace(pretrain_config(cfg), lr_schedule=args.lr_schedule, warmup_steps=args.warmup,
                                lr_final=args.lr_final, ema_decay=args.ema)
+    if args.noise_prob is not None:
+        pcfg = dataclasses.replace(pcfg, noise_prob=args.noise_prob)
     t0 = time.perf_counter()
     train(data, run, pcfg, dist=init_distributed("cpu"))
     print(f"seed {seed}: pretrain {run} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -71,7 +73,8 @@ def score(data: Path, run: Path, images: str, split: str, n: int, seed: int, arg
     suite = RewardSuite.from_dataset(dataset, dict(DEFAULT_WEIGHTS))
     judge = suite.evaluators.judge("cpu")
     source = run_candidates(loaded.net, dataset, pairs, seed=seed, steps=steps, cfg_scale=cfg_scale,
-                            sigma=loaded.recorded.sigma, solver=loaded.recorded.solver, grid=loaded.recorded.grid)
+                            sigma=loaded.recorded.sigma, solver=args.solver or loaded.recorded.solver,
+                            grid=args.grid or loaded.recorded.grid)
     t0 = time.perf_counter()
     with torch.no_grad():
         results = evaluate_sources(dataset, pairs, {"base": source}, suite=suite, weights=dict(DEFAULT_WEIGHTS),
@@ -82,7 +85,9 @@ def score(data: Path, run: Path, images: str, split: str, n: int, seed: int, arg
     report = build_report(results, split=split)
     base, real = results["scores"]["base"], results["scores"]["real"]
     overall = base.total.mean(axis=1)
-    return {"pairs": len(pairs), "images": images, "split": split, "sampling": {"steps": steps, "cfg": cfg_scale},
+    return {"pairs": len(pairs), "images": images, "split": split, "sampling": {"steps": steps, "cfg": cfg_scale,
+                                                                     "grid": args.grid or loaded.recorded.grid,
+                                                                     "solver": args.solver or loaded.recorded.solver},
             "seconds": time.perf_counter() - t0, "compound": pairs.compound.tolist(),
             "overall": overall.tolist(), "real_overall": real.total[:, 0].tolist(),
             "judge": base.correct.mean(axis=1).tolist(), "real_judge": real.correct[:, 0].astype(float).tolist(),
@@ -146,6 +151,10 @@ def main(argv=None) -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cfg", type=float, default=None, help="CFG scale [default: the run's recorded]")
     p.add_argument("--sample-steps", type=int, default=None, help="Heun steps [default: the run's recorded]")
+    p.add_argument("--grid", choices=("edm", "uniform"), default=None, help="time grid [default: the run's recorded]")
+    p.add_argument("--solver", choices=("heun", "euler"), default=None, help="ODE solver [default: the run's recorded]")
+    p.add_argument("--noise-prob", type=float, default=None,
+                   help="share of training batches with source noise [default: the demo's]")
     p.add_argument("--k", type=int, default=4, help="candidates per pair")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="the run's EMA or raw weights")
     p.add_argument("--ood-pairs", type=int, default=64)

@@ -75,7 +75,8 @@ def gradients(data: Path, base: Path, settings: list[dict], iters: int, weights:
 
     loaded = load_run(base)
     s = loaded.sampling
-    cfgs = [posttrain_config(DemoConfig(), **{**dict(rollout_steps=s.steps, cfg_scale=s.cfg_scale, weights=weights,
+    cfgs = [posttrain_config(DemoConfig(), **{**dict(rollout_steps=s.steps, rollout_solver=s.solver,
+                                                     rollout_grid=s.grid, cfg_scale=s.cfg_scale, weights=weights,
                                                      kl_weight=0.0, seed=seed), **o}) for o in settings]
     dataset = load_dataset(data)
     device = torch.device("cpu")

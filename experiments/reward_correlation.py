@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     nft.per_reward_advantages = record
     sampling = load_run(args.base).sampling
     cfg = posttrain_config(DemoConfig(), steps=args.iterations, rollout_steps=sampling.steps,
-                           cfg_scale=sampling.cfg_scale, seed=args.seed, lr=1e-12, save_every=10_000,
+                           rollout_solver=sampling.solver, rollout_grid=sampling.grid, cfg_scale=sampling.cfg_scale, seed=args.seed, lr=1e-12, save_every=10_000,
                            reward_norm="per_reward", weights=None)
     posttrain(args.base, args.out, cfg, device="cpu")
     components = np.concatenate(seen)

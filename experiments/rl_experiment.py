@@ -11,8 +11,8 @@ the overall (paper-weighted) reward and the judge's MoA accuracy: base, RL, pair
 RL - base (per pair the mean over the k candidates; mean ± s.e. over pairs) and the real targets.
 Re-running resumes the RL run; the base's scores are cached in ``BASE/evalcache_*.npz``.
 
-``--null`` is the control for drift, the within-group shuffled-reward null
-(:func:`cellfluxrl.rl.null.within_group_permutation`, docs/posttrain.md): each group's reward rows
+``--null`` is the control for drift, the within-group shuffled-reward null (``posttrain --reward-null``,
+:func:`cellfluxrl.rl.null.within_group_permutation`, docs/posttrain.md): each group's reward rows
 are permuted among its rollouts before the advantages are computed, by a permutation of
 ``(seed, iteration, group)`` that a resume reproduces, so the updates have exactly the real run's
 advantages per group but carry no reward signal. (Before issue 31 it permuted across every rollout
@@ -125,39 +125,6 @@ def mean_se(v: np.ndarray, clusters: np.ndarray | None = None) -> str:
     return text if clusters is None else f"{text} [{clustered_se(v, clusters):.3f}]"
 
 
-def shuffle_rewards() -> None:
-    """Install the shuffled-reward null in the loop (one process; ``--null``).
-
-    Every iteration's gathered reward rows (the weighted total and every reward of a rollout, moved
-    together) are reordered by :func:`cellfluxrl.rl.null.within_group_permutation` of
-    ``(cfg.seed, step, group)`` before ``cellfluxrl.rl.step.advantages`` sees them; the iteration
-    index comes from the loop's own call of ``run_iteration``, so a resumed run draws the same
-    permutations as an unbroken one. The rewards logged in ``stats.jsonl`` stay the rollouts' own.
-    Installing it twice changes nothing.
-    """
-    import inspect
-
-    import cellfluxrl.rl.loop as loop
-    import cellfluxrl.rl.step as rl_step
-    from cellfluxrl.rl.null import within_group_permutation
-
-    if getattr(loop.run_iteration, "shuffled_reward_null", False):
-        return
-    run_iteration, advantages = loop.run_iteration, rl_step.advantages
-    signature, current = inspect.signature(run_iteration), {}
-
-    def null_iteration(*args, **kwargs):
-        current["step"] = int(signature.bind(*args, **kwargs).arguments["step"])
-        return run_iteration(*args, **kwargs)
-
-    def null_advantages(cfg, everything, *args, **kwargs):
-        perm = within_group_permutation(everything.shape[0], cfg.group_size, cfg.seed, current["step"])
-        return advantages(cfg, everything[torch.as_tensor(perm)], *args, **kwargs)
-
-    null_iteration.shuffled_reward_null = True
-    loop.run_iteration, rl_step.advantages = null_iteration, null_advantages
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", type=Path)
@@ -181,10 +148,9 @@ def main(argv=None) -> None:
 
     base_sampling = load_run(args.base).sampling
     cfg = posttrain_config(DemoConfig(), steps=args.steps, rollout_steps=base_sampling.steps,
+                           rollout_solver=base_sampling.solver, rollout_grid=base_sampling.grid,
                            cfg_scale=base_sampling.cfg_scale, seed=args.seed, save_every=5, weights=args.weights,
-                           **parse_set(args.overrides))
-    if args.null:
-        shuffle_rewards()
+                           reward_null=args.null, **parse_set(args.overrides))
     start = time.perf_counter()
     posttrain(args.base, args.out, cfg, device="cpu", on_step=lambda st: print(
         f"step {st['step']}: reward {st['reward']:.3f} kl {st['kl']:.2e} ({st['t_step']:.1f} s)", flush=True))

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from cellfluxrl.cli import cli
 from cellfluxrl.commands.demo import DemoConfig, posttrain_config, pretrain_config
-from cellfluxrl.config import PretrainConfig, config_to_dict, dump_toml, tomllib
+from cellfluxrl.config import PretrainConfig, config_to_dict, tomllib
+from cellfluxrl.config_toml import dump_toml
 from cellfluxrl.model.pretrain import train
 from cellfluxrl.model.unet import PRESETS
 from cellfluxrl.rl.config import PosttrainConfig

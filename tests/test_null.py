@@ -1,10 +1,11 @@
 """The shuffled-reward null (cellfluxrl.rl.null, issue 31 item 6): one within-group permutation of
-``(seed, iteration, group)``, used by every experiments script, the same after a resume."""
+``(seed, iteration, group)``, used by ``posttrain --reward-null`` and every experiments script, the same
+after a resume."""
 
 from __future__ import annotations
 
 import ast
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 import cellfluxrl.rl.loop as loop
 import cellfluxrl.rl.step as rl_step
 from cellfluxrl.rl import nft
+from cellfluxrl.config import config_from_dict
 from cellfluxrl.rl.config import PosttrainConfig
 from cellfluxrl.checkpoint import load_checkpoint
 from cellfluxrl.rl.null import within_group_permutation
@@ -86,63 +88,43 @@ def test_the_permutation_is_a_pure_function_of_seed_iteration_and_group():
         within_group_permutation(32, M, seed=-1, iteration=0)
 
 
-def _rl_experiment():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import rl_experiment
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
-    return rl_experiment
+def test_the_null_run_gives_each_iteration_its_rewards_permuted_within_groups(base_run, tmp_path, monkeypatch):
+    """``posttrain --reward-null`` (``PosttrainConfig.reward_null``): at iteration 0 the null and the real run
+    roll out the same images, and the null's advantages see the real run's reward rows reordered by
+    ``within_group_permutation(seed, 0)``: the same multiset, the pairing with the rollouts broken."""
+    seen = {}
+
+    def spy(name):
+        def advantages(cfg, everything, *args, **kwargs):
+            seen.setdefault(name, []).append(everything.clone())
+            return original(cfg, everything, *args, **kwargs)
+        return advantages
+
+    original = rl_step.advantages
+    for name, null in (("real", False), ("null", True)):
+        monkeypatch.setattr(rl_step, "advantages", spy(name))
+        loop.posttrain(base_run, tmp_path / name, small_cfg(steps=1, grid_every=0, reward_null=null), device="cpu",
+                       suite=ChannelSuite())
+    real, null = seen["real"][0], seen["null"][0]
+    cfg = small_cfg(steps=1)
+    perm = torch.as_tensor(within_group_permutation(real.shape[0], cfg.group_size, cfg.seed, 0))
+    assert torch.equal(null, real[perm])
+    assert not torch.equal(null, real)
+    stored = json.loads((tmp_path / "null" / "config.json").read_text())
+    assert config_from_dict(PosttrainConfig, stored["posttrain"]).reward_null  # recorded: the run says it is a null
 
 
-def test_the_script_hook_draws_the_same_permutations_after_a_resume(monkeypatch):
-    """``rl_experiment.py --null`` in the loop: a run resumed at iteration 3 (a fresh process, a fresh
-    hook) gets the permutations an unbroken run gets; the old hook's generator restarted at iteration 0."""
-    originals = loop.run_iteration, rl_step.advantages
-    monkeypatch.setattr(rl_step, "advantages", originals[1])  # restored after the test
-    cfg, w = PosttrainConfig(group_size=M, seed=9), [1.0, 1.0, 1.0]
-    everything = {step: _rows(16, 3, 100 + step) for step in range(6)}
+def test_a_null_run_resumed_after_a_kill_equals_the_unbroken_null_run(base_run, tmp_path):
+    """The null's permutations are functions of (seed, iteration, group): 1 step, then resumed to 2 in a
+    new call, equals 2 steps at once, and differs from the real run."""
+    def posttrain(out, steps, null=True):
+        loop.posttrain(base_run, out, small_cfg(steps=steps, grid_every=0, reward_null=null), device="cpu",
+                       suite=ChannelSuite())
 
-    def iteration(policies, optimizer, pairs, embeddings, worker, cfg, step, rank, world, device):
-        return rl_step.advantages(cfg, everything[step], w, rank)  # looked up at call time, as step.py does
-
-    def fresh_process_with_null():
-        monkeypatch.setattr(loop, "run_iteration", iteration)
-        rl_step.advantages = originals[1]
-        _rl_experiment().shuffle_rewards()
-        _rl_experiment().shuffle_rewards()  # installing twice permutes once
-
-    def run(steps):
-        return {s: loop.run_iteration(None, None, None, None, None, cfg, s, 0, 1, "cpu") for s in steps}
-
-    fresh_process_with_null()
-    unbroken = run(range(6))
-    fresh_process_with_null()
-    resumed = run(range(3, 6))
-    for step in range(6):
-        perm = torch.as_tensor(within_group_permutation(16, M, cfg.seed, step))
-        assert torch.equal(unbroken[step], originals[1](cfg, everything[step][perm], w))
-    for step in range(3, 6):
-        assert torch.equal(resumed[step], unbroken[step])
-        assert not torch.equal(resumed[step], originals[1](cfg, everything[step], w))
-
-
-def test_a_null_run_resumed_after_a_kill_equals_the_unbroken_null_run(base_run, tmp_path, monkeypatch):
-    """The real loop with the hook: 1 step, a new process (hook reinstalled), resumed to 2 = 2 steps at once."""
-    monkeypatch.setattr(loop, "run_iteration", loop.run_iteration)  # restored after the test
-    monkeypatch.setattr(rl_step, "advantages", rl_step.advantages)
-    originals = loop.run_iteration, rl_step.advantages
-
-    def posttrain_with_null(out, steps):
-        loop.run_iteration, rl_step.advantages = originals
-        _rl_experiment().shuffle_rewards()
-        loop.posttrain(base_run, out, small_cfg(steps=steps, grid_every=0), device="cpu", suite=ChannelSuite())
-
-    posttrain_with_null(tmp_path / "unbroken", 2)
-    posttrain_with_null(tmp_path / "resumed", 1)
-    posttrain_with_null(tmp_path / "resumed", 2)
-    loop.run_iteration, rl_step.advantages = originals
-    loop.posttrain(base_run, tmp_path / "real", small_cfg(steps=2, grid_every=0), device="cpu", suite=ChannelSuite())
+    posttrain(tmp_path / "unbroken", 2)
+    posttrain(tmp_path / "resumed", 1)
+    posttrain(tmp_path / "resumed", 2)
+    posttrain(tmp_path / "real", 2, null=False)
     a, b, real = (load_checkpoint(tmp_path / name / "checkpoint.pt")["model"]
                   for name in ("unbroken", "resumed", "real"))
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -159,10 +141,10 @@ def _calls(path: Path) -> set[str]:
 
 
 def test_every_script_that_shuffles_rewards_calls_the_one_function():
-    for script in ("rl_experiment.py", "gradient_snr.py"):
-        text = (EXPERIMENTS / script).read_text()
-        assert "from cellfluxrl.rl.null import within_group_permutation" in text, script
-        assert "within_group_permutation" in _calls(EXPERIMENTS / script), script
+    for path in (ROOT / "cellfluxrl" / "rl" / "step.py", EXPERIMENTS / "gradient_snr.py"):
+        assert "from cellfluxrl.rl.null import within_group_permutation" in path.read_text(), path.name
+        assert "within_group_permutation" in _calls(path), path.name
+    assert "reward_null=args.null" in (EXPERIMENTS / "rl_experiment.py").read_text()  # the config field, no hook
     own_shuffles = {path.name for path in EXPERIMENTS.glob("*.py")
                     if _calls(path) & {"permutation", "permuted", "shuffle"}}
     # classifier_robustness.py draws a half of the training images, no rewards; a new script that

@@ -51,7 +51,9 @@ class DemoConfig:
     kl_weight: float = 0.1  # ||v_theta - v_ref||^2 weight
     group_size: int = 4  # rollouts per (x_0, c) group
     groups_per_step: int = 8  # groups per iteration (32 rollouts)
-    sample_steps: int = 5  # Heun steps the base records, RL rolls out with, and evaluation uses (one setting)
+    sample_steps: int = 5  # solver steps the base records, RL rolls out with, and evaluation uses (one setting)
+    sample_solver: str = "heun"  # the solver of that one setting
+    sample_grid: str = "edm"  # its time grid
     cfg_scale: float = 2.0  # CFG the base records; RL trains the guided velocity at it
     train_timesteps: int = 2  # grid times trained per rollout and step
     validate_every: int = 20  # validate on val-select pairs at 20, 40, 60; sample/evaluate use the selected one
@@ -117,7 +119,8 @@ def pretrain_config(cfg: DemoConfig):
 
     return PretrainConfig(preset=cfg.preset, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch,
                           lr=cfg.pretrain_lr, seed=cfg.seed, save_every=max(1, min(100, cfg.pretrain_steps)),
-                          sample_steps=cfg.sample_steps, sample_cfg_scale=cfg.cfg_scale)
+                          sample_steps=cfg.sample_steps, sample_cfg_scale=cfg.cfg_scale,
+                          sample_solver=cfg.sample_solver, sample_grid=cfg.sample_grid)
 
 
 def posttrain_config(cfg: DemoConfig, **overrides):
@@ -126,7 +129,8 @@ def posttrain_config(cfg: DemoConfig, **overrides):
     from cellfluxrl.rl.config import PosttrainConfig
 
     settings = dict(steps=cfg.posttrain_steps, group_size=cfg.group_size, groups_per_step=cfg.groups_per_step,
-                    rollout_steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
+                    rollout_steps=cfg.sample_steps, rollout_solver=cfg.sample_solver, rollout_grid=cfg.sample_grid,
+                    cfg_scale=cfg.cfg_scale,
                     rollout_batch=cfg.group_size * cfg.groups_per_step,
                     train_timesteps=min(cfg.train_timesteps, cfg.sample_steps), kl_weight=cfg.kl_weight,
                     train_batch=32, grad_steps=cfg.grad_steps, lr=cfg.posttrain_lr, reward_norm=cfg.reward_norm,

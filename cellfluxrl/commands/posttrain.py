@@ -27,6 +27,7 @@ def _options(f):
         ("--groups-per-step", POS_INT, "Groups per iteration over all ranks [16]."),
         ("--rollout-steps", POS_INT, "Heun steps of the rollout sampler [10]."),
         ("--rollout-grid", click.Choice(["edm", "uniform"]), "Rollout time grid [edm]."),
+        ("--rollout-solver", click.Choice(["heun", "euler"]), "Rollout ODE solver [heun]."),
         ("--rollout-batch", POS_INT, "Rollouts per sampler call / reward job [64]."),
         ("--sigma", NONNEG_FLOAT, "Noise std injected into the control [1.0]."),
         ("--cfg-scale", NONNEG_FLOAT, "CFG weight of the rollouts and of the trained guided velocity; the run "
@@ -71,6 +72,9 @@ def _options(f):
         f = click.option(name, *[dest[name]] if name in dest else [], type=kind, default=None,
                          help=re.sub(r" \[([^\]]+)\]\.$", r". [default: \1]", text))(f)
     f = click.option("--adaptive/--no-adaptive", default=None, help="DiffusionNFT's adaptive loss weighting. [default: off]")(f)
+    f = click.option("--reward-null/--no-reward-null", default=None,
+                     help="The control run: every group's rewards permuted among its rollouts, so a gain over it is the "
+                          "rewards' signal, not drift (docs/posttrain.md). [default: off]")(f)
     f = click.option("--stop-after-no-signal", "no_signal_stop", type=click.IntRange(min=0), default=None, metavar="N",
                      help="Stop (with a checkpoint) after N steps in a row without learning signal (every group's "
                           "rewards equal, or a zero gradient); 0 = never. [default: 25]")(f)
@@ -212,7 +216,7 @@ def posttrain(base_run, out_run, weights, config_file, device, dry_run, allow_ch
     if notice:
         click.echo(notice, err=True)
     if dry_run:
-        from cellfluxrl.config import dump_toml
+        from cellfluxrl.config_toml import dump_toml
 
         click.echo(dump_toml(config_to_dict(cfg), header="cellfluxrl posttrain: resolved settings (defaults < --config "
                                                          "< options).\nRead back with: cellfluxrl posttrain BASE_RUN "

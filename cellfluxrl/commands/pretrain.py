@@ -31,7 +31,8 @@ def resolve_config(config_file: Path | None, **options):
 
 def settings_toml(cfg, unet) -> str:
     """The resolved pretraining settings as TOML: PretrainConfig keys, then the ``[unet]`` table."""
-    from cellfluxrl.config import config_to_dict, dump_toml
+    from cellfluxrl.config import config_to_dict
+    from cellfluxrl.config_toml import dump_toml
 
     return dump_toml(config_to_dict(cfg), {"unet": config_to_dict(unet)},
                      header="cellfluxrl pretrain: resolved settings (defaults < --config < options).\n"
@@ -87,9 +88,13 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers. [default: 0]")
 @click.option("--seed", type=SEED, default=None, help="Seed of data order, pairing, noise and dropout. [default: 0]")
 @click.option("--sample-steps", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Heun steps this run is meant to be sampled with (recorded; used by sample/evaluate). [default: 50]")
+              help="Solver steps this run is meant to be sampled with (recorded; used by sample/evaluate). [default: 50]")
 @click.option("--sample-cfg-scale", type=click.FloatRange(min=0), default=None, metavar="W",
               help="CFG weight this run is meant to be sampled with (recorded). [default: 0.2]")
+@click.option("--sample-solver", type=click.Choice(["heun", "euler"]), default=None,
+              help="ODE solver this run is meant to be sampled with (recorded). [default: heun]")
+@click.option("--sample-grid", type=click.Choice(["edm", "uniform"]), default=None,
+              help="Time grid this run is meant to be sampled on (recorded). [default: edm]")
 @click.option("--config", "config_file", type=File("TOML settings"), default=None, metavar="FILE.toml",
               help="TOML overrides (PretrainConfig keys; a [unet] table overrides the preset).")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu (= cuda).")
@@ -100,7 +105,8 @@ def first_step_line(stats: dict, cfg, world_size: int = 1) -> str:
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved settings as TOML (which --config reads back unchanged) and exit.")
 def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every, log_every, num_workers, seed,
-             sample_steps, sample_cfg_scale, config_file, device, compile_, init_from, dry_run):
+             sample_steps, sample_cfg_scale, sample_solver, sample_grid, config_file, device, compile_, init_from,
+             dry_run):
     """Pretrain the CellFlux base model on DATASET into --out RUN.
 
     Re-running the same command on a RUN that has a checkpoint resumes it exactly. Several
@@ -112,7 +118,8 @@ def pretrain(dataset, run, preset, steps, batch_size, grad_accum, lr, ckpt_every
     """
     options = dict(preset=preset, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                    ckpt_every=ckpt_every, log_every=log_every, num_workers=num_workers, seed=seed,
-                   sample_steps=sample_steps, sample_cfg_scale=sample_cfg_scale)
+                   sample_steps=sample_steps, sample_cfg_scale=sample_cfg_scale, sample_solver=sample_solver,
+                   sample_grid=sample_grid)
     if dry_run:  # touches nothing: no lock, no run folder
         click.echo(settings_toml(*resolve_config(config_file, **options)), nl=False)
         return

@@ -48,7 +48,8 @@ from cellfluxrl.rundir import check_run_folder, hold
 log = logging.getLogger(__name__)
 
 # Settings that may differ when a run is resumed (they do not change the trajectory).
-RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "num_workers", "sample_steps", "sample_cfg_scale")
+RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "num_workers", "sample_steps", "sample_cfg_scale",
+                     "sample_solver", "sample_grid")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,11 +110,12 @@ def run_config(dataset_dir: Path, cfg: PretrainConfig, unet: UNetConfig, conditi
     return {"kind": "pretrain", "dataset": str(Path(dataset_dir).resolve()), "image_size": image_size, "preset": preset,
             "unet": unet.to_dict(), "condition_dim": int(condition_dim), "train": config_to_dict(cfg),
             "init_from": init_from, "cellfluxrl_version": __version__,
-            "sampling": Sampling(steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, sigma=cfg.noise_sigma).to_dict()}
+            "sampling": Sampling(steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale, solver=cfg.sample_solver,
+                                 grid=cfg.sample_grid, sigma=cfg.noise_sigma).to_dict()}
 
 
 # Settings added since runs were first stored, with the value that reproduces a run stored without them.
-ADDED_KEYS = {"lr_schedule": "constant", "warmup_steps": 0, "lr_final": 0.0}
+ADDED_KEYS = {"lr_schedule": "constant", "warmup_steps": 0, "lr_final": 0.0, "sample_solver": "heun", "sample_grid": "edm"}
 
 
 def check_resume_compatible(stored: dict, new: dict, path: Path) -> None:

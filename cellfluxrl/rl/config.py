@@ -26,15 +26,17 @@ class PosttrainConfig:
     # The command line's words that are not keys here (posttrain's options): named in an error
     # (cellfluxrl.config.unknown_key_error); None: an option that is no setting.
     KEY_SYNONYMS: ClassVar[dict[str, str | None]] = {
-        "iterations": "steps", "stop_after_no_signal": "no_signal_stop", "no_adaptive": "adaptive", "out": None,
+        "iterations": "steps", "stop_after_no_signal": "no_signal_stop", "no_adaptive": "adaptive",
+        "no_reward_null": "reward_null", "out": None,
         "config": None, "device": None, "dry_run": None, "allow_changed_reference": None}
 
     weights: str | None = None  # NAME=W,... overriding the named training weights (train_weights)
     steps: int = 1200  # RL iterations (each takes grad_steps optimizer steps; paper: 1200 x 1)
     group_size: int = 8  # m rollouts per fixed (x_0, c) group
     groups_per_step: int = 16  # groups per iteration over all ranks (16 x 8 = 128 rollouts per step)
-    rollout_steps: int = 10  # Heun steps of the rollout sampler (DiffusionNFT: 10; Heun NFE = 2 steps)
+    rollout_steps: int = 10  # solver steps of the rollout sampler (DiffusionNFT: 10; Heun NFE = 2 steps)
     rollout_grid: str = "edm"  # rollout time grid (CellFlux sampler: edm)
+    rollout_solver: str = "heun"  # rollout ODE solver: heun (CellFlux) or euler (NFE = steps)
     rollout_batch: int = 64  # rollouts per sampler call and per reward job (rounded down to whole groups)
     sigma: float = 1.0  # std of the noise injected into the control (CellFlux: 1.0)
     cfg_scale: float | None = None  # CFG of rollouts AND of the trained (guided) velocity; None: the base run's sampling CFG
@@ -68,6 +70,7 @@ class PosttrainConfig:
     validate_draws: int = 1  # source-noise draws per validation pair (the same draws at every validation)
     select_margin: float = 1.0  # a checkpoint replaces the selected one when better by more than this many s.e.
     seed: int = 0  # seeds the pairs, the source noise and the t draws (a function of (seed, step, rank))
+    reward_null: bool = False  # the control run: each group's reward rows permuted among its rollouts (rl/null.py)
     bf16: bool = True  # bf16 autocast for every forward pass on GPU (ignored on CPU)
 
     def __post_init__(self):
@@ -98,6 +101,8 @@ class PosttrainConfig:
             raise CellfluxError(f"posttrain: forward_noise must be group or independent, got {self.forward_noise!r}")
         if self.rollout_grid not in ("edm", "uniform") or self.t_sampling not in ("grid", "uniform"):
             raise CellfluxError(f"posttrain: bad rollout_grid {self.rollout_grid!r} or t_sampling {self.t_sampling!r}")
+        if self.rollout_solver not in ("heun", "euler"):
+            raise CellfluxError(f"posttrain: rollout_solver must be heun or euler, got {self.rollout_solver!r}")
         if self.kl_target not in ("ref", "old"):
             raise CellfluxError(f"posttrain: kl_target must be ref or old, got {self.kl_target!r}")
         if self.trainable not in TRAINABLE:

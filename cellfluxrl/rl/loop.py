@@ -87,7 +87,7 @@ def rollout_sampling(cfg: PosttrainConfig):
     guidance (``cfg.cfg_scale`` resolved), the setting its policy was trained for."""
     from cellfluxrl.checkpoint import Sampling
 
-    return Sampling(steps=cfg.rollout_steps, cfg_scale=cfg.guidance, solver="heun",
+    return Sampling(steps=cfg.rollout_steps, cfg_scale=cfg.guidance, solver=cfg.rollout_solver,
                     grid=cfg.rollout_grid, sigma=cfg.sigma)
 
 

@@ -79,7 +79,7 @@ def collect_rollouts(old: torch.nn.Module, pairs, embeddings: torch.Tensor, cfg:
         moa = [it["moa"] for it in chunk for _ in range(m)]
         with torch.no_grad(), autocast_for(device, cfg.bf16):
             x_1, x_0 = generate(old, x_clean, embeddings[idx], generator=gen, sigma=cfg.sigma,
-                                num_steps=cfg.rollout_steps, grid=cfg.rollout_grid, solver="heun",
+                                num_steps=cfg.rollout_steps, grid=cfg.rollout_grid, solver=cfg.rollout_solver,
                                 cfg_scale=cfg.guidance)
         x_1, x_0 = x_1.float(), x_0.float()
         futures.append(submit(x_1.detach().to("cpu"), moa))

@@ -32,7 +32,8 @@ class SampleGrid:
         """Samples of ``net`` on the fixed pairs, fixed source noise, CPU float32 ``(n, C, H, W)``."""
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7919)
         x_1, _ = generate(net, self.control, self.cond, generator=gen, sigma=self.cfg.sigma,
-                          num_steps=self.cfg.rollout_steps, grid=self.cfg.rollout_grid, cfg_scale=self.cfg.guidance)
+                          num_steps=self.cfg.rollout_steps, grid=self.cfg.rollout_grid, solver=self.cfg.rollout_solver,
+                          cfg_scale=self.cfg.guidance)
         return x_1.float().cpu()
 
     def write(self, path: Path, net: torch.nn.Module, step: int) -> Path:

@@ -18,6 +18,7 @@ from cellfluxrl.model.generate import guided_velocity
 from cellfluxrl.model.path import add_source_noise, interpolate, target_velocity
 from cellfluxrl.rl import nft
 from cellfluxrl.rl.config import PosttrainConfig
+from cellfluxrl.rl.null import within_group_permutation
 from cellfluxrl.rl.reward_worker import RewardWorker, reward_stats, wait_rewards
 from cellfluxrl.rl.rollouts import Rollouts, collect_rollouts, forward_draws, iteration_rng, torch_generator
 
@@ -189,6 +190,8 @@ def run_iteration(policies: Policies, optimizer: torch.optim.Optimizer, pairs, e
     local = torch.as_tensor(np.concatenate([total[:, None], comps], axis=1), device=device)
     everything = all_gather_tensor(local).double().cpu()
     weights = [float(worker.suite.weights.get(name, 0.0)) for name in names]
+    if cfg.reward_null:  # the shuffled-reward null: same rewards, pairing with the rollouts broken
+        everything = everything[torch.as_tensor(within_group_permutation(everything.shape[0], m, cfg.seed, step))]
     A = advantages(cfg, everything, weights, rank, len(total))
     r = nft.optimality(A, cfg.adv_clip).reshape(-1).to(device=device, dtype=torch.float32)
 
