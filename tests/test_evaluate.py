@@ -352,7 +352,8 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
     assert rows[:11] == ["moa", "nuc_in_cyto", "roundness", "nuc_size", "cyto_size", "nuc_count", "cyto_count",
                          "overall", "moa_accuracy", "moa_accuracy_reward", "texture_hf"]
     # never called FID without Inception; the jackknife pooled FD has its own named row
-    assert rows[11:] == ["FD-judge_o", "FD-judge-jk_o", "FD-judge_c", "KD-judge_o", "KD-judge_c"]
+    assert rows[11] == "profile_similarity"
+    assert rows[12:] == ["FD-judge_o", "FD-judge-jk_o", "FD-judge_c", "KD-judge_o", "KD-judge_c"]
     for column in section["columns"]:  # the texture statistic too, `real` included
         assert set(rows) <= set(section["table"][column])
         for row in rows[:11]:
@@ -360,7 +361,7 @@ def test_report_files_parse_and_hold_every_row_for_every_column(cli_report):
         assert 0 < section["table"][column]["texture_hf"]["mean"] < 1
         fd_o, kd_o = section["table"][column]["FD-judge_o"]["mean"], section["table"][column]["KD-judge_o"]["mean"]
         if column == "real":
-            assert all(section["table"][column][row]["mean"] is None for row in rows[11:])
+            assert all(section["table"][column][row]["mean"] is None for row in rows[12:])
         else:  # KID is an unbiased estimate and may be slightly negative
             # 6 pairs, 128 features: no plain pooled FD; the jackknife one (6 groups) with its s.e.
             jk = section["table"][column]["FD-judge-jk_o"]
@@ -583,7 +584,7 @@ def test_with_more_pairs_than_features_the_plain_pooled_fd_is_shown_with_its_pai
                                batch_size=24, kid_subset_size=10, kid_subsets=2)
     suite.close()
     section = build_report(results, split="id")
-    assert section["rows"][11:] == ["FD-8_o", "FD-8-jk_o", "FD-8_c", "KD-8_o", "KD-8_c"]
+    assert section["rows"][12:] == ["FD-8_o", "FD-8-jk_o", "FD-8_c", "KD-8_o", "KD-8_c"]
     assert section["distance"]["pooled"]["shown"] and "(n = 24)" in section["distance"]["pooled"]["note"]
     table = section["table"]
     for row in ("FD-8_o", "FD-8-jk_o"):

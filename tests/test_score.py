@@ -292,3 +292,74 @@ def test_percentile_intensity_maps_each_images_own_percentiles_to_the_datasets()
     own = np.percentile(got, (1, 99), axis=(1, 2))  # (2, N, C) after mapping, in the dataset's order
     assert np.abs(own - want[:, None, :]).max() <= 1.0  # up to rounding to uint8 (4,096 pixels: the tails'
     # clipping to 0 moves the interpolated percentile by less than a level)
+
+
+def test_profile_row_for_every_column_and_the_real_targets_read_one(dataset_dir, evaluated, tmp_path):
+    """evaluate and score both report the profile similarity for every column (the baselines and
+    ``real`` included); a source made of the real targets themselves reads 1, as ``real`` does."""
+    from cellfluxrl.data.layout import load_dataset
+
+    _, evaluate_report = evaluated
+    for section in evaluate_report["sections"].values():
+        assert "profile_similarity" in section["rows"] and {"copy-control", "real"} <= set(section["columns"])
+        assert "train-real" in section["columns"] or section["split"] == "ood"  # held-out compounds have none
+        for column in section["columns"]:
+            assert section["table"][column]["profile_similarity"]["sem_kind"] == "over compounds"
+    dataset = load_dataset(dataset_dir)
+    test = dataset.select(split="test", state="treated")
+    targets = tmp_path / "targets.npz"
+    np.savez(targets, generated=np.asarray(dataset.images[test]), compound=dataset.table["compound"][test],
+             target_index=test)
+    result, report = score(dataset_dir, tmp_path / "out", targets)
+    assert result.exit_code == 0, result.output
+    assert "Profile similarity (cosine)" in (tmp_path / "out" / "report.md").read_text()
+    for section in report["sections"].values():
+        table = section["table"]
+        assert set(section["columns"]) == {"targets", "copy-control", "train-real", "real"} or section["split"] == "ood"
+        for column in section["columns"]:
+            assert "profile_similarity" in table[column], column
+        assert section["profile"]["compounds"], section["profile"]["note"]  # some compound has 2 pairs or more
+        for column in ("targets", "real"):
+            assert abs(table[column]["profile_similarity"]["mean"] - 1.0) <= 1e-12
+        assert table["copy-control"]["profile_similarity"]["mean"] < 1 - 1e-6  # controls are not the compound
+
+
+def test_score_measurements_name_every_source_and_refuse_a_users_file(dataset_dir, evaluated, tmp_path):
+    import csv
+
+    from cellfluxrl.evaluation.measurement_tables import IMAGE_HEADER
+
+    base, _ = evaluated
+    saved = base / "saved" / "base.npz"
+    with np.load(saved) as f:
+        n_images = len(f["generated"])
+    table = tmp_path / "m.csv"
+    result, _ = score(dataset_dir, tmp_path / "out", saved, f"again={saved}",
+                      extra=["--baselines", "none", "--measurements", table])
+    assert result.exit_code == 0, result.output
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == IMAGE_HEADER and len(rows) == 2 * n_images
+    assert [r["Metadata_Source"] for r in rows[:2]] == ["base=base.npz#0", "base=base.npz#1"]
+    assert rows[n_images]["Metadata_Source"] == "again=base.npz#0"
+    assert [r["ImageNumber"] for r in rows] == [str(i) for i in range(1, 2 * n_images + 1)]
+    half = {k: v for k, v in rows[0].items() if k not in ("ImageNumber", "Metadata_Source")}
+    assert half == {k: v for k, v in rows[n_images].items() if k not in ("ImageNumber", "Metadata_Source")}
+    for part in ("Nuclei", "Cells", "Cytoplasm"):
+        assert (tmp_path / f"m_{part}.csv").is_file()
+    # a re-run replaces what it wrote; a file of the user's is refused before anything is scored
+    result, _ = score(dataset_dir, tmp_path / "out", saved, extra=["--baselines", "none", "--measurements", table])
+    assert result.exit_code == 0, result.output
+    users = tmp_path / "mine.csv"
+    users.write_text("my,own\n1,2\n")
+    result, _ = score(dataset_dir, tmp_path / "new", saved, extra=["--measurements", users])
+    assert result.exit_code == 2 and "--measurements" in result.output and "was not written by" in result.output
+    assert users.read_text() == "my,own\n1,2\n" and not (tmp_path / "new").exists()
+    assert not (tmp_path / "mine_Nuclei.csv").exists()
+    result, _ = score(dataset_dir, tmp_path / "new", saved, extra=["--measurements", tmp_path / "new" / "m.csv"])
+    assert result.exit_code == 2 and "collides with --out" in result.output and not (tmp_path / "new").exists()
+    odd = tmp_path / "x=y.npz"  # named after its file, "x=y": Metadata_Source could not tell it apart
+    odd.write_bytes(saved.read_bytes())
+    result, _ = score(dataset_dir, tmp_path / "new", odd, extra=["--measurements", tmp_path / "n.csv"])
+    assert result.exit_code == 2 and "'x=y' is empty or holds '='" in result.output
+    assert not (tmp_path / "new").exists() and not (tmp_path / "n.csv").exists()

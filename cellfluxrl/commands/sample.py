@@ -108,7 +108,7 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
     out, folder_out = Path(out), fmt != "npz"
     check_out_shape(out, fmt)
     sample_outputs.check_out(out, folder_out)  # before anything is loaded or written
-    _check_measurements(measurements, out)
+    check_measurements(measurements, out)
     dev = resolve_device(device)
     loaded, dataset, pairs, sampling, source, suite = _prepare(run, data_dir, conditions, n, split, steps, solver,
                                                              grid, cfg_scale, which, best_of_k, weights, dev,
@@ -135,7 +135,7 @@ def sample(run, n, conditions, best_of_k, weights, split, steps, solver, grid, c
                    f"{sample_outputs.FOLDER_GRID} to {out}{extra}")
 
 
-def _check_measurements(measurements: Path | None, out: Path) -> None:
+def check_measurements(measurements: Path | None, out: Path) -> None:
     """Refuse a ``--measurements`` path that would overwrite what measure did not write, lie in a
     dataset, or collide with ``--out`` (a usage error naming it); writes nothing."""
     from cellfluxrl.commands.sample_outputs import dataset_above, real_path

@@ -88,8 +88,12 @@ def check_out_place(out: Path, specs: list[str], dataset: Path) -> None:
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True, metavar="S",
               help="Number of KID subsets.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or gpu.")
+@click.option("--measurements", type=click.Path(path_type=Path), default=None, metavar="FILE.csv",
+              help="Also write CellProfiler-named measurements of every IMAGES source: FILE.csv (per image) and "
+                   "FILE_Nuclei.csv, FILE_Cells.csv, FILE_Cytoplasm.csv (per object), as `sample --measurements`; "
+                   "Metadata_Source is NAME=SOURCE (docs/score.md).")
 def score(images, dataset, out, channels, size, intensity, best_of, weights, inception, split, baselines, seed,
-          batch_size, kid_subset_size, kid_subsets, device):
+          batch_size, kid_subset_size, kid_subsets, device, measurements):
     """Score IMAGES from any generator: evaluate's rewards, judge, distances and baselines.
 
     Each IMAGES ([NAME=]PATH) is a FILE.npz (from `sample` or `evaluate --save-images`), a folder
@@ -101,6 +105,7 @@ def score(images, dataset, out, channels, size, intensity, best_of, weights, inc
     otherwise with --channels, --size and --intensity (docs/score.md).
 
     OUT must be new, empty, or hold an earlier report (replaced whole); it is never in an IMAGES folder.
+    --measurements FILE.csv writes measure's tables of the images too (never over a file measure did not write).
 
     \b
     Example:
@@ -108,10 +113,12 @@ def score(images, dataset, out, channels, size, intensity, best_of, weights, inc
     """
     from cellfluxrl.commands import report_folder as folder
     from cellfluxrl.commands.evaluate import parse_best_of
+    from cellfluxrl.commands.sample import check_measurements
     from cellfluxrl.data.layout import load_dataset
     from cellfluxrl.errors import CellfluxError
     from cellfluxrl.evaluation.baselines import parse_baselines
     from cellfluxrl.evaluation.image_mapping import ImageMapping
+    from cellfluxrl.evaluation.measurement_tables import check_set_names
     from cellfluxrl.rewards import parse_weights
 
     for option, check in (("--channels/--size/--intensity", lambda: ImageMapping.parse(channels, size, intensity)),
@@ -124,13 +131,19 @@ def score(images, dataset, out, channels, size, intensity, best_of, weights, inc
             check()
         except CellfluxError as exc:
             raise usage_error(str(exc), option) from None
+    check_measurements(measurements, Path(out))  # a usage error naming --measurements; writes nothing
     mapping, data = ImageMapping.parse(channels, size, intensity), load_dataset(dataset)
     sources = _read_sources(list(images), data, mapping, seed)
+    if measurements is not None:
+        try:
+            check_set_names([s.name for s in sources])
+        except CellfluxError as exc:
+            raise usage_error(str(exc), "--measurements") from None
     seed = _seed_of(sources) if seed is None else seed
     report = _score_into(Path(out), data, sources, seed=seed, mapping=mapping, weights=parse_weights(weights),
                          best_of=None if best_of is None else parse_best_of(best_of), split=split,
                          baselines=parse_baselines(baselines), inception=inception, device=device, batch_size=batch_size,
-                         kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
+                         kid_subset_size=kid_subset_size, kid_subsets=kid_subsets, measurements=measurements)
     click.echo(print_score(report))
     click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures")
 
@@ -156,8 +169,9 @@ def _seed_of(sources) -> int:
     return int(seeds[0]) if seeds.size == 1 and seeds[0] >= 0 else 0
 
 
-def _score_into(out: Path, data, sources, *, seed: int, mapping, **options) -> dict:
-    """Score into a staged folder beside ``out`` and swap it in whole (nothing of it kept on an error)."""
+def _score_into(out: Path, data, sources, *, seed: int, mapping, measurements: Path | None = None, **options) -> dict:
+    """Score into a staged folder beside ``out`` and swap it in whole (nothing of it kept on an error);
+    with ``measurements``, write the sources' tables just before the swap."""
     from cellfluxrl.commands import report_folder as folder
     from cellfluxrl.commands.interrupts import StopSignals
     from cellfluxrl.evaluation.external import pair_images
@@ -194,6 +208,8 @@ def _score_into(out: Path, data, sources, *, seed: int, mapping, **options) -> d
                      if section.get("comparison", {}).get("versus")]
             if extra:
                 (staged / "report.md").write_text(markdown_report(report) + "\n".join(extra) + "\n")
+            if measurements is not None:
+                _write_measurements(measurements, sources, data)
             folder.replace_folder(staged, out)
         except KeyboardInterrupt:
             stop.exit(f"score stopped by {stop.name} before it finished: nothing of it was kept and {out} is as it was")
@@ -203,6 +219,16 @@ def _score_into(out: Path, data, sources, *, seed: int, mapping, **options) -> d
             if staged.exists():
                 folder.discard(staged)
     return report
+
+
+def _write_measurements(measurements: Path, sources, data) -> None:
+    """measure's four tables of every source's images in one set (``Metadata_Source``: ``NAME=SOURCE``)."""
+    from cellfluxrl.evaluation.measurement_tables import named_sets, write_measurements
+
+    images = named_sets([(s.name, s.images) for s in sources])
+    write_measurements(images, data, measurements)
+    click.echo(f"wrote the measurements of {len(images)} images ({len(sources)} source(s)) to {measurements} and "
+               f"its object tables", err=True)
 
 
 def print_score(report: dict) -> str:

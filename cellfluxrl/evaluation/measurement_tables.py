@@ -15,7 +15,8 @@ Cytoplasm. The metadata are text: read them with ``dtype=str, keep_default_na=Fa
 (a plate named ``22123`` or a concentration would otherwise be parsed as a number, an empty well as
 NaN). Every file is written as ``.NAME.tmp-PID`` and renamed into place; an existing file is
 replaced only if its header is exactly the one this module writes (so it was written by
-``measure``), else the whole call is refused before anything is computed.
+``measure``), else the whole call is refused before anything is computed. :func:`named_sets` puts
+several sources in one set of tables (``score --measurements``: ``Metadata_Source`` is ``NAME=SOURCE``).
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from cellfluxrl.errors import CellfluxError
 from cellfluxrl.evaluation.measurements import COMPARTMENTS, SHAPE_FEATURES, measure_image
 from cellfluxrl.rundir import remove_dead_temps, temp_path
+
+if TYPE_CHECKING:
+    from cellfluxrl.evaluation.image_sources import ImageSet
 
 METADATA_COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration",
                     "Metadata_MoA", "Metadata_Kind", "Metadata_Source")
@@ -120,6 +124,53 @@ def _object_rows(number: int, meta: list[str], compartment: str, measured) -> li
     return [[number, int(label), *meta, float(x[k]), float(y[k]),
              *(_number(f, c[k]) for f, c in zip(SHAPE_FEATURES, columns)), *(int(r[k]) for r in relations)]
             for k, label in enumerate(table.labels)]
+
+
+def check_set_names(names: Sequence[str]) -> None:
+    """Refuse set names that :func:`named_sets` could not tell apart: none, repeated, empty or holding ``=``.
+
+    Raises:
+        CellfluxError: naming the first bad name.
+    """
+    if not names:
+        raise CellfluxError("measurements: no image set to measure")
+    for i, name in enumerate(names):
+        if not name or "=" in name or name in names[:i]:
+            what = "repeated" if name in names[:i] else "empty or holds '='"
+            raise CellfluxError(f"measurements: the source name {name!r} is {what}; name each IMAGES as NAME=PATH "
+                                f"with a NAME of its own")
+
+
+def named_sets(sets: Sequence[tuple[str, ImageSet]]) -> ImageSet:
+    """Several image sets as one, in order, so that one set of tables holds them all (``score --measurements``).
+
+    Args:
+        sets: ``(name, ImageSet)`` pairs (:class:`~cellfluxrl.evaluation.image_sources.ImageSet`), names
+            unique and without ``=`` (``score``'s column names).
+
+    Returns:
+        An ``ImageSet`` of every image of every set (copied into one uint8 array) with its metadata;
+        ``source`` is ``NAME=SOURCE`` (the set's name, then the image's own source, e.g.
+        ``impa=impa.npz#3``), so ``Metadata_Source.split("=", 1)[0]`` tells the sets apart.
+
+    Raises:
+        CellfluxError: no set, a name repeated or holding ``=``, or sets of different image shapes.
+    """
+    from cellfluxrl.evaluation.image_sources import ImageSet
+
+    check_set_names([name for name, _ in sets])
+    shapes = {images.shape for _, images in sets}
+    if len(shapes) > 1:
+        raise CellfluxError(f"measurements: image sets of different shapes {sorted(shapes)} cannot share tables")
+
+    def joined(key: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(images, key)) for _, images in sets])
+
+    source = np.concatenate([[f"{name}={s}" for s in images.source] for name, images in sets]).astype(str)
+    pixels = np.concatenate([np.asarray(images.images[images.rows]) for _, images in sets])
+    return ImageSet(pixels, np.arange(len(pixels), dtype=np.int64), joined("plate"), joined("well"),
+                    joined("compound"), joined("moa"), joined("kind"), source, joined("dose").astype(np.float64),
+                    ", ".join(images.origin for _, images in sets))
 
 
 def write_measurements(images, dataset, out: str | os.PathLike, segmenter=None, batch_size: int = 64,

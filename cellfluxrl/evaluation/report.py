@@ -7,7 +7,7 @@ a full table::
     {"format": "cellfluxrl-evaluate/2", "settings": {...}, "versions": {...},
      "splits": ["id", "ood"], "sections": {"id": SECTION, "ood": SECTION}, "files": {...}}
     SECTION = {"split", "split_description", "columns", "rows", "labels", "table", "best_of_n", "paired",
-               "per_condition", "distance", "n_pairs", "n_conditions", "throughput", "files"}
+               "per_condition", "distance", "n_pairs", "n_conditions", "throughput", "profile", "files"}
 
 Rows: every reward (per pair its expectation over the K candidates, plain or best-of-N, see
 :func:`~cellfluxrl.evaluation.metrics.best_of_n_weights`; then the mean, its standard error over pairs
@@ -17,7 +17,10 @@ compounds: pairs share compounds),
 fitted independently of the reward's), ``moa_accuracy_reward`` (the reward classifier's accuracy, so
 reward hacking shows as the gap between the two), ``texture_hf`` (the share of image power above
 half the Nyquist frequency, :mod:`cellfluxrl.evaluation.texture`: speckle shows as a gap to
-``real``), then the distances ``<FD>_o`` (only where the pairs outnumber the features), ``<FD>-jk_o``
+``real``), ``profile_similarity`` (the cosine of each compound's median standardised morphology
+profile to its real targets', mean ± s.e. over compounds, :mod:`cellfluxrl.evaluation.profiles`;
+``real`` reads 1 by construction), then the distances ``<FD>_o`` (only where the pairs outnumber the
+features), ``<FD>-jk_o``
 (the same with its 1/n bias removed by a jackknife over pairs, :mod:`cellfluxrl.evaluation.debiased`),
 ``<FD>_c``, ``<KD>_o``, ``<KD>_c`` on the judge's features (or FID/KID with the Inception weights).
 ``paired``: per N (1 and the table's best-of) every run minus the first on the same pairs, the
@@ -36,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from cellfluxrl.evaluation.metrics import best_of_n_weights, mean_sem
+from cellfluxrl.evaluation.profiles import LABEL as PROFILE_LABEL, ROW as PROFILE, profile_similarity
 from cellfluxrl.evaluation.uncertainty import mean_sem_clustered
 
 
@@ -194,16 +198,18 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
     pairs = results["pairs"]
     debiased = debiased_row(results)
     distances = results.get("distances") or {}
-    rows = [*names, "overall", *ACCURACY_LABELS, TEXTURE, f"{fd_name}_o", *([debiased] if debiased else []),
+    rows = [*names, "overall", *ACCURACY_LABELS, TEXTURE, PROFILE, f"{fd_name}_o", *([debiased] if debiased else []),
             f"{fd_name}_c", f"{kid_name}_o", f"{kid_name}_c"]
     table, per_condition, curves = {}, {}, {}
     compounds = np.unique(pairs.compound)
+    profile = profile_similarity(results["profiles"], REAL, pairs.compound) if results.get("profiles") else None
 
     def column_cells(values: dict[str, np.ndarray], correct: np.ndarray, correct_reward: np.ndarray,
                      column: str) -> dict:
         cells = {name: _cell(values[name], pairs.compound) for name in [*names, "overall", TEXTURE]}
         cells["moa_accuracy"] = _cell(correct.astype(np.float64), pairs.compound)
         cells["moa_accuracy_reward"] = _cell(correct_reward.astype(np.float64), pairs.compound)
+        cells[PROFILE] = _cell(None) if profile is None else profile["cells"][column]
         if column == REAL:
             cells.update(_distance_cells(None, fd_name, kid_name, debiased=None if debiased is None else
                                          (debiased, None, None)))
@@ -225,6 +231,7 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
             r = results["per_condition_fd"].get(column, {}).get(str(compound))
             entry[fd_name] = None if r is None else r.fd
             entry[kid_name] = None if r is None else r.kid_mean
+            entry[PROFILE] = None if profile is None else profile["per_compound"][column].get(str(compound))
             per_condition[column][str(compound)] = entry
         return cells
 
@@ -252,7 +259,8 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
         n_images = len(pairs) * (k_max if s in results["sources"] else 1)
         throughput[s] = {"images": n_images, "seconds": seconds, "images_per_s": n_images / seconds if seconds else None}
     labels = ({row: REWARD_LABELS.get(row, row) for row in rows} | {"overall": "Overall"} | ACCURACY_LABELS
-              | {TEXTURE: TEXTURE_LABEL, "moa_accuracy_gap": "MoA accuracy gap (judge - reward classifier)"})
+              | {TEXTURE: TEXTURE_LABEL, PROFILE: PROFILE_LABEL,
+                 "moa_accuracy_gap": "MoA accuracy gap (judge - reward classifier)"})
     return {
         "split": split, "split_description": split_description,
         "columns": list(table), "rows": rows, "table": table, "labels": labels,
@@ -266,6 +274,8 @@ def build_report(results: dict, split: str = "all", split_description: str = "")
                      "jackknife": {**distances.get("jackknife", {"suffix": None}), "row": debiased},
                      "kd_note": KD_NOTE},
         "n_pairs": len(pairs), "n_conditions": int(compounds.size), "throughput": throughput,
+        "profile": None if profile is None else {k: v for k, v in profile.items()
+                                                 if k not in ("cells", "per_compound")},
     }
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from cellfluxrl.data.layout import follow_umask
+from cellfluxrl.evaluation.profiles import ROW as PROFILE
 from cellfluxrl.evaluation.report import SPLIT_TITLES, headline
 
 
@@ -20,10 +21,14 @@ SE_LEGEND = "mean ± s.e. over pairs [s.e. clustered by compound]"
 
 def _fmt(cell: dict | None, row: str, signed: bool = False) -> str:
     """One table cell: ``mean ± s.e. [clustered s.e.]`` (:data:`SE_LEGEND`; ``signed``: with a leading
-    ``+`` on gains, for differences); a distance: its value, ``± bootstrap s.e.`` when known."""
+    ``+`` on gains, for differences); a distance: its value, ``± bootstrap s.e.`` when known; a mean over
+    compounds (the profile similarity): ``mean ± s.e. (over compounds)``."""
     if cell is None or cell.get("mean") is None:
         return "-"
     mean, sem, clustered = cell["mean"], cell.get("sem"), cell.get("sem_compound")
+    if cell.get("sem_kind") == "over compounds":
+        value = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+        return value if sem is None else f"{value} ± {sem:.3f} (over compounds)"
     if row.endswith("_o") or row.endswith("_c"):
         value = f"{mean:.4g}" if abs(mean) < 10 else f"{mean:.2f}"
         value = f"+{value}" if signed and mean >= 0 else value
@@ -80,12 +85,13 @@ def distance_lines(section: dict) -> list[str]:
 
 
 def _section_markdown(section: dict) -> list[str]:
-    lines = distance_lines(section)
+    profile = (section.get("profile") or {}).get("note")
+    lines = distance_lines(section) + ([f"- {profile}."] if profile else [])
     out = [f"## {section_title(section)}", "", section["split_description"] + ".", "",
            markdown_table(section), "", *(lines + [""] if lines else []), *_baseline_markdown(section),
            *_paired_markdown(section),
            "### Best-of-N (selected by the overall reward)", ""]
-    names = [r for r in section["rows"] if not r[-2:] in ("_o", "_c")]
+    names = [r for r in section["rows"] if not r[-2:] in ("_o", "_c") and r != PROFILE]  # per pair only
     out.append("| Run | N | " + " | ".join(section["labels"].get(r, r) for r in names) + " |")
     out.append("|---|---|" + "---|" * len(names))
     for run, per_n in section["best_of_n"].items():
@@ -164,7 +170,9 @@ def markdown_report(report: dict) -> str:
            "where the pairs outnumber the features (n > D); `-jk_o` is the same distance with its 1/n bias "
            "removed by a jackknife over pairs (± jackknife s.e.), shown at any n; in the paired table their "
            "differences carry a paired bootstrap s.e. (the same pairs resampled for both runs and the real "
-           "targets).", ""]
+           "targets). Profile similarity (higher is better, at most 1): per compound, the cosine of the median "
+           "standardised morphology profile of the column's images and of the real targets', mean ± s.e. over "
+           "compounds; the real column reads 1 by construction.", ""]
     for section in report["sections"].values():
         out += _section_markdown(section)
     return "\n".join(out)

@@ -93,6 +93,9 @@ def merge_groups(sections: list[dict], names: list[list[str]]) -> dict:
                                "versus_copy_control": {**base["versus_copy_control"], **other["versus_copy_control"]},
                                "learned_nothing": {**base["learned_nothing"], **other["learned_nothing"]}}
         merged["n_conditions"] = max(merged["n_conditions"], section["n_conditions"])
+    notes = [f"{group[0]}'s pairs: {s['profile']['note']}" for s, group in zip(sections, names) if s.get("profile")]
+    if notes:  # each group's profiles are standardised by and compared with its own real targets
+        merged["profile"] = {**(sections[0].get("profile") or {}), "note": "; ".join(notes)}
     return merged
 
 

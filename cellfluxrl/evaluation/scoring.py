@@ -2,7 +2,8 @@
 
 Pairs are processed in batches in condition order; every candidate is generated, quantised and
 scored once (rewards, the judge's and the reward classifier's MoA hits), the features of the
-images a column shows are streamed into running statistics, and a condition's statistics are
+images a column shows are streamed into running statistics (and their profile features taken from
+the rewards' own segmentation), and a condition's statistics are
 turned into distances and dropped as soon as its last pair is done. The protocol is in
 :mod:`cellfluxrl.evaluation.pipeline`.
 """
@@ -22,6 +23,7 @@ from cellfluxrl.errors import CellfluxError
 from cellfluxrl.evaluation.candidates import CandidateFn, MoAFeatures, Pairs, quantize, real_images
 from cellfluxrl.evaluation.debiased import JK_GROUPS, JK_MAX_DIM, JK_MIN_PAIRS, JK_SUFFIX, jackknife_fd, overall_rule
 from cellfluxrl.evaluation.metrics import FeatureSet, best_of_n, compare_many
+from cellfluxrl.evaluation.profiles import PROFILE_FEATURES, image_features
 from cellfluxrl.evaluation.report import CONTROL_COLUMN, REAL
 from cellfluxrl.evaluation.texture import high_frequency_share
 from cellfluxrl.evaluation.uncertainty import bootstrap_fd_sem, per_compound_rule
@@ -107,14 +109,19 @@ def _judge_pass(judge, features, images: torch.Tensor) -> tuple[np.ndarray, np.n
 
 
 def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor, moa: np.ndarray, suite,
-                weights: Mapping[str, float], classifier, judge, features=None) -> np.ndarray | None:
+                weights: Mapping[str, float], classifier, judge,
+                features=None) -> tuple[np.ndarray | None, tuple[np.ndarray, np.ndarray]]:
     """Rewards, overall reward, MoA correctness (judge and reward classifier) and the texture
-    statistic of one batch, written into ``scores[rows, k]``; with ``features``, also returns the
-    batch's distance features (float64 ``(B, F)``), from the judge's pass when they are its own.
+    statistic of one batch, written into ``scores[rows, k]``. Returns ``(distance features, labels)``:
+    with ``features``, the batch's distance features (float64 ``(B, F)``, from the judge's pass when
+    they are its own), else None; and the rewards' nucleus and cell labels (int32 ``(B, H, W)`` each),
+    so the profiles reuse the segmentation.
 
     The reward classifier's probabilities come from the MoA reward's own pass when the suite has
     one (``RewardResult.shared["moa_proba"]``), so every image goes through each classifier once."""
-    result = suite.score(images, list(moa))
+    batch = suite.make_batch(images, list(moa))
+    result = suite.score_batch(batch)
+    labels = (batch.nuclei, batch.cells)
     total = np.zeros(len(rows), dtype=np.float64)
     for name in scores.components:
         scores.components[name][rows, k] = result.components[name]
@@ -127,8 +134,8 @@ def _score_into(scores: _Scores, rows: np.ndarray, k: int, images: torch.Tensor,
     scores.nuc_count[rows, k] = result.stats["nuc_count"]
     scores.texture[rows, k] = high_frequency_share(images)
     if features is None:
-        return None
-    return embedded if embedded is not None else features(images)
+        return None, labels
+    return (embedded if embedded is not None else features(images)), labels
 
 
 def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Sequence[str], names: np.ndarray,
@@ -146,16 +153,17 @@ def _finish_conditions(streams: _Streams, done: Sequence[int], fd_columns: Seque
 
 def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, tts_n: int, scores: _Scores,
                   streams: _Streams, grid: dict, moa: np.ndarray, cond: np.ndarray, suite, weights: Mapping[str, float], classifier,
-                  judge, features) -> None:
-    """Generate and score the ``k_max`` candidates of a batch; stream the features of the picked ones.
+                  judge, features, profiles: dict[str, np.ndarray]) -> None:
+    """Generate and score the ``k_max`` candidates of a batch; stream the features of the picked ones
+    and store their profile features (``profiles[column][pos]``, from the rewards' labels).
 
     The column ``s`` takes candidate 0 (a plain sample); ``s+best-of-N`` (``N = tts_n``) takes the
     best of the first N by the overall reward. Only ``batch x K`` images are held at once.
     """
-    images = []
+    images, labels = [], []
     for k in range(k_max):
         x = quantize(candidates(pos, k))
-        _score_into(scores, pos, k, x, moa, suite, weights, classifier, judge)
+        labels.append(_score_into(scores, pos, k, x, moa, suite, weights, classifier, judge)[1])
         images.append(x)
     picks = {s: np.zeros(len(pos), dtype=np.int64)}
     if tts_n > 1:
@@ -165,6 +173,8 @@ def _source_batch(s: str, candidates: CandidateFn, pos: np.ndarray, k_max: int, 
         chosen = stacked[torch.arange(len(pos)), torch.as_tensor(pick)]
         streams.update(column, cond, features(chosen))
         _remember(grid, pos, column, chosen)
+        picked = [np.stack([labels[k][m][i] for i, k in enumerate(pick)]) for m in (0, 1)]  # nuclei, cells
+        profiles.setdefault(column, _no_profiles(len(scores.total)))[pos] = image_features(*picked)
 
 
 def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], *, suite, weights: Mapping[str, float],
@@ -201,7 +211,9 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
         on_progress: ``(stage, pairs done, pairs total)`` after every batch.
 
     Returns:
-        The results dict consumed by :func:`build_report`.
+        The results dict consumed by :func:`build_report`; ``"profiles"``: column -> float64 ``(P, F)``
+        profile features (:func:`~cellfluxrl.evaluation.profiles.image_features` of the rewards' labels)
+        of the one image per pair the column shows (the distances' image), ``real`` included.
     """
     best_of = sorted({1, *(int(b) for b in best_of)})  # N = 1 is the plain run column
     if best_of[0] < 1:
@@ -231,26 +243,33 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
     grid_pairs = _grid_pairs(pairs, order)  # every condition's first pair; the rows are picked at the end
     grid: dict[int, dict[str, np.ndarray]] = {int(p): {} for p in grid_pairs}
     per_compound, per_compound_note = per_compound_rule(np.unique(pairs.condition, return_counts=True)[1], features.dim)
+    profiles: dict[str, np.ndarray] = {}  # column -> float64 (P, F): profile features of the image it shows per pair
+
+    def reference(column: str, x: torch.Tensor, pos: np.ndarray, moa: np.ndarray, cond: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        embedded, labels = _score_into(scores[column], pos, 0, x, moa, suite, weights, classifier, judge, features)
+        streams.update(column, cond, embedded)
+        profiles.setdefault(column, _no_profiles(n_pairs))[pos] = image_features(*labels)
+        scores[column].seconds += time.perf_counter() - t0
 
     for start in range(0, n_pairs, batch_size):
         pos = order[start:start + batch_size]
         moa, cond = pairs.moa[pos], pairs.condition[pos]
         t0 = time.perf_counter()
         x_real = real_images(dataset, pairs, pos)
-        streams.update(REAL, cond, _score_into(scores[REAL], pos, 0, x_real, moa, suite, weights, classifier, judge,
-                                               features))
         scores[REAL].seconds += time.perf_counter() - t0
+        reference(REAL, x_real, pos, moa, cond)
         _remember(grid, pos, REAL, x_real)
         _remember(grid, pos, CONTROL_COLUMN, to_model(np.asarray(dataset.images[pairs.control[pos]]), dequantize=False))
         for r, candidates in references.items():
             t0 = time.perf_counter()
             x = quantize(candidates(pos, 0))
-            streams.update(r, cond, _score_into(scores[r], pos, 0, x, moa, suite, weights, classifier, judge, features))
             scores[r].seconds += time.perf_counter() - t0
+            reference(r, x, pos, moa, cond)
         for s, candidates in sources.items():
             t0 = time.perf_counter()
             _source_batch(s, candidates, pos, k_max, tts_n, scores[s], streams, grid, moa, cond, suite, weights, classifier,
-                          judge, features)
+                          judge, features, profiles)
             scores[s].seconds += time.perf_counter() - t0
         done = [c for c in np.unique(cond) if last_position[int(c)] < start + len(pos)]
         _finish_conditions(streams, done, fd_columns, condition_names, per_condition_fd, kid_subset_size,
@@ -280,8 +299,12 @@ def evaluate_sources(dataset, pairs: Pairs, sources: Mapping[str, CandidateFn], 
             "overall_fd": overall, "overall_fd_sem": overall_fd_sem, "distances": distances, "per_compound": {"shown": per_compound, "note": per_compound_note},
             "per_condition_fd": per_condition_fd, "feature_name": features.name, "kid_name": features.kid_name,
             "feature_source": getattr(features, "source", ""), "grid": [(int(p), grid[int(p)]) for p in shown],
-            "grid_roles": roles,
+            "grid_roles": roles, "profiles": profiles,
             "kid": {"subset_size": kid_subset_size, "n_subsets": kid_subsets, "reservoir_size": reservoir_size}}
+
+
+def _no_profiles(n_pairs: int) -> np.ndarray:
+    return np.full((n_pairs, len(PROFILE_FEATURES)), np.nan)
 
 
 ROWS_KEPT = 1 << 22  # at most this many floats of per-pair features per column (32 MiB) for the jackknife
