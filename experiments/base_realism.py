@@ -96,6 +96,32 @@ def score(data: Path, run: Path, images: str, split: str, n: int, seed: int, arg
                       for c in ("base", "real")}}
 
 
+def install_guidance(interval: tuple[float, float] | None, rescale: float) -> None:
+    """Screen-only guidance variants (sampling; issue 30): CFG applied only for ``t`` in ``interval``
+    (the conditional velocity elsewhere), and/or the guided velocity rescaled to the conditional one's
+    per-image std, blended by ``rescale`` (``phi``; 0 = plain CFG)."""
+    import cellfluxrl.model.generate as gen
+
+    plain = gen.guided_velocity
+
+    def guided_velocity(net, cond, cfg_scale=0.2, autocast=True):
+        guided, conditional = plain(net, cond, cfg_scale, autocast), plain(net, cond, 0.0, autocast)
+
+        def velocity(x_t, t):
+            if interval is not None and not interval[0] <= float(t[0]) < interval[1]:
+                return conditional(x_t, t)
+            v = guided(x_t, t)
+            if rescale > 0:
+                v_c = conditional(x_t, t)
+                ratio = v_c.std(dim=(1, 2, 3), keepdim=True) / v.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+                v = rescale * v * ratio + (1 - rescale) * v
+            return v
+
+        return velocity
+
+    gen.guided_velocity = guided_velocity
+
+
 def summary(s: dict) -> dict:
     """The issue's numbers from per-pair scores (clustered by compound where it is a mean)."""
     from cellfluxrl.evaluation.uncertainty import mean_sem_clustered
@@ -136,11 +162,40 @@ def markdown(tag: str, rows: dict) -> str:
     return "\n".join(lines)
 
 
+def paired(root: Path, before: str, after: str) -> str:
+    """Paired differences ``after - before`` on the same pairs and noise, per seed and pair set (mean
+    [compound-clustered s.e.]), from result files that kept their per-pair values; ``before`` and
+    ``after`` may each join several files with commas (their rows merged, later files winning)."""
+    from cellfluxrl.evaluation.uncertainty import mean_sem_clustered
+
+    def rows(tags: str) -> dict:
+        out = {}
+        for tag in tags.split(","):
+            out.update(json.loads((root / f"{tag}.json").read_text())["rows"])
+        return out
+
+    a, b = rows(before), rows(after)
+    lines = [f"#### {after} - {before} (paired)", "", "| seed | pairs | n | judge | overall | texture |", "|---|---|---|---|---|---|"]
+    for key in sorted(set(a) & set(b)):
+        pa, pb = a[key].get("per_pair"), b[key].get("per_pair")
+        if pa is None or pb is None or pa["compound"] != pb["compound"]:
+            continue
+        compound, cells = np.asarray(pa["compound"]), []
+        for name in ("judge", "overall", "texture"):
+            mean, _, clustered = mean_sem_clustered(np.subtract(pb[name], pa[name]), compound)
+            cells.append(f"{mean:+.3f} [{clustered:.3f}]")
+        seed, part = key.split("/")
+        lines.append(f"| {seed} | {part} | {len(compound)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                   help="print paired differences AFTER - BEFORE of two result files and exit")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--tag", required=True, help="name of this setting (its base runs and results)")
+    p.add_argument("--tag", help="name of this setting (its base runs and results)")
     p.add_argument("--base-tag", default=None, help="sample another tag's base runs (sampling-only changes)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
@@ -159,8 +214,18 @@ def main(argv=None) -> None:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="the run's EMA or raw weights")
     p.add_argument("--ood-pairs", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cfg-interval", default=None, help="LO,HI: guidance only for LO <= t < HI (screen)")
+    p.add_argument("--cfg-rescale", type=float, default=0.0, help="guided velocity rescaled to the conditional std (screen)")
     args = p.parse_args(argv)
+    if args.compare:
+        print(paired(args.root, *args.compare))
+        return
+    if not args.tag:
+        p.error("--tag is required")
     torch.set_num_threads(args.threads)
+    if args.cfg_interval or args.cfg_rescale:
+        install_guidance(tuple(float(v) for v in args.cfg_interval.split(",")) if args.cfg_interval else None,
+                         args.cfg_rescale)
     from cellfluxrl.commands.demo import DemoConfig, stage_prepare
 
     rows = {}
@@ -174,7 +239,8 @@ def main(argv=None) -> None:
                                          "ood-test": ("test", "ood", args.ood_pairs)}.items():
             scores = score(data, run, images, split, n, seed, args)
             rows[f"{seed}/{part}"] = {"n": scores["pairs"], "sampling": scores["sampling"],
-                                      "seconds": scores["seconds"], **summary(scores)}
+                                      "seconds": scores["seconds"], **summary(scores),
+                                      "per_pair": {k: scores[k] for k in ("compound", "overall", "judge", "texture")}}
             print(f"seed {seed} {part}: {scores['pairs']} pairs in {scores['seconds']:.0f} s", file=sys.stderr)
     args.root.mkdir(parents=True, exist_ok=True)
     (args.root / f"{args.tag}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

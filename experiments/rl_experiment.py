@@ -39,7 +39,7 @@ VAL_OFFSET = 256  # tuning pairs of a dataset without a val split: ID test rows 
 
 
 def eval_pairs(dataset, n: int, seed: int, pairs: str = "val"):
-    """The pairs a tuning run is scored on: ``"val"`` (default) or ``"test"`` (final tables only).
+    """The pairs a tuning run is scored on: ``"val"`` (default), ``"val-tune"`` (its tuning half) or ``"test"`` (final tables only).
 
     ``"val"`` takes the dataset's ``val`` split when it has one; a dataset made before that split
     existed gives its in-distribution treated test rows ``VAL_OFFSET .. VAL_OFFSET + n`` in CSV order,
@@ -50,8 +50,10 @@ def eval_pairs(dataset, n: int, seed: int, pairs: str = "val"):
 
     if pairs == "test":
         return Pairs.from_dataset(dataset, n, seed, split="id")
+    if pairs == "val-tune":  # the tuning half (checkpoint selection reads the other, val-select)
+        return Pairs.from_dataset(dataset, n, seed, split="id", images="val-tune")
     if pairs != "val":
-        raise ValueError(f"pairs must be val or test, got {pairs!r}")
+        raise ValueError(f"pairs must be val, val-tune or test, got {pairs!r}")
     if dataset.select(split="val", state="treated").size:  # prepared with the val split (data/README.md, "Splits")
         return Pairs.from_dataset(dataset, n, seed, split="id", images="val")
     target, _ = test_pairs(dataset, VAL_OFFSET + n, seed, split="id")
@@ -136,8 +138,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default=None, help="reward weights NAME=W,... for training (default: the paper's)")
     p.add_argument("--k", type=int, default=4, help="candidates per pair (their mean is paired)")
     p.add_argument("--null", action="store_true", help="shuffle the rewards within each group (the drift control)")
-    p.add_argument("--pairs", choices=("val", "test"), default="val",
-                   help="scored pairs: validation (tuning, the default) or test (final tables only)")
+    p.add_argument("--pairs", choices=("val", "val-tune", "test"), default="val",
+                   help="scored pairs: validation (both halves, the default), its tuning half, or test (final tables only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -147,10 +149,10 @@ def main(argv=None) -> None:
     from cellfluxrl.rl.loop import posttrain
 
     base_sampling = load_run(args.base).sampling
-    cfg = posttrain_config(DemoConfig(), steps=args.steps, rollout_steps=base_sampling.steps,
-                           rollout_solver=base_sampling.solver, rollout_grid=base_sampling.grid,
-                           cfg_scale=base_sampling.cfg_scale, seed=args.seed, save_every=5, weights=args.weights,
-                           reward_null=args.null, **parse_set(args.overrides))
+    settings = dict(steps=args.steps, rollout_steps=base_sampling.steps, rollout_solver=base_sampling.solver,
+                    rollout_grid=base_sampling.grid, cfg_scale=base_sampling.cfg_scale, seed=args.seed, save_every=5,
+                    weights=args.weights, reward_null=args.null)
+    cfg = posttrain_config(DemoConfig(), **{**settings, **parse_set(args.overrides)})  # --set may change the sampler
     start = time.perf_counter()
     posttrain(args.base, args.out, cfg, device="cpu", on_step=lambda st: print(
         f"step {st['step']}: reward {st['reward']:.3f} kl {st['kl']:.2e} ({st['t_step']:.1f} s)", flush=True))
