@@ -96,32 +96,6 @@ def score(data: Path, run: Path, images: str, split: str, n: int, seed: int, arg
                       for c in ("base", "real")}}
 
 
-def install_guidance(interval: tuple[float, float] | None, rescale: float) -> None:
-    """Screen-only guidance variants (sampling; issue 30): CFG applied only for ``t`` in ``interval``
-    (the conditional velocity elsewhere), and/or the guided velocity rescaled to the conditional one's
-    per-image std, blended by ``rescale`` (``phi``; 0 = plain CFG)."""
-    import cellfluxrl.model.generate as gen
-
-    plain = gen.guided_velocity
-
-    def guided_velocity(net, cond, cfg_scale=0.2, autocast=True):
-        guided, conditional = plain(net, cond, cfg_scale, autocast), plain(net, cond, 0.0, autocast)
-
-        def velocity(x_t, t):
-            if interval is not None and not interval[0] <= float(t[0]) < interval[1]:
-                return conditional(x_t, t)
-            v = guided(x_t, t)
-            if rescale > 0:
-                v_c = conditional(x_t, t)
-                ratio = v_c.std(dim=(1, 2, 3), keepdim=True) / v.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
-                v = rescale * v * ratio + (1 - rescale) * v
-            return v
-
-        return velocity
-
-    gen.guided_velocity = guided_velocity
-
-
 def summary(s: dict) -> dict:
     """The issue's numbers from per-pair scores (clustered by compound where it is a mean)."""
     from cellfluxrl.evaluation.uncertainty import mean_sem_clustered
@@ -214,8 +188,6 @@ def main(argv=None) -> None:
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="the run's EMA or raw weights")
     p.add_argument("--ood-pairs", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cfg-interval", default=None, help="LO,HI: guidance only for LO <= t < HI (screen)")
-    p.add_argument("--cfg-rescale", type=float, default=0.0, help="guided velocity rescaled to the conditional std (screen)")
     args = p.parse_args(argv)
     if args.compare:
         print(paired(args.root, *args.compare))
@@ -223,9 +195,6 @@ def main(argv=None) -> None:
     if not args.tag:
         p.error("--tag is required")
     torch.set_num_threads(args.threads)
-    if args.cfg_interval or args.cfg_rescale:
-        install_guidance(tuple(float(v) for v in args.cfg_interval.split(",")) if args.cfg_interval else None,
-                         args.cfg_rescale)
     from cellfluxrl.commands.demo import DemoConfig, stage_prepare
 
     rows = {}

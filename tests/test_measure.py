@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_images import bad_image_sources
 from click.testing import CliRunner
 
 from cellfluxrl.commands.measure import measure
@@ -277,21 +278,7 @@ def test_generated_npz_folder_and_dataset_split(dataset_dir, tmp_path):
 
 
 def test_bad_inputs_exit_2_and_write_nothing(dataset_dir, tmp_path):
-    import tifffile
-
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    for i, size in enumerate((32, 40)):
-        tifffile.imwrite(mixed / f"{i}.ome.tif", np.zeros((3, size, size), np.uint8), ome=True, metadata={"axes": "CYX"})
-    (mixed / "samples.csv").write_text("file,compound\n0.ome.tif,taxol\n1.ome.tif,taxol\n")
-    gray = tmp_path / "gray.npz"
-    np.savez(gray, generated=np.zeros((2, 32, 32, 1), np.uint8), compound=np.array(["taxol", "taxol"]))
-    unknown = tmp_path / "unknown.npz"
-    np.savez(unknown, generated=np.zeros((2, 32, 32, 3), np.uint8), compound=np.array(["taxol", "aspirin"]))
-    cases = {empty: "is empty", mixed: "mixed image sizes", gray: "1 channel(s)",
-             unknown: "compound 'aspirin' is not in dataset"}
+    cases = bad_image_sources(tmp_path, 32)
     for spec, message in cases.items():
         out = tmp_path / "out" / "m.csv"
         result = CliRunner().invoke(measure, [str(spec), "--data", str(dataset_dir), "--out", str(out)])

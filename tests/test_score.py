@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from bad_images import bad_image_sources
 from cellfluxrl.cli import cli
 
 
@@ -192,8 +193,6 @@ def test_same_pairs_are_compared_paired_and_other_images_unpaired(dataset_dir, t
 
 
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(dataset_dir, tmp_path, capsys):
-    import tifffile
-
     from cellfluxrl.cli import main
 
     def one_line(*args):
@@ -203,25 +202,14 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(dataset_dir, tmp_path,
             return exc.code, capsys.readouterr().err
         return 0, capsys.readouterr().err
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    for i, size in enumerate((48, 40)):
-        tifffile.imwrite(mixed / f"{i}.ome.tif", np.zeros((3, size, size), np.uint8), ome=True, metadata={"axes": "CYX"})
-    (mixed / "samples.csv").write_text("file,compound\n0.ome.tif,taxol\n1.ome.tif,taxol\n")
+    cases = bad_image_sources(tmp_path, 48)
     gray = tmp_path / "gray.npz"
-    np.savez(gray, generated=np.zeros((2, 48, 48, 1), np.uint8), compound=np.array(["taxol", "taxol"]))
-    unknown = tmp_path / "unknown.npz"
-    np.savez(unknown, generated=np.zeros((2, 48, 48, 3), np.uint8), compound=np.array(["taxol", "aspirin"]))
     other = tmp_path / "other.npz"
     np.savez(other, generated=np.zeros((2, 48, 48, 3), np.uint8), compound=np.array(["taxol", "taxol"]),
              cellfluxrl_samples=np.asarray(99))
     listed = tmp_path / "listed.csv"  # a CSV of paths naming a compound the dataset lacks
     listed.write_text("file,compound\nmixed/0.ome.tif,aspirin\n")
-    cases = {empty: "is empty", mixed: "mixed image sizes", gray: "1 channel(s)",
-             unknown: "compound 'aspirin' is not in dataset", listed: "compound 'aspirin' is not in dataset",
-             other: "written by another version of cellfluxrl"}
+    cases.update({listed: "compound 'aspirin' is not in dataset", other: "written by another version of cellfluxrl"})
     options = {"--intensity range:3:1": "need LO < HI", "--channels dna,actin": "--channels names 2 channel(s)"}
     for args, message in [*(([spec], m) for spec, m in cases.items()),
                           *(([gray, *o.split()], m) for o, m in options.items())]:
